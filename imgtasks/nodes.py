@@ -1,0 +1,151 @@
+"""The task functions of the graph: plain typed functions, no dask.
+
+``flows/`` wraps them with ``dask.delayed``: one download node per batch feeding one
+thumbnail node that writes the batch's thumbnails and manifest part. Both are idempotent
+(same inputs, same files), so Dask may rerun them after a lost worker.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from imgtasks.download import DownloadResult, DownloadSettings, fetch_many
+from imgtasks.sinks import OutputSettings, Record, output_relpath, write_file, write_manifest_part
+from imgtasks.sources import UrlBatch, UrlEntry
+from imgtasks.thumbnail import Thumbnail, ThumbSettings, make_thumbnail
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DownloadedBatch:
+    """A batch with one download result per entry (None where nothing was fetched)."""
+
+    batch: UrlBatch
+    results: tuple[DownloadResult | None, ...]
+    wall_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class BatchReport:
+    """What a thumbnail node did: small, so the client can gather millions of them."""
+
+    batch_id: int
+    manifest_path: str
+    counts: Mapping[str, int] = field(hash=False)
+    entries: int = 0
+    bytes_in: int = 0
+    download_s: float = 0.0  # summed over URLs
+    thumbnail_s: float = 0.0  # summed over URLs
+    download_wall_s: float = 0.0
+    thumbnail_wall_s: float = 0.0
+
+    @property
+    def ok(self) -> int:
+        return self.counts.get("ok", 0)
+
+
+@dataclass(frozen=True)
+class JobSettings:
+    """Everything the thumbnail node needs besides its batch."""
+
+    thumb: ThumbSettings
+    output: OutputSettings
+    run_id: str
+    originals: OutputSettings | None = None  # also keep the downloaded files there
+
+
+def download_batch(batch: UrlBatch, settings: DownloadSettings) -> DownloadedBatch:
+    """Fetch every pending URL of the batch concurrently."""
+    start = time.perf_counter()
+    fetched = iter(fetch_many(batch.pending_urls, settings))
+    results = tuple(next(fetched) if entry.pending else None for entry in batch.entries)
+    return DownloadedBatch(batch, results, time.perf_counter() - start)
+
+
+def thumbnail_batch(downloaded: DownloadedBatch, job: JobSettings) -> BatchReport:
+    """Make, write and record the thumbnails of one downloaded batch."""
+    start = time.perf_counter()
+    records = [
+        entry_record(entry, result, job)
+        for entry, result in zip(downloaded.batch.entries, downloaded.results, strict=True)
+    ]
+    manifest = write_manifest_part(job.output, job.run_id, downloaded.batch.batch_id, records)
+    wall = time.perf_counter() - start
+    log.debug("batch %d: %d entries in %.3f s", downloaded.batch.batch_id, len(records), wall)
+    return BatchReport(
+        batch_id=downloaded.batch.batch_id,
+        manifest_path=manifest,
+        counts=dict(Counter(r.status for r in records)),
+        entries=len(records),
+        bytes_in=sum(r.bytes for r in records),
+        download_s=sum(r.download_s for r in records),
+        thumbnail_s=sum(r.thumbnail_s for r in records),
+        download_wall_s=downloaded.wall_s,
+        thumbnail_wall_s=wall,
+    )
+
+
+def entry_record(entry: UrlEntry, result: DownloadResult | None, job: JobSettings) -> Record:
+    """The manifest row of one entry, writing its thumbnail when there is one."""
+    if result is None:  # invalid or duplicate: nothing fetched
+        path = output_relpath(entry.url, job.thumb.ext) if entry.status == "duplicate" else ""
+        return Record(entry.index, entry.url, entry.status, entry.error, path=path)
+    if not result.ok or result.content is None:
+        return Record(
+            entry.index,
+            entry.url,
+            result.status,
+            result.error,
+            http_status=result.http_status or 0,
+            download_s=result.elapsed_s,
+        )
+    return _thumbnail_record(entry, result, result.content, job)
+
+
+def _thumbnail_record(
+    entry: UrlEntry, result: DownloadResult, content: bytes, job: JobSettings
+) -> Record:
+    thumb = make_thumbnail(content, job.thumb)
+    fields = {
+        "bytes": len(content),
+        "sha256": hashlib.sha256(content).hexdigest(),
+        "http_status": result.http_status or 0,
+        "download_s": result.elapsed_s,
+        "thumbnail_s": thumb.elapsed_s,
+        "orig_width": thumb.orig_width,
+        "orig_height": thumb.orig_height,
+        "source_format": thumb.source_format,
+    }
+    status, error = thumb.status, thumb.error
+    if job.originals is not None:
+        fields["original_path"], error = _keep_original(entry.url, content, job.originals, error)
+    if thumb.ok:
+        status, error, path = _write_thumbnail(entry.url, thumb, job)
+        fields |= {"path": path, "width": thumb.width, "height": thumb.height}
+    return Record(entry.index, entry.url, status, error, **fields)  # type: ignore[arg-type]
+
+
+def _write_thumbnail(url: str, thumb: Thumbnail, job: JobSettings) -> tuple[str, str, str]:
+    path = output_relpath(url, job.thumb.ext)
+    try:
+        write_file(job.output, path, thumb.data or b"")
+    except OSError as exc:  # disk full, permissions, object store refusing
+        log.warning("cannot write %s: %s", path, exc)
+        return "write_error", f"cannot write thumbnail: {exc}", ""
+    return "ok", "", path
+
+
+def _keep_original(url: str, content: bytes, where: OutputSettings, error: str) -> tuple[str, str]:
+    path = output_relpath(url, "bin")
+    try:
+        write_file(where, path, content)
+    except OSError as exc:
+        log.warning("cannot keep original %s: %s", path, exc)
+        return "", (error + "; " if error else "") + f"cannot keep original: {exc}"
+    return path, error

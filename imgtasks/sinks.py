@@ -1,0 +1,191 @@
+"""Sinks: thumbnails and the per-batch manifest, on a local directory or any fsspec URL.
+
+Layout under the output root::
+
+    ab/cd/abcd...(sha256 of the URL).jpg     thumbnails, fanned out 256 x 256
+    manifest/part-<run>-<batch>.parquet      one row per input entry, one file per batch
+
+File names come from a hash of the URL only, never from its path or query, so no URL can
+name a file outside the output. Every file appears atomically: local files are written to
+a temporary name in the same directory and renamed; object stores (s3, gcs, ...) publish
+an object only when its single PUT completes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import io
+import logging
+import os
+import tempfile
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
+
+log = logging.getLogger(__name__)
+
+MANIFEST_DIR = "manifest"
+FANOUT_LEVELS = 2  # 65,536 directories: 15k files each at a billion thumbnails
+
+
+@dataclass(frozen=True)
+class OutputSettings:
+    """Where outputs go. ``root`` is a local path or an fsspec URL (``s3://bucket/run``)."""
+
+    root: str = "thumbnails"
+    storage_options: Mapping[str, Any] = field(default_factory=dict, hash=False)
+
+    def __post_init__(self) -> None:
+        if not self.root:
+            raise ValueError("the output location must not be empty")
+
+
+@dataclass(frozen=True)
+class Record:
+    """One manifest row: what happened to one input entry."""
+
+    index: int
+    url: str
+    status: str
+    error: str = ""
+    path: str = ""  # thumbnail path relative to the output root
+    width: int = 0
+    height: int = 0
+    orig_width: int = 0
+    orig_height: int = 0
+    bytes: int = 0  # size of the downloaded body
+    sha256: str = ""  # of the downloaded body
+    http_status: int = 0
+    source_format: str = ""
+    download_s: float = 0.0
+    thumbnail_s: float = 0.0
+    original_path: str = ""  # kept original, relative to its root, when originals are kept
+
+
+MANIFEST_SCHEMA = pa.schema(
+    [
+        ("index", pa.int64()),
+        ("url", pa.string()),
+        ("status", pa.string()),
+        ("error", pa.string()),
+        ("path", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("orig_width", pa.int32()),
+        ("orig_height", pa.int32()),
+        ("bytes", pa.int64()),
+        ("sha256", pa.string()),
+        ("http_status", pa.int32()),
+        ("source_format", pa.string()),
+        ("download_s", pa.float64()),
+        ("thumbnail_s", pa.float64()),
+        ("original_path", pa.string()),
+    ]
+)
+assert [f.name for f in fields(Record)] == MANIFEST_SCHEMA.names
+
+
+def url_key(url: str) -> str:
+    return hashlib.sha256(url.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def output_relpath(url: str, ext: str) -> str:
+    """Stable, fanned-out file name for a URL: ``ab/cd/<sha256>.<ext>``."""
+    key = url_key(url)
+    parts = [key[2 * i : 2 * i + 2] for i in range(FANOUT_LEVELS)]
+    return "/".join([*parts, f"{key}.{ext}"])
+
+
+@functools.lru_cache(maxsize=8)
+def _filesystem(
+    root: str, options: tuple[tuple[str, Any], ...]
+) -> tuple[fsspec.AbstractFileSystem, str]:
+    fs, path = fsspec.core.url_to_fs(root, **dict(options))
+    return fs, path.rstrip("/")
+
+
+def filesystem(settings: OutputSettings) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem and the root path in it (cached per process)."""
+    return _filesystem(settings.root, tuple(sorted(settings.storage_options.items())))
+
+
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    return isinstance(fs, LocalFileSystem)
+
+
+def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that no reader ever sees a partial file."""
+    if not is_local(fs):
+        fs.pipe_file(path, data)  # object stores publish on PUT completion
+        return
+    directory = os.path.dirname(path)
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)  # atomic on POSIX; an interrupted write leaves only .tmp-*
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def write_file(settings: OutputSettings, relpath: str, data: bytes) -> None:
+    fs, root = filesystem(settings)
+    write_atomic(fs, f"{root}/{relpath}", data)
+
+
+def file_exists(settings: OutputSettings, relpath: str) -> bool:
+    fs, root = filesystem(settings)
+    return bool(fs.exists(f"{root}/{relpath}"))
+
+
+def manifest_relpath(run_id: str, batch_id: int) -> str:
+    return f"{MANIFEST_DIR}/part-{run_id}-{batch_id:08d}.parquet"
+
+
+def records_table(records: Iterable[Record]) -> pa.Table:
+    return pa.Table.from_pylist([asdict(r) for r in records], schema=MANIFEST_SCHEMA)
+
+
+def write_manifest_part(
+    settings: OutputSettings, run_id: str, batch_id: int, records: Iterable[Record]
+) -> str:
+    """Write one batch's rows as a Parquet file; returns its path relative to the root."""
+    buffer = io.BytesIO()
+    pq.write_table(records_table(records), buffer, compression="zstd")
+    relpath = manifest_relpath(run_id, batch_id)
+    write_file(settings, relpath, buffer.getvalue())
+    return relpath
+
+
+def manifest_parts(settings: OutputSettings) -> list[str]:
+    """Paths (relative to the root) of every manifest part, in name order."""
+    fs, root = filesystem(settings)
+    base = f"{root}/{MANIFEST_DIR}"
+    if not fs.exists(base):
+        return []
+    names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(base, detail=False))
+    return [
+        f"{MANIFEST_DIR}/{n}" for n in names if n.startswith("part-") and n.endswith(".parquet")
+    ]
+
+
+def read_manifest(settings: OutputSettings, parts: Iterable[str] | None = None) -> pa.Table:
+    """All manifest rows (of the given parts, or of every part)."""
+    fs, root = filesystem(settings)
+    tables = []
+    for relpath in manifest_parts(settings) if parts is None else parts:
+        with fs.open(f"{root}/{relpath}", "rb") as f:
+            tables.append(pq.read_table(f, schema=MANIFEST_SCHEMA))
+    if not tables:
+        return MANIFEST_SCHEMA.empty_table()
+    return pa.concat_tables(tables)

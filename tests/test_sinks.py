@@ -1,0 +1,100 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from imgtasks.sinks import (
+    OutputSettings,
+    Record,
+    file_exists,
+    manifest_parts,
+    output_relpath,
+    read_manifest,
+    write_atomic,
+    write_file,
+    write_manifest_part,
+)
+
+CLIMBERS = [
+    "http://h/..%2F..%2F..%2Fetc%2Fpasswd",
+    "http://h/../../../../tmp/x.jpg",
+    "http://h/img.jpg?name=../../x",
+    "http://h/%2e%2e/%2e%2e/x.jpg",
+    "http://h/\u00fcnic\u00f8de/\u732b.jpg",
+    "http://h/" + "/".join([".."] * 50),
+]
+
+
+def test_names_are_stable_fanned_out_hashes() -> None:
+    a = output_relpath("http://h/a.jpg", "jpg")
+    assert a == output_relpath("http://h/a.jpg", "jpg")
+    assert a != output_relpath("http://h/b.jpg", "jpg")
+    first, second, name = a.split("/")
+    assert len(first) == len(second) == 2
+    assert name.startswith(first + second) and name.endswith(".jpg") and len(name) == 64 + 4
+
+
+@pytest.mark.parametrize("url", CLIMBERS)
+def test_no_url_writes_outside_the_output(tmp_path: Path, url: str) -> None:
+    out = tmp_path / "out"
+    settings = OutputSettings(str(out))
+    relpath = output_relpath(url, "jpg")
+    write_file(settings, relpath, b"x")
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert written == [out / relpath]
+    assert (out / relpath).resolve().is_relative_to(out.resolve())
+
+
+def test_atomic_write_leaves_no_partial_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import fsspec
+
+    fs = fsspec.filesystem("file")
+    target = tmp_path / "d" / "f.bin"
+    write_atomic(fs, str(target), b"first")
+
+    def failing_replace(src: str, dst: str) -> None:
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(OSError, match="disk gone"):
+        write_atomic(fs, str(target), b"second version")
+    monkeypatch.undo()
+    assert target.read_bytes() == b"first"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["f.bin"]  # temp file removed
+
+
+def test_manifest_round_trip_with_pandas(tmp_path: Path) -> None:
+    settings = OutputSettings(str(tmp_path))
+    rows = [
+        Record(0, "http://h/a.jpg", "ok", path="ab/cd/x.jpg", width=128, height=96, bytes=10),
+        Record(1, "http://h/b.jpg", "http_4xx", "HTTP 404 Not Found", http_status=404),
+    ]
+    write_manifest_part(settings, "run1", 0, rows[:1])
+    write_manifest_part(settings, "run1", 1, rows[1:])
+    assert manifest_parts(settings) == [
+        "manifest/part-run1-00000000.parquet",
+        "manifest/part-run1-00000001.parquet",
+    ]
+    df = pd.read_parquet(tmp_path / "manifest")
+    assert list(df["url"]) == ["http://h/a.jpg", "http://h/b.jpg"]
+    assert list(df["status"]) == ["ok", "http_4xx"]
+    assert df.loc[1, "http_status"] == 404
+    assert read_manifest(settings).num_rows == 2
+
+
+def test_memory_filesystem_outputs() -> None:
+    settings = OutputSettings("memory://sinks-test/out")
+    write_file(settings, "ab/cd/x.jpg", b"data")
+    assert file_exists(settings, "ab/cd/x.jpg")
+    assert not file_exists(settings, "ab/cd/y.jpg")
+    write_manifest_part(settings, "r", 3, [Record(0, "http://h/x", "ok")])
+    assert read_manifest(settings).column("url").to_pylist() == ["http://h/x"]
+
+
+def test_empty_manifest_reads_as_empty_table(tmp_path: Path) -> None:
+    assert read_manifest(OutputSettings(str(tmp_path))).num_rows == 0
