@@ -1,0 +1,575 @@
+"""Download image URLs over HTTP(S) with bounded time, size and per-host concurrency.
+
+`fetch` downloads one URL and `fetch_many` a batch on a thread pool. Neither raises for
+a per-URL problem: every outcome is a frozen `DownloadResult` whose `status` is one of
+`STATUSES`:
+
+=====================  ===============================================================
+status                 meaning
+=====================  ===============================================================
+``ok``                 2xx response with a non-empty body, ``content`` holds the bytes
+``invalid_url``        not http/https, no host, too long, whitespace/control characters,
+                       unparsable; also a redirect to such a URL (no request is made)
+``http_4xx``           final status 400-499 after retries (exact code in ``http_status``)
+``http_5xx``           final status 500-599 after retries (exact code in ``http_status``)
+``http_error``         any other non-2xx final status that is not a followable redirect
+                       (1xx, 304, a 3xx without ``Location``, codes >= 600)
+``timeout``            connect/read timeout, or the total per-URL ``deadline`` passed
+``connection_error``   refused, reset, DNS failure, and any unexpected error
+``too_large``          body larger than ``max_bytes`` (Content-Length or counted)
+``too_many_redirects`` more than ``max_redirects`` redirects, or a redirect loop
+``incomplete_body``    connection closed before Content-Length bytes arrived
+``empty_body``         2xx response with no bytes
+=====================  ===============================================================
+
+HTTP-level retries (connect errors and the statuses 408/429/500/502/503/504, honouring
+Retry-After up to ``retry_after_max``) are done by urllib3 inside one pooled
+`requests.Session` per `DownloadSettings`; redirects are followed here so that every hop
+is re-validated and counted against the deadline.
+"""
+
+from __future__ import annotations
+
+import http.client
+import http.cookiejar
+import logging
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from urllib.parse import urljoin, urlsplit
+
+import requests
+import urllib3.exceptions
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
+
+logger = logging.getLogger(__name__)
+
+STATUSES: tuple[str, ...] = (
+    "ok",
+    "invalid_url",
+    "http_4xx",
+    "http_5xx",
+    "http_error",
+    "timeout",
+    "connection_error",
+    "too_large",
+    "too_many_redirects",
+    "incomplete_body",
+    "empty_body",
+)
+
+RETRY_STATUSES: frozenset[int] = frozenset({408, 429, 500, 502, 503, 504})
+REDIRECT_STATUSES: frozenset[int] = frozenset({301, 302, 303, 307, 308})
+ACCEPT = "image/*,*/*;q=0.8"
+CHUNK_SIZE = 65536
+# A socket read timeout of 0 would mean non-blocking; never go below this.
+_MIN_SOCKET_TIMEOUT = 0.001
+
+
+def _package_version() -> str:
+    """The installed imgtasks version, without importing the package (no import cycle)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("imgtasks")
+    except PackageNotFoundError:
+        return "0.1.0"
+
+
+__version__ = _package_version()
+DEFAULT_USER_AGENT = f"imgtasks/{__version__} (+https://github.com/imgtasks/imgtasks)"
+
+
+def _is_bad_char(char: str) -> bool:
+    return char.isspace() or ord(char) < 32 or ord(char) == 127
+
+
+@dataclass(frozen=True)
+class DownloadSettings:
+    """How to download; frozen and hashable so it can key the session cache."""
+
+    connect_timeout: float = 10.0
+    read_timeout: float = 20.0
+    deadline: float = 30.0  # total wall clock per URL: retries, redirects and body
+    max_bytes: int = 50 * 2**20
+    retries: int = 3
+    backoff: float = 0.5  # urllib3 exponential backoff factor
+    backoff_jitter: float = 0.25
+    retry_after_max: int = 10  # seconds; longer Retry-After values are capped
+    max_redirects: int = 5
+    user_agent: str = DEFAULT_USER_AGENT
+    per_host: int = 16  # concurrent requests to one host from this process
+    parallel: int = 16  # threads one fetch_many call uses
+    max_url_length: int = 2048
+
+    def __post_init__(self) -> None:
+        positive = {
+            "connect_timeout": self.connect_timeout,
+            "read_timeout": self.read_timeout,
+            "deadline": self.deadline,
+            "max_bytes": self.max_bytes,
+            "per_host": self.per_host,
+            "parallel": self.parallel,
+            "max_url_length": self.max_url_length,
+        }
+        for name, value in positive.items():
+            if not value > 0:
+                raise ValueError(f"DownloadSettings.{name} must be > 0, got {value!r}")
+        non_negative = {
+            "retries": self.retries,
+            "backoff": self.backoff,
+            "backoff_jitter": self.backoff_jitter,
+            "retry_after_max": self.retry_after_max,
+            "max_redirects": self.max_redirects,
+        }
+        for name, value in non_negative.items():
+            if not value >= 0:
+                raise ValueError(f"DownloadSettings.{name} must be >= 0, got {value!r}")
+        self._check_types()
+
+    def _check_types(self) -> None:
+        for name in ("max_bytes", "retries", "max_redirects", "per_host", "parallel"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"DownloadSettings.{name} must be an int, got {value!r}")
+        if not isinstance(self.user_agent, str) or not self.user_agent.strip():
+            raise ValueError("DownloadSettings.user_agent must be a non-empty string")
+        if any(_is_bad_char(c) and c != " " for c in self.user_agent):
+            raise ValueError("DownloadSettings.user_agent must not contain control characters")
+
+
+DEFAULT_DOWNLOAD = DownloadSettings()
+
+
+@dataclass(frozen=True)
+class DownloadResult:
+    """Outcome of downloading one URL; `content` is None unless `ok`."""
+
+    url: str
+    ok: bool
+    status: str
+    http_status: int | None
+    content: bytes | None
+    elapsed_s: float
+    error: str
+    final_url: str
+    content_type: str
+    attempts: int
+
+
+# --------------------------------------------------------------------------- URLs
+
+
+def validate_url(url: str, max_length: int) -> str | None:
+    """Return why `url` cannot be downloaded, or None if it looks fine. Pure, no I/O."""
+    if not isinstance(url, str):
+        return f"URL must be a string, got {type(url).__name__}"
+    if not url:
+        return "empty URL"
+    if len(url) > max_length:
+        return f"URL longer than {max_length} characters ({len(url)})"
+    if any(_is_bad_char(c) for c in url):
+        return "URL contains whitespace or control characters"
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError as exc:
+        return f"unparsable URL: {exc}"
+    if parts.scheme.lower() not in ("http", "https"):
+        return f"unsupported URL scheme {parts.scheme!r} (only http and https)"
+    if not host:
+        return "URL has no host"
+    return None
+
+
+def _host_key(url: str) -> tuple[str, str, int | None]:
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    port = parts.port or (443 if scheme == "https" else 80)
+    return scheme, (parts.hostname or "").lower(), port
+
+
+# --------------------------------------------------------------------- shared state
+
+_sessions: dict[DownloadSettings, requests.Session] = {}
+_sessions_lock = threading.Lock()
+_host_slots: dict[tuple[int, str, str, int | None], threading.BoundedSemaphore] = {}
+_host_slots_lock = threading.Lock()
+
+
+class _NoCookies(http.cookiejar.CookiePolicy):
+    """Image URLs are independent: never store or send cookies (also avoids jar races)."""
+
+    netscape = True
+    rfc2965 = False
+    hide_cookie2 = False
+
+    def set_ok(self, cookie: http.cookiejar.Cookie, request: object) -> bool:
+        return False
+
+    def return_ok(self, cookie: http.cookiejar.Cookie, request: object) -> bool:
+        return False
+
+    def domain_return_ok(self, domain: str, request: object) -> bool:
+        return False
+
+    def path_return_ok(self, path: str, request: object) -> bool:
+        return False
+
+
+def _retry_policy(settings: DownloadSettings) -> Retry:
+    return Retry(
+        total=None,  # the per-kind limits below are the real ones
+        connect=settings.retries,
+        read=0,  # a read error may have consumed a partial body: do not replay
+        status=settings.retries,
+        other=0,
+        redirect=False,  # redirects are followed (and re-validated) by fetch itself
+        status_forcelist=RETRY_STATUSES,
+        allowed_methods=frozenset({"GET"}),
+        backoff_factor=settings.backoff,
+        backoff_jitter=settings.backoff_jitter,
+        respect_retry_after_header=True,
+        retry_after_max=settings.retry_after_max,
+        raise_on_status=False,
+        raise_on_redirect=False,
+    )
+
+
+def _new_session(settings: DownloadSettings) -> requests.Session:
+    session = requests.Session()
+    session.headers.update({"User-Agent": settings.user_agent, "Accept": ACCEPT})
+    session.cookies.set_policy(_NoCookies())
+    adapter = HTTPAdapter(
+        pool_connections=settings.parallel,
+        pool_maxsize=settings.per_host,
+        max_retries=_retry_policy(settings),
+    )
+    session.adapters.clear()  # only http(s): nothing else may be mounted by default
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    return session
+
+
+def get_session(settings: DownloadSettings = DEFAULT_DOWNLOAD) -> requests.Session:
+    """The process-wide pooled session for `settings` (created once, thread-safe)."""
+    session = _sessions.get(settings)
+    if session is None:
+        with _sessions_lock:
+            session = _sessions.get(settings)
+            if session is None:
+                session = _sessions[settings] = _new_session(settings)
+    return session
+
+
+def _host_semaphore(url: str, per_host: int) -> threading.BoundedSemaphore:
+    # Keyed by the limit too, so settings with different caps do not share a counter.
+    key = (per_host, *_host_key(url))
+    with _host_slots_lock:
+        sem = _host_slots.get(key)
+        if sem is None:
+            sem = _host_slots[key] = threading.BoundedSemaphore(per_host)
+    return sem
+
+
+class _Failure(Exception):
+    """Internal: ends a fetch with a non-ok status."""
+
+    def __init__(self, status: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@contextmanager
+def _host_slot(url: str, per_host: int, timeout: float) -> Iterator[None]:
+    sem = _host_semaphore(url, per_host)
+    if not sem.acquire(timeout=max(timeout, 0.0)):
+        raise _Failure("timeout", "deadline passed while waiting for a per-host slot")
+    try:
+        yield
+    finally:
+        sem.release()
+
+
+# -------------------------------------------------------------------------- fetching
+
+
+@dataclass
+class _Progress:
+    """Mutable per-fetch state, so a failure can still report what happened so far."""
+
+    url: str
+    settings: DownloadSettings
+    started: float = field(default_factory=time.monotonic)
+    current_url: str = ""
+    attempts: int = 0
+    http_status: int | None = None
+    content_type: str = ""
+
+    def remaining(self) -> float:
+        return self.settings.deadline - (time.monotonic() - self.started)
+
+    def check_deadline(self, what: str) -> float:
+        remaining = self.remaining()
+        if remaining <= 0:
+            raise _Failure("timeout", f"deadline of {self.settings.deadline:g}s passed {what}")
+        return remaining
+
+    def result(self, status: str, error: str = "", content: bytes | None = None) -> DownloadResult:
+        return DownloadResult(
+            url=self.url,
+            ok=status == "ok",
+            status=status,
+            http_status=self.http_status,
+            content=content if status == "ok" else None,
+            elapsed_s=time.monotonic() - self.started,
+            error=error,
+            final_url=self.current_url or self.url,
+            content_type=self.content_type,
+            attempts=self.attempts,
+        )
+
+
+def fetch(url: str, settings: DownloadSettings = DEFAULT_DOWNLOAD) -> DownloadResult:
+    """Download one URL. Never raises for a per-URL problem: see the module docstring."""
+    progress = _Progress(url=url, settings=settings, current_url=url)
+    try:
+        content = _follow(progress)
+    except _Failure as failure:
+        return progress.result(failure.status, failure.message)
+    except Exception as exc:  # the boundary: any surprise becomes a status
+        status = _classify(exc)
+        progress.attempts += _retries_before_error(exc, settings)
+        logger.debug("fetch %s failed: %s: %r", url, status, exc)
+        return progress.result(status, _describe(exc))
+    return progress.result("ok", content=content)
+
+
+def _follow(progress: _Progress) -> bytes:
+    """Request the URL, following up to max_redirects redirects; return the body."""
+    settings = progress.settings
+    seen = {progress.url}
+    for _hop in range(settings.max_redirects + 1):
+        error = validate_url(progress.current_url, settings.max_url_length)
+        if error is not None:
+            raise _Failure("invalid_url", _redirect_context(progress, error))
+        outcome = _request(progress)
+        if isinstance(outcome, bytes):
+            return outcome
+        if outcome in seen:
+            raise _Failure("too_many_redirects", f"redirect loop back to {outcome}")
+        seen.add(outcome)
+        progress.current_url = outcome
+    raise _Failure("too_many_redirects", f"more than {settings.max_redirects} redirects")
+
+
+def _redirect_context(progress: _Progress, error: str) -> str:
+    if progress.current_url == progress.url:
+        return error
+    return f"redirect to {progress.current_url!r}: {error}"
+
+
+def _request(progress: _Progress) -> bytes | str:
+    """One hop: return the body, or the absolute URL a redirect points to."""
+    settings = progress.settings
+    url = progress.current_url
+    remaining = progress.check_deadline("before the request")
+    with _host_slot(url, settings.per_host, remaining):
+        remaining = progress.check_deadline("while waiting for a per-host slot")
+        progress.attempts += 1  # corrected below from urllib3's retry history
+        resp = get_session(settings).get(
+            url,
+            stream=True,
+            allow_redirects=False,
+            timeout=(
+                min(settings.connect_timeout, remaining),
+                min(settings.read_timeout, remaining),
+            ),
+        )
+        try:
+            return _handle_response(progress, resp)
+        finally:
+            resp.close()
+
+
+def _handle_response(progress: _Progress, resp: requests.Response) -> bytes | str:
+    progress.attempts += _retries_used(resp)
+    progress.http_status = resp.status_code
+    progress.content_type = resp.headers.get("Content-Type", "")
+    code = resp.status_code
+    if code in REDIRECT_STATUSES and resp.headers.get("Location"):
+        return _resolve_location(progress.current_url, resp.headers["Location"])
+    if not 200 <= code < 300:
+        raise _Failure(_http_status_kind(code), f"HTTP {code} {resp.reason or ''}".rstrip())
+    return _read_body(progress, resp)
+
+
+def _resolve_location(base: str, location: str) -> str:
+    # urljoin("http://a/b", "http://") yields "http://a/b": an absolute Location (one
+    # with a scheme) is taken verbatim so that validation sees what the server sent.
+    try:
+        absolute = bool(urlsplit(location).scheme)
+    except ValueError:
+        absolute = True
+    return location if absolute else urljoin(base, location)
+
+
+def _retries_used(resp: requests.Response) -> int:
+    retries = getattr(resp.raw, "retries", None)
+    history = getattr(retries, "history", None)
+    return len(history) if history else 0
+
+
+def _http_status_kind(code: int) -> str:
+    if 400 <= code < 500:
+        return "http_4xx"
+    if 500 <= code < 600:
+        return "http_5xx"
+    return "http_error"
+
+
+def _declared_length(resp: requests.Response) -> int | None:
+    # With a content-encoding the header counts compressed bytes, not what we count.
+    if resp.headers.get("Content-Encoding", "identity").lower() not in ("", "identity"):
+        return None
+    value = resp.headers.get("Content-Length", "")
+    try:
+        length = int(value)
+    except ValueError:
+        return None
+    return length if length >= 0 else None
+
+
+def _read_body(progress: _Progress, resp: requests.Response) -> bytes:
+    settings = progress.settings
+    raw_length = resp.headers.get("Content-Length", "")
+    if raw_length.isdigit() and int(raw_length) > settings.max_bytes:
+        raise _Failure("too_large", f"Content-Length {raw_length} > max_bytes {settings.max_bytes}")
+    declared = _declared_length(resp)
+    try:
+        body = _read_chunks(progress, resp)
+    except urllib3.exceptions.ProtocolError as exc:
+        raise _Failure("incomplete_body", f"connection broken while reading body: {exc}") from exc
+    if declared is not None and len(body) < declared:
+        raise _Failure("incomplete_body", f"got {len(body)} of {declared} bytes")
+    if not body:
+        raise _Failure("empty_body", f"HTTP {resp.status_code} with an empty body")
+    return body
+
+
+def _read_chunks(progress: _Progress, resp: requests.Response) -> bytes:
+    """Read the (decoded) body in chunks, enforcing max_bytes and the deadline."""
+    settings = progress.settings
+    raw = resp.raw
+    chunks: list[bytes] = []
+    total = 0
+    while True:
+        remaining = progress.check_deadline("while reading the body")
+        # Cap every socket read by the time left, so a stalled body cannot overshoot.
+        _set_read_timeout(raw, min(settings.read_timeout, remaining))
+        chunk = raw.read1(CHUNK_SIZE, decode_content=True)
+        if not chunk:
+            return b"".join(chunks)
+        total += len(chunk)
+        if total > settings.max_bytes:
+            raise _Failure("too_large", f"body exceeded max_bytes {settings.max_bytes}")
+        chunks.append(chunk)
+
+
+def _set_read_timeout(raw: object, timeout: float) -> None:
+    # Best effort: urllib3 exposes the connection (and its socket) of a streamed response.
+    sock = getattr(getattr(raw, "connection", None), "sock", None)
+    if sock is not None:
+        with suppress(OSError):
+            sock.settimeout(max(timeout, _MIN_SOCKET_TIMEOUT))
+
+
+# ------------------------------------------------------------------ error mapping
+
+_INVALID_URL_ERRORS: tuple[type[BaseException], ...] = (
+    requests.exceptions.InvalidURL,
+    requests.exceptions.MissingSchema,
+    requests.exceptions.InvalidSchema,
+    urllib3.exceptions.LocationParseError,
+    UnicodeError,
+)
+_TIMEOUT_ERRORS: tuple[type[BaseException], ...] = (
+    requests.exceptions.Timeout,
+    urllib3.exceptions.TimeoutError,
+    TimeoutError,  # socket.timeout is an alias since Python 3.10
+)
+_INCOMPLETE_ERRORS: tuple[type[BaseException], ...] = (
+    http.client.IncompleteRead,
+    urllib3.exceptions.IncompleteRead,
+)
+
+
+def _exception_chain(exc: BaseException) -> list[BaseException]:
+    """`exc` and what it wraps: requests and urllib3 nest the real cause in args/reason."""
+    found: list[BaseException] = []
+    pending: list[object] = [exc]
+    while pending and len(found) < 20:
+        item = pending.pop()
+        if not isinstance(item, BaseException) or any(item is f for f in found):
+            continue
+        found.append(item)
+        pending.extend([item.__cause__, item.__context__, getattr(item, "reason", None)])
+        pending.extend(item.args)
+    return found
+
+
+def _classify(exc: BaseException) -> str:
+    chain = _exception_chain(exc)
+
+    def has(types: tuple[type[BaseException], ...]) -> bool:
+        return any(isinstance(e, types) for e in chain)
+
+    # NewConnectionError subclasses ConnectTimeoutError in urllib3 2: a refused
+    # connection or DNS failure is not a timeout.
+    if has((urllib3.exceptions.NewConnectionError,)) and not has((TimeoutError,)):
+        return "connection_error"
+    if has(_TIMEOUT_ERRORS):
+        return "timeout"
+    if has(_INCOMPLETE_ERRORS):
+        return "incomplete_body"
+    if has(_INVALID_URL_ERRORS):
+        return "invalid_url"
+    return "connection_error"
+
+
+def _retries_before_error(exc: BaseException, settings: DownloadSettings) -> int:
+    """Best-effort retry count when urllib3 gave up: only connect errors are retried."""
+    chain = _exception_chain(exc)
+    exhausted = any(isinstance(e, urllib3.exceptions.MaxRetryError) for e in chain)
+    connect = any(
+        isinstance(
+            e, (urllib3.exceptions.ConnectTimeoutError, urllib3.exceptions.NewConnectionError)
+        )
+        for e in chain
+    )
+    return settings.retries if exhausted and connect else 0
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc) or repr(exc)
+    return f"{type(exc).__name__}: {text}"
+
+
+# ------------------------------------------------------------------------- batches
+
+
+def fetch_many(
+    urls: Sequence[str], settings: DownloadSettings = DEFAULT_DOWNLOAD
+) -> list[DownloadResult]:
+    """Download `urls` concurrently (up to `settings.parallel` threads), in input order."""
+    if not urls:
+        return []
+    workers = min(len(urls), settings.parallel)
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="imgtasks-dl") as pool:
+        return list(pool.map(lambda u: fetch(u, settings), urls))
