@@ -1,0 +1,474 @@
+"""Image bytes in, encoded thumbnail plus metadata out.
+
+:func:`make_thumbnail` is a pure function that never raises for any input bytes: every
+per-image failure comes back as a :class:`Thumbnail` with a ``status`` (see
+``docs/architecture.md``). Only bad :class:`ThumbSettings` raise, at construction.
+
+The fast path, in order (each step is cheap only because of the one before):
+
+1. ``Image.open`` reads the header only; the pixel count is checked against
+   ``max_pixels`` here, before a single pixel is decoded.
+2. ``Image.draft`` asks libjpeg to decode at 1/2, 1/4 or 1/8 scale (DCT scaling), aiming
+   at ``REDUCING_GAP`` times the output size so the final resample still has slack.
+   It must come before ``load()`` and before any ``convert()``: converting first
+   decodes the full-size image and roughly halves throughput.
+3. ``resize(..., reducing_gap=REDUCING_GAP)`` does an integer box ``reduce()`` first
+   and a LANCZOS pass over what is left (this is what keeps PNG/WebP/GIF cheap).
+4. Colour conversion, EXIF orientation and padding happen on the small image.
+
+Size modes (``ThumbSettings.mode``):
+
+- ``fit``: keep the aspect ratio inside the box, never upscale; same output size as
+  ``PIL.Image.thumbnail``.
+- ``crop``: scale so the box is *covered*, centre-crop to exactly the box (like
+  ``ImageOps.fit``). Images smaller than the box are scaled UP so the output is always
+  exactly the box size.
+- ``pad``: ``fit`` (never upscale), then centre on exactly the box, filling with
+  ``background`` (or transparent for PNG/WebP output of images with alpha).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image, ImageFile
+
+logger = logging.getLogger(__name__)
+
+MODES = ("fit", "crop", "pad")
+# settings.format -> (Pillow format, file extension, content type)
+FORMATS: dict[str, tuple[str, str, str]] = {
+    "jpeg": ("JPEG", "jpg", "image/jpeg"),
+    "png": ("PNG", "png", "image/png"),
+    "webp": ("WEBP", "webp", "image/webp"),
+}
+MAX_SIDE = 8192  # a thumbnail box larger than this is a configuration mistake
+REDUCING_GAP = 2.0  # draft/reduce stop at >= this many times the output size
+RESAMPLE = Image.Resampling.LANCZOS
+
+_EXIF_ORIENTATION = 0x0112
+_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+_SWAPS_AXES = frozenset({5, 6, 7, 8})
+# Substrings of Pillow's messages when the data simply ends early.
+_TRUNCATION_HINTS = ("truncated", "broken data stream", "premature end", "unexpected end")
+
+# warnings.catch_warnings swaps process-global state; serialise our own uses of it so
+# concurrent threads in this module cannot restore each other's filters out of order.
+_WARNINGS_LOCK = threading.Lock()
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """Parse ``"128x128"`` (also ``X`` or ``×``) into ``(128, 128)``; ValueError if bad."""
+    parts = text.strip().lower().replace("×", "x").split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise ValueError(f"thumbnail size must look like WIDTHxHEIGHT, e.g. 128x128; got {text!r}")
+    width, height = (int(p) for p in parts)
+    _check_size((width, height))
+    return width, height
+
+
+def _check_size(size: tuple[int, int]) -> None:
+    ok = len(size) == 2 and all(isinstance(v, int) and 1 <= v <= MAX_SIDE for v in size)
+    if not ok:
+        raise ValueError(f"thumbnail size must be two integers in 1..{MAX_SIDE}; got {size!r}")
+
+
+@dataclass(frozen=True)
+class ThumbSettings:
+    """How to make thumbnails. Invalid values raise ValueError at construction."""
+
+    size: tuple[int, int] = (128, 128)
+    mode: str = "fit"
+    format: str = "jpeg"
+    quality: int = 90
+    background: tuple[int, int, int] = (255, 255, 255)
+    max_pixels: int = 100_000_000
+
+    def __post_init__(self) -> None:
+        # Settings often come from JSON/CLI as lists; store tuples so they stay hashable.
+        object.__setattr__(self, "size", tuple(self.size))
+        object.__setattr__(self, "background", tuple(self.background))
+        _check_size(self.size)
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}; got {self.mode!r}")
+        if self.format not in FORMATS:
+            raise ValueError(f"format must be one of {tuple(FORMATS)}; got {self.format!r}")
+        if not (isinstance(self.quality, int) and 1 <= self.quality <= 100):
+            raise ValueError(f"quality must be an integer in 1..100; got {self.quality!r}")
+        bg = self.background
+        if len(bg) != 3 or not all(isinstance(v, int) and 0 <= v <= 255 for v in bg):
+            raise ValueError(f"background must be three integers in 0..255; got {bg!r}")
+        if not (isinstance(self.max_pixels, int) and self.max_pixels >= 1):
+            raise ValueError(f"max_pixels must be a positive integer; got {self.max_pixels!r}")
+
+    @property
+    def ext(self) -> str:
+        """File extension without the dot: ``jpg``, ``png`` or ``webp``."""
+        return FORMATS[self.format][1]
+
+    @property
+    def content_type(self) -> str:
+        return FORMATS[self.format][2]
+
+    @property
+    def pillow_format(self) -> str:
+        return FORMATS[self.format][0]
+
+    @property
+    def keeps_alpha(self) -> bool:
+        return self.format in ("png", "webp")
+
+
+DEFAULT_THUMB = ThumbSettings()
+
+
+@dataclass(frozen=True)
+class Thumbnail:
+    """Result for one image. ``data`` is the encoded thumbnail when ``ok``, else None."""
+
+    ok: bool
+    status: str
+    error: str = ""
+    data: bytes | None = field(default=None, repr=False)
+    width: int = 0
+    height: int = 0
+    orig_width: int = 0
+    orig_height: int = 0
+    source_format: str = ""
+    format: str = ""
+    elapsed_s: float = 0.0
+
+
+class ThumbnailError(Exception):
+    """A per-image failure with its manifest status; raised by :func:`render_thumbnail`."""
+
+    def __init__(
+        self,
+        status: str,
+        message: str,
+        orig_size: tuple[int, int] = (0, 0),
+        source_format: str = "",
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.orig_size = orig_size
+        self.source_format = source_format
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """A resized image before encoding (RGB, or RGBA for PNG/WebP with alpha)."""
+
+    image: Image.Image
+    orig_width: int
+    orig_height: int
+    source_format: str
+
+
+def make_thumbnail(data: bytes, settings: ThumbSettings = DEFAULT_THUMB) -> Thumbnail:
+    """Decode ``data`` (by content, whatever its claimed type), resize and encode.
+
+    Never raises for any bytes: every failure is a Thumbnail with ``ok=False``.
+    """
+    start = time.perf_counter()
+    try:
+        rendered = render_thumbnail(data, settings)
+        encoded = _encode(rendered.image, settings)
+    except ThumbnailError as exc:
+        return _failure(exc, settings, start)
+    except Exception as exc:  # MemoryError included; KeyboardInterrupt is not
+        # The boundary: a bug or an exotic Pillow error must not kill a whole batch.
+        logger.exception("unexpected error making a thumbnail")
+        return _failure(ThumbnailError("decode_error", _describe(exc)), settings, start)
+    return Thumbnail(
+        ok=True,
+        status="ok",
+        data=encoded,
+        width=rendered.image.width,
+        height=rendered.image.height,
+        orig_width=rendered.orig_width,
+        orig_height=rendered.orig_height,
+        source_format=rendered.source_format,
+        format=settings.format,
+        elapsed_s=time.perf_counter() - start,
+    )
+
+
+def _failure(exc: ThumbnailError, settings: ThumbSettings, start: float) -> Thumbnail:
+    logger.debug("thumbnail failed: %s: %s", exc.status, exc)
+    return Thumbnail(
+        ok=False,
+        status=exc.status,
+        error=str(exc) or exc.status,
+        orig_width=exc.orig_size[0],
+        orig_height=exc.orig_size[1],
+        source_format=exc.source_format,
+        format=settings.format,
+        elapsed_s=time.perf_counter() - start,
+    )
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def render_thumbnail(data: bytes, settings: ThumbSettings = DEFAULT_THUMB) -> Rendered:
+    """Decode and resize without encoding; raises :class:`ThumbnailError` on bad input.
+
+    Exposed so tests and benchmarks can judge the resized pixels before lossy encoding.
+    """
+    if not data:
+        raise ThumbnailError("empty_body", "no image bytes")
+    im = _open(data, settings.max_pixels)
+    try:
+        return _render_open(im, settings)
+    except ThumbnailError:
+        raise
+    except Exception as exc:
+        raise _classify(exc, im) from exc
+    finally:
+        im.close()
+
+
+def _open(data: bytes, max_pixels: int) -> ImageFile.ImageFile:
+    """Identify the image from its header only and refuse bombs before any decoding."""
+    try:
+        with _bomb_warnings_silenced():
+            im = Image.open(io.BytesIO(data))
+    except Exception as exc:
+        raise _classify(exc, None) from exc
+    width, height = im.size
+    if width * height > max_pixels:
+        im.close()
+        msg = f"{width}x{height} = {width * height} pixels exceeds max_pixels={max_pixels}"
+        raise ThumbnailError("too_many_pixels", msg, (width, height), im.format or "")
+    if width < 1 or height < 1:
+        im.close()
+        raise ThumbnailError(
+            "decode_error", f"empty image {width}x{height}", (0, 0), im.format or ""
+        )
+    return im
+
+
+@contextmanager
+def _bomb_warnings_silenced() -> Iterator[None]:
+    """Hide Pillow's DecompressionBombWarning: ``max_pixels`` is our own, stricter check.
+
+    Scoped with catch_warnings instead of changing ``Image.MAX_IMAGE_PIXELS`` or the
+    global filters, so other code still sees its warnings.
+    """
+    with _WARNINGS_LOCK, warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        yield
+
+
+def _classify(exc: BaseException, im: Image.Image | None) -> ThumbnailError:
+    """Map an exception raised while decoding to a manifest status."""
+    size = im.size if im is not None else (0, 0)
+    fmt = (im.format or "") if im is not None else ""
+    message = _describe(exc)
+    if isinstance(exc, Image.DecompressionBombError | MemoryError):
+        return ThumbnailError("too_many_pixels", message, size, fmt)
+    if isinstance(exc, Image.UnidentifiedImageError):
+        return ThumbnailError("decode_error", message, size, fmt)
+    text = str(exc).lower()
+    if isinstance(exc, EOFError) or any(hint in text for hint in _TRUNCATION_HINTS):
+        return ThumbnailError("truncated_image", message, size, fmt)
+    return ThumbnailError("decode_error", message, size, fmt)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Geometry in the file's own (un-rotated) pixel frame."""
+
+    out_size: tuple[int, int]  # resized size before orientation and padding
+    region: tuple[float, float, float, float]  # source box to resample from
+    transpose: Image.Transpose | None
+
+
+def _plan(src_size: tuple[int, int], orientation: int, settings: ThumbSettings) -> _Plan:
+    """Work out sizes in the displayed (oriented) frame, then map them to the file frame.
+
+    Centred crops commute with every EXIF rotation/flip, so swapping axes is enough.
+    """
+    swap = orientation in _SWAPS_AXES
+    width, height = (src_size[1], src_size[0]) if swap else src_size
+    if settings.mode == "crop":
+        out = settings.size
+        region = _cover_region(width, height, out)
+    else:
+        out = fit_size(width, height, settings.size)
+        region = (0.0, 0.0, float(width), float(height))
+    if swap:
+        out = (out[1], out[0])
+        region = (region[1], region[0], region[3], region[2])
+    return _Plan(out, region, _TRANSPOSE.get(orientation))
+
+
+def fit_size(width: int, height: int, box: tuple[int, int]) -> tuple[int, int]:
+    """Size that fits ``box`` keeping the aspect ratio, never upscaling.
+
+    Same arithmetic as ``PIL.Image.thumbnail`` (so sizes match it exactly), without
+    needing an image object.
+    """
+    bw, bh = box
+    if bw >= width and bh >= height:
+        return width, height
+    aspect = width / height
+
+    def closest(number: float, error: Callable[[int], float]) -> int:
+        return max(min(math.floor(number), math.ceil(number), key=error), 1)
+
+    if bw / bh >= aspect:
+        return closest(bh * aspect, lambda n: abs(aspect - n / bh)), bh
+    return bw, closest(bw / aspect, lambda n: 0 if n == 0 else abs(aspect - bw / n))
+
+
+def _cover_region(
+    width: int, height: int, box: tuple[int, int]
+) -> tuple[float, float, float, float]:
+    """Centred source box with the box's aspect ratio, as large as the image allows."""
+    box_aspect = box[0] / box[1]
+    if width / height > box_aspect:
+        crop_w, crop_h = height * box_aspect, float(height)
+    else:
+        crop_w, crop_h = float(width), width / box_aspect
+    left, top = (width - crop_w) / 2, (height - crop_h) / 2
+    return left, top, left + crop_w, top + crop_h
+
+
+def _orientation(im: Image.Image) -> int:
+    """EXIF orientation 1..8; a corrupt EXIF block just means "upright"."""
+    try:
+        value = int(im.getexif().get(_EXIF_ORIENTATION, 1))
+    except Exception as exc:  # malformed EXIF is common and harmless to ignore
+        logger.debug("ignoring unreadable EXIF: %r", exc)
+        return 1
+    return value if value in range(1, 9) else 1
+
+
+def _render_open(im: ImageFile.ImageFile, settings: ThumbSettings) -> Rendered:
+    file_size = im.size
+    scale = _draft(im, settings)
+    im.load()
+    # EXIF is read again after load: PNG may carry its eXIf chunk after the pixels.
+    orientation = _orientation(im)
+    src_size = file_size if scale else im.size
+    plan = _plan(src_size, orientation, settings)
+    sx, sy = scale or (1.0, 1.0)
+    x0, y0, x1, y1 = plan.region
+    work = _resizable(im)
+    small = work.resize(
+        plan.out_size, RESAMPLE, box=(x0 * sx, y0 * sy, x1 * sx, y1 * sy), reducing_gap=REDUCING_GAP
+    )
+    small = _output_mode(_to_8bit(small), settings)
+    if plan.transpose is not None:
+        small = small.transpose(plan.transpose)
+    if settings.mode == "pad":
+        small = _pad(small, settings)
+    oriented = (src_size[1], src_size[0]) if orientation in _SWAPS_AXES else src_size
+    return Rendered(small, oriented[0], oriented[1], im.format or "")
+
+
+def _draft(im: ImageFile.ImageFile, settings: ThumbSettings) -> tuple[float, float] | None:
+    """Let the decoder shrink while decoding (JPEG DCT scaling); None if it did not.
+
+    Returns loaded-pixels-per-file-pixel per axis. Only JPEG implements draft, and its
+    EXIF is parsed at open, so the orientation (hence the target) is known this early.
+    """
+    if im.format not in ("JPEG", "MPO"):
+        return None
+    width, height = im.size
+    plan = _plan(im.size, _orientation(im), settings)
+    x0, y0, x1, y1 = plan.region
+    # Aim at REDUCING_GAP output pixels per output pixel over the region we keep.
+    target = (
+        max(1, math.ceil(width * plan.out_size[0] * REDUCING_GAP / (x1 - x0))),
+        max(1, math.ceil(height * plan.out_size[1] * REDUCING_GAP / (y1 - y0))),
+    )
+    result = im.draft(None, target)
+    if result is None:
+        return None
+    box = result[1]
+    return box[2] / width, box[3] / height
+
+
+def _resizable(im: Image.Image) -> Image.Image:
+    """Convert modes Pillow cannot resample well (palette, 1-bit, 16-bit, odd spaces)."""
+    mode = im.mode
+    if mode in ("RGB", "RGBA", "L", "LA", "CMYK", "I", "F"):
+        return im  # resampled as-is; converting here would cost a full-size pass
+    if (mode == "P" and "transparency" in im.info) or mode == "PA":
+        return im.convert("RGBA")
+    if mode == "1":
+        return im.convert("L")  # so LANCZOS yields grey levels, not nearest-neighbour
+    if mode.startswith("I;16"):
+        return _to_8bit(im)
+    if mode in ("La", "RGBa"):
+        return im.convert(mode.upper())
+    return im.convert("RGB")
+
+
+def _to_8bit(im: Image.Image) -> Image.Image:
+    """16/32-bit grey to 8-bit L: values above 255 are taken as a 16-bit range."""
+    if im.mode not in ("I", "F") and not im.mode.startswith("I;16"):
+        return im
+    pixels = np.asarray(im, dtype=np.float64)
+    if im.mode.startswith("I;16") or pixels.max(initial=0) > 255:
+        pixels = pixels / 257.0
+    return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), "L")
+
+
+def _output_mode(im: Image.Image, settings: ThumbSettings) -> Image.Image:
+    """RGB, or RGBA when the output format keeps alpha; JPEG gets alpha composited."""
+    if im.mode not in ("RGBA", "LA"):
+        return im if im.mode == "RGB" else im.convert("RGB")
+    rgba = im if im.mode == "RGBA" else im.convert("RGBA")
+    if settings.keeps_alpha:
+        return rgba
+    canvas = Image.new("RGB", rgba.size, settings.background)
+    canvas.paste(rgba, mask=rgba.getchannel("A"))
+    return canvas
+
+
+def _pad(im: Image.Image, settings: ThumbSettings) -> Image.Image:
+    """Centre ``im`` on exactly ``settings.size``; transparent fill if it has alpha."""
+    if im.size == settings.size:
+        return im
+    fill = (*settings.background, 0) if im.mode == "RGBA" else settings.background
+    canvas = Image.new(im.mode, settings.size, fill)
+    offset = ((settings.size[0] - im.width) // 2, (settings.size[1] - im.height) // 2)
+    canvas.paste(im, offset)
+    return canvas
+
+
+def _encode(im: Image.Image, settings: ThumbSettings) -> bytes:
+    buf = io.BytesIO()
+    try:
+        if settings.format == "jpeg":
+            # optimize=False: Huffman optimisation costs time and saves little at 128 px.
+            im.save(buf, "JPEG", quality=settings.quality, optimize=False)
+        elif settings.format == "webp":
+            im.save(buf, "WEBP", quality=settings.quality, method=4)
+        else:
+            im.save(buf, "PNG", compress_level=6)
+    except Exception as exc:
+        raise ThumbnailError("encode_error", _describe(exc), im.size) from exc
+    return buf.getvalue()
