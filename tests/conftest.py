@@ -31,8 +31,7 @@ def demo_server() -> Iterator[object]:
         yield server
 
 
-@pytest.fixture
-def subprocess_env() -> dict[str, str]:
+def subprocess_environment() -> dict[str, str]:
     """Environment for subprocesses: the project importable, no proxies to escape loopback."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
@@ -40,3 +39,8 @@ def subprocess_env() -> dict[str, str]:
         env.pop(var, None)
     env["NO_PROXY"] = "127.0.0.1,localhost"
     return env
+
+
+@pytest.fixture
+def subprocess_env() -> dict[str, str]:
+    return subprocess_environment()
