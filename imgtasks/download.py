@@ -26,6 +26,12 @@ HTTP-level retries (connect errors and the statuses 408/429/500/502/503/504, hon
 Retry-After up to ``retry_after_max``) are done by urllib3 inside one pooled
 `requests.Session` per `DownloadSettings`; redirects are followed here so that every hop
 is re-validated and counted against the deadline.
+
+The deadline is checked before every hop and after every body chunk, and every socket
+read is capped by the time left, so a slow or stalled body ends as ``timeout`` at the
+deadline. Retries inside urllib3 (connect errors, retried statuses with their backoff
+and Retry-After sleeps) are not interrupted and can overshoot it; a response that arrives
+after the deadline is still reported as ``timeout``.
 """
 
 from __future__ import annotations
@@ -45,6 +51,8 @@ import requests
 import urllib3.exceptions
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
+
+from imgtasks import __version__
 
 logger = logging.getLogger(__name__)
 
@@ -70,17 +78,6 @@ CHUNK_SIZE = 65536
 _MIN_SOCKET_TIMEOUT = 0.001
 
 
-def _package_version() -> str:
-    """The installed imgtasks version, without importing the package (no import cycle)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("imgtasks")
-    except PackageNotFoundError:
-        return "0.1.0"
-
-
-__version__ = _package_version()
 DEFAULT_USER_AGENT = f"imgtasks/{__version__} (+https://github.com/imgtasks/imgtasks)"
 
 
@@ -184,6 +181,8 @@ def validate_url(url: str, max_length: int) -> str | None:
         return f"unsupported URL scheme {parts.scheme!r} (only http and https)"
     if not host:
         return "URL has no host"
+    if parts.port == 0:
+        return "URL has port 0"
     return None
 
 
@@ -455,7 +454,12 @@ def _read_body(progress: _Progress, resp: requests.Response) -> bytes:
     try:
         body = _read_chunks(progress, resp)
     except urllib3.exceptions.ProtocolError as exc:
-        raise _Failure("incomplete_body", f"connection broken while reading body: {exc}") from exc
+        # Early close with a promised length (or a cut chunked body) is incomplete_body;
+        # a reset of a body of unknown length is left to the boundary: connection_error.
+        if declared is None and _classify(exc) != "incomplete_body":
+            raise
+        message = f"connection closed early while reading body: {exc}"
+        raise _Failure("incomplete_body", message) from exc
     if declared is not None and len(body) < declared:
         raise _Failure("incomplete_body", f"got {len(body)} of {declared} bytes")
     if not body:
@@ -557,6 +561,11 @@ def _retries_before_error(exc: BaseException, settings: DownloadSettings) -> int
 
 
 def _describe(exc: BaseException) -> str:
+    # MaxRetryError's text is mostly pool boilerplate: report what it was caused by.
+    for item in _exception_chain(exc):
+        if isinstance(item, urllib3.exceptions.MaxRetryError) and item.reason is not None:
+            exc = item.reason
+            break
     text = str(exc) or repr(exc)
     return f"{type(exc).__name__}: {text}"
 

@@ -132,6 +132,20 @@ class _Handler(BaseHTTPRequestHandler):
         self.state.stop.wait(30)
         self.close_connection = True
 
+    def route_stall(self, rest: list[str], query: dict[str, str]) -> None:
+        # Slow headers, then half the body, then nothing: the body read must stop at the
+        # deadline rather than after a full read_timeout.
+        time.sleep(float(query.get("before", "1")))
+        body = image_bytes(12)
+        self.send_response(200)
+        self.send_header("Content-Type", "image/jpeg")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body[: len(body) // 2])
+        self.wfile.flush()
+        self.state.stop.wait(30)
+        self.close_connection = True
+
     def route_short(self, rest: list[str], query: dict[str, str]) -> None:
         body = image_bytes(self.index(rest[0]))
         self.send_response(200)
@@ -139,6 +153,16 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body[: len(body) // 2])
+        self.wfile.flush()
+        self.close_connection = True
+
+    def route_chunked_cut(self, rest: list[str], query: dict[str, str]) -> None:
+        # No Content-Length: a chunked body that stops before its terminating chunk.
+        self.send_response(200)
+        self.send_header("Content-Type", "image/jpeg")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        self.wfile.write(b"400\r\n" + image_bytes(13, 1024) + b"\r\n")
         self.wfile.flush()
         self.close_connection = True
 
@@ -337,6 +361,15 @@ def test_hang_bounded_by_deadline(server: LocalServer) -> None:
     assert time.monotonic() - started < 4
 
 
+def test_stalled_body_bounded_by_deadline(server: LocalServer) -> None:
+    settings = fast(read_timeout=20.0, deadline=2.0)
+    started = time.monotonic()
+    result = fetch(f"{server.base_url}/stall?before=1", settings)
+    assert_failed(result, "timeout")
+    assert result.http_status == 200
+    assert time.monotonic() - started < settings.deadline + 0.5
+
+
 def test_connection_refused_is_connection_error() -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -351,6 +384,11 @@ def test_short_body_is_incomplete_body(server: LocalServer) -> None:
     result = fetch(f"{server.base_url}/short/8.jpg", FAST)
     assert_failed(result, "incomplete_body")
     assert result.http_status == 200
+
+
+def test_cut_chunked_body_is_incomplete_body(server: LocalServer) -> None:
+    result = fetch(f"{server.base_url}/chunked-cut", FAST)
+    assert_failed(result, "incomplete_body")
 
 
 def test_empty_body(server: LocalServer) -> None:
@@ -416,6 +454,8 @@ def test_redirect_to_invalid_url(server: LocalServer, target: str) -> None:
         "http://example.com/with space.jpg",
         "http://example.com/tab\t.jpg",
         "http://[::1/x.jpg",
+        "http://example.com:0/x.jpg",
+        "http://example.com:99999/x.jpg",
         "",
     ],
 )
