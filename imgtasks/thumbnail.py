@@ -287,7 +287,8 @@ def _classify(exc: BaseException, im: Image.Image | None) -> ThumbnailError:
     if isinstance(exc, Image.DecompressionBombError | MemoryError):
         return ThumbnailError("too_many_pixels", message, size, fmt)
     if isinstance(exc, Image.UnidentifiedImageError):
-        return ThumbnailError("decode_error", message, size, fmt)
+        # Pillow's message names a BytesIO address: useless in a manifest.
+        return ThumbnailError("decode_error", "not a recognised image format", size, fmt)
     text = str(exc).lower()
     if isinstance(exc, EOFError) or any(hint in text for hint in _TRUNCATION_HINTS):
         return ThumbnailError("truncated_image", message, size, fmt)
