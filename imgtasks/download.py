@@ -76,6 +76,8 @@ ACCEPT = "image/*,*/*;q=0.8"
 CHUNK_SIZE = 65536
 # A socket read timeout of 0 would mean non-blocking; never go below this.
 _MIN_SOCKET_TIMEOUT = 0.001
+# A socket timeout set to the time left may fire a hair before the deadline.
+_DEADLINE_SLACK = 0.05
 
 
 DEFAULT_USER_AGENT = f"imgtasks/{__version__} (+https://github.com/imgtasks/imgtasks)"
@@ -314,10 +316,13 @@ class _Progress:
     def remaining(self) -> float:
         return self.settings.deadline - (time.monotonic() - self.started)
 
+    def deadline_message(self, what: str) -> str:
+        return f"deadline of {self.settings.deadline:g}s passed {what}"
+
     def check_deadline(self, what: str) -> float:
         remaining = self.remaining()
         if remaining <= 0:
-            raise _Failure("timeout", f"deadline of {self.settings.deadline:g}s passed {what}")
+            raise _Failure("timeout", self.deadline_message(what))
         return remaining
 
     def result(self, status: str, error: str = "", content: bytes | None = None) -> DownloadResult:
@@ -477,7 +482,13 @@ def _read_chunks(progress: _Progress, resp: requests.Response) -> bytes:
         remaining = progress.check_deadline("while reading the body")
         # Cap every socket read by the time left, so a stalled body cannot overshoot.
         _set_read_timeout(raw, min(settings.read_timeout, remaining))
-        chunk = raw.read1(CHUNK_SIZE, decode_content=True)
+        try:
+            chunk = raw.read1(CHUNK_SIZE, decode_content=True)
+        except urllib3.exceptions.ReadTimeoutError:
+            # The read was cut by the deadline rather than by read_timeout: say so.
+            if progress.remaining() < _DEADLINE_SLACK:
+                raise _Failure("timeout", progress.deadline_message("while reading the body"))
+            raise
         if not chunk:
             return b"".join(chunks)
         total += len(chunk)
