@@ -484,10 +484,11 @@ def _read_chunks(progress: _Progress, resp: requests.Response) -> bytes:
         _set_read_timeout(raw, min(settings.read_timeout, remaining))
         try:
             chunk = raw.read1(CHUNK_SIZE, decode_content=True)
-        except urllib3.exceptions.ReadTimeoutError:
+        except urllib3.exceptions.ReadTimeoutError as exc:
             # The read was cut by the deadline rather than by read_timeout: say so.
             if progress.remaining() < _DEADLINE_SLACK:
-                raise _Failure("timeout", progress.deadline_message("while reading the body"))
+                message = progress.deadline_message("while reading the body")
+                raise _Failure("timeout", message) from exc
             raise
         if not chunk:
             return b"".join(chunks)
