@@ -8,13 +8,14 @@ import hashlib
 import socket
 import threading
 import time
-from collections import Counter
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, quote, urlsplit
 
 import pytest
 
+from imgtasks.corpus import load_corpus
+from imgtasks.demo_server import DemoServer, ServerSettings
 from imgtasks.download import (
     DEFAULT_DOWNLOAD,
     STATUSES,
@@ -38,18 +39,29 @@ FAST = DownloadSettings(
 
 
 def image_bytes(i: int, size: int = 20_000) -> bytes:
-    """Deterministic fake JPEG: SOI marker + pseudo-random payload."""
+    """Deterministic fake JPEG for the local server: SOI marker + pseudo-random payload."""
     seed = hashlib.sha256(str(i).encode()).digest()
     return (b"\xff\xd8\xff\xe0" + seed * (size // len(seed) + 1))[:size]
 
 
-# ------------------------------------------------------------------ test server
+def demo_image(i: int) -> bytes:
+    """What the demo server sends for /img/{i}.*."""
+    images = load_corpus("photos")
+    return images[i % len(images)].data
+
+
+# --------------------------------------------------------------------------- servers
+
+
+@pytest.fixture(scope="module")
+def demo() -> Iterator[DemoServer]:
+    with DemoServer(ServerSettings(latency=0.0, jitter=0.0)) as server:
+        yield server
 
 
 class _State:
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.counts: Counter[str] = Counter()
         self.active = 0
         self.max_active = 0
         self.headers: dict[str, dict[str, str]] = {}
@@ -57,6 +69,8 @@ class _State:
 
 
 class _Handler(BaseHTTPRequestHandler):
+    """What the demo server cannot show: request headers, concurrency, odd bodies."""
+
     protocol_version = "HTTP/1.1"
     state: _State  # set on the subclass per server
 
@@ -68,7 +82,6 @@ class _Handler(BaseHTTPRequestHandler):
         segments = [s for s in parts.path.split("/") if s]
         query = {k: v[0] for k, v in parse_qs(parts.query).items()}
         with self.state.lock:
-            self.state.counts[parts.path] += 1
             self.state.headers[parts.path] = dict(self.headers.items())
         route = getattr(self, f"route_{segments[0].replace('-', '_')}", None) if segments else None
         try:
@@ -90,47 +103,12 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def redirect(self, location: str) -> None:
-        self.send_body(302, b"", "text/plain", {"Location": location})
-
     @staticmethod
     def index(name: str) -> int:
         return int(name.split(".")[0])
 
     def route_img(self, rest: list[str], query: dict[str, str]) -> None:
         self.send_body(200, image_bytes(self.index(rest[0])))
-
-    def route_status(self, rest: list[str], query: dict[str, str]) -> None:
-        self.send_body(int(rest[0]), b"status body", "text/plain")
-
-    def route_flaky(self, rest: list[str], query: dict[str, str]) -> None:
-        key, n, code, name = rest
-        with self.state.lock:
-            self.state.counts[f"flaky:{key}"] += 1
-            seen = self.state.counts[f"flaky:{key}"]
-        if seen <= int(n):
-            extra = {"Retry-After": "1"} if int(code) in (429, 503) else {}
-            self.send_body(int(code), b"try again", "text/plain", extra)
-        else:
-            self.send_body(200, image_bytes(self.index(name)))
-
-    def route_drip(self, rest: list[str], query: dict[str, str]) -> None:
-        rate = int(query.get("rate", "1024"))
-        body = image_bytes(self.index(rest[0]))
-        self.send_response(200)
-        self.send_header("Content-Type", "image/jpeg")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        step = max(rate // 10, 1)
-        for start in range(0, len(body), step):
-            if self.state.stop.wait(0.1):
-                return
-            self.wfile.write(body[start : start + step])
-            self.wfile.flush()
-
-    def route_hang(self, rest: list[str], query: dict[str, str]) -> None:
-        self.state.stop.wait(30)
-        self.close_connection = True
 
     def route_stall(self, rest: list[str], query: dict[str, str]) -> None:
         # Slow headers, then half the body, then nothing: the body read must stop at the
@@ -146,16 +124,6 @@ class _Handler(BaseHTTPRequestHandler):
         self.state.stop.wait(30)
         self.close_connection = True
 
-    def route_short(self, rest: list[str], query: dict[str, str]) -> None:
-        body = image_bytes(self.index(rest[0]))
-        self.send_response(200)
-        self.send_header("Content-Type", "image/jpeg")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body[: len(body) // 2])
-        self.wfile.flush()
-        self.close_connection = True
-
     def route_chunked_cut(self, rest: list[str], query: dict[str, str]) -> None:
         # No Content-Length: a chunked body that stops before its terminating chunk.
         self.send_response(200)
@@ -166,41 +134,9 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.flush()
         self.close_connection = True
 
-    def route_empty(self, rest: list[str], query: dict[str, str]) -> None:
-        self.send_body(200, b"")
-
     def route_gzip(self, rest: list[str], query: dict[str, str]) -> None:
         body = gzip.compress(image_bytes(self.index(rest[0])))
         self.send_body(200, body, headers={"Content-Encoding": "gzip"})
-
-    def route_redirect(self, rest: list[str], query: dict[str, str]) -> None:
-        n, name = int(rest[0]), rest[1]
-        self.redirect(f"/redirect/{n - 1}/{name}" if n > 1 else f"/img/{name}")
-
-    def route_loop(self, rest: list[str], query: dict[str, str]) -> None:
-        self.redirect("/loop2" if not rest else "/loop")
-
-    def route_loop2(self, rest: list[str], query: dict[str, str]) -> None:
-        self.redirect("/loop")
-
-    def route_redirect_to(self, rest: list[str], query: dict[str, str]) -> None:
-        self.redirect(query["url"])
-
-    def route_huge(self, rest: list[str], query: dict[str, str]) -> None:
-        size = int(query.get("bytes", "1000000"))
-        self.send_response(200)
-        self.send_header("Content-Type", "image/jpeg")
-        if query.get("length") != "0":
-            self.send_header("Content-Length", str(size))
-        else:
-            self.send_header("Connection", "close")  # body ends when the socket closes
-            self.close_connection = True
-        self.end_headers()
-        chunk = b"\0" * 65536
-        sent = 0
-        while sent < size and not self.state.stop.is_set():
-            self.wfile.write(chunk[: size - sent])
-            sent += len(chunk)
 
     def route_slow(self, rest: list[str], query: dict[str, str]) -> None:
         with self.state.lock:
@@ -215,7 +151,7 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class LocalServer:
-    """Tiny threaded HTTP server with the demo-server routes these tests need."""
+    """Tiny threaded HTTP server for the checks that need server-side introspection."""
 
     def __init__(self) -> None:
         self.state = _State()
@@ -234,17 +170,13 @@ class LocalServer:
         self.httpd.shutdown()
         self.httpd.server_close()
 
-    def count(self, path: str) -> int:
-        with self.state.lock:
-            return self.state.counts[path]
-
     def reset_concurrency(self) -> None:
         with self.state.lock:
             self.state.max_active = 0
 
 
 @pytest.fixture(scope="module")
-def server() -> Iterator[LocalServer]:
+def local() -> Iterator[LocalServer]:
     with LocalServer() as srv:
         yield srv
 
@@ -263,11 +195,11 @@ def assert_failed(result: DownloadResult, status: str) -> None:
 # ------------------------------------------------------------------------ tests
 
 
-def test_ok_returns_exact_bytes(server: LocalServer) -> None:
-    url = f"{server.base_url}/img/1.jpg"
+def test_ok_returns_exact_bytes(demo: DemoServer) -> None:
+    url = f"{demo.base_url}/img/1.jpg"
     result = fetch(url, FAST)
     assert result.status == "ok" and result.ok
-    assert result.content == image_bytes(1)
+    assert result.content == demo_image(1)
     assert result.http_status == 200
     assert result.error == ""
     assert result.final_url == url
@@ -276,71 +208,73 @@ def test_ok_returns_exact_bytes(server: LocalServer) -> None:
     assert result.elapsed_s >= 0
 
 
-def test_gzip_content_encoding_is_decoded(server: LocalServer) -> None:
-    result = fetch(f"{server.base_url}/gzip/2.jpg", FAST)
+def test_gzip_content_encoding_is_decoded(local: LocalServer) -> None:
+    result = fetch(f"{local.base_url}/gzip/2.jpg", FAST)
     assert result.status == "ok"
     assert result.content == image_bytes(2)
 
 
-def test_user_agent_and_accept_sent(server: LocalServer) -> None:
-    fetch(f"{server.base_url}/img/3.jpg", fast(user_agent="imgtasks-test/9"))
-    headers = server.state.headers["/img/3.jpg"]
+def test_user_agent_and_accept_sent(local: LocalServer) -> None:
+    fetch(f"{local.base_url}/img/3.jpg", fast(user_agent="imgtasks-test/9"))
+    headers = local.state.headers["/img/3.jpg"]
     assert headers["User-Agent"] == "imgtasks-test/9"
     assert headers["Accept"] == "image/*,*/*;q=0.8"
     assert DEFAULT_DOWNLOAD.user_agent.startswith("imgtasks/")
 
 
-def test_404_is_http_4xx_without_retry(server: LocalServer) -> None:
-    result = fetch(f"{server.base_url}/status/404", FAST)
+def test_404_is_http_4xx_without_retry(demo: DemoServer) -> None:
+    result = fetch(f"{demo.base_url}/status/404", FAST)
     assert_failed(result, "http_4xx")
     assert result.http_status == 404
     assert result.error == "HTTP 404 Not Found"
     assert result.attempts == 1
-    assert server.count("/status/404") == 1
+    assert demo.request_counts()["/status/404"] == 1
 
 
-def test_500_is_http_5xx_after_retries(server: LocalServer) -> None:
-    result = fetch(f"{server.base_url}/status/500", FAST)
+def test_500_is_http_5xx_after_retries(demo: DemoServer) -> None:
+    result = fetch(f"{demo.base_url}/status/500", FAST)
     assert_failed(result, "http_5xx")
     assert result.http_status == 500
-    assert server.count("/status/500") == FAST.retries + 1
+    assert demo.request_counts()["/status/500"] == FAST.retries + 1
     assert result.attempts == FAST.retries + 1
 
 
-def test_other_non_2xx_is_http_error(server: LocalServer) -> None:
+def test_other_non_2xx_is_http_error(demo: DemoServer) -> None:
     # A redirect status without a Location header cannot be followed.
-    result = fetch(f"{server.base_url}/status/302", FAST)
+    result = fetch(f"{demo.base_url}/status/302", FAST)
     assert_failed(result, "http_error")
     assert result.http_status == 302
 
 
-def test_503_twice_then_ok(server: LocalServer) -> None:
-    result = fetch(f"{server.base_url}/flaky/a503/2/503/4.jpg", fast(retries=3))
+def test_503_twice_then_ok(demo: DemoServer) -> None:
+    path = "/flaky/a503/2/503/4.jpg"
+    result = fetch(f"{demo.base_url}{path}", fast(retries=3))
     assert result.status == "ok", result
-    assert result.content == image_bytes(4)
+    assert result.content == demo_image(4)
     assert result.attempts == 3
-    assert server.count("flaky:a503") == 3
+    assert demo.request_counts()[path] == 3
 
 
-def test_429_retry_after_honoured_then_ok(server: LocalServer) -> None:
+def test_429_retry_after_honoured_then_ok(demo: DemoServer) -> None:
     started = time.monotonic()
-    result = fetch(f"{server.base_url}/flaky/a429/1/429/5.jpg", FAST)
+    result = fetch(f"{demo.base_url}/flaky/a429/1/429/5.jpg", FAST)
     assert result.status == "ok", result
     assert result.attempts == 2
     # Retry-After: 1 (capped at retry_after_max=1) was slept, not the 0.01 backoff.
     assert time.monotonic() - started >= 0.9
 
 
-def test_408_is_retried(server: LocalServer) -> None:
-    result = fetch(f"{server.base_url}/flaky/a408/1/408/6.jpg", FAST)
+def test_408_is_retried(demo: DemoServer) -> None:
+    path = "/flaky/a408/1/408/6.jpg"
+    result = fetch(f"{demo.base_url}{path}", FAST)
     assert result.status == "ok", result
-    assert server.count("flaky:a408") == 2
+    assert demo.request_counts()[path] == 2
 
 
-def test_drip_ends_as_timeout_at_deadline(server: LocalServer) -> None:
+def test_drip_ends_as_timeout_at_deadline(demo: DemoServer) -> None:
     settings = fast(deadline=2.0)
     started = time.monotonic()
-    result = fetch(f"{server.base_url}/drip/7.jpg?rate=1024", settings)
+    result = fetch(f"{demo.base_url}/drip/7.jpg?rate=1024", settings)
     elapsed = time.monotonic() - started
     assert_failed(result, "timeout")
     assert result.http_status == 200
@@ -348,24 +282,24 @@ def test_drip_ends_as_timeout_at_deadline(server: LocalServer) -> None:
     assert settings.deadline - 0.1 <= elapsed < settings.deadline + 3
 
 
-def test_hang_with_small_read_timeout_is_timeout(server: LocalServer) -> None:
+def test_hang_with_small_read_timeout_is_timeout(demo: DemoServer) -> None:
     started = time.monotonic()
-    result = fetch(f"{server.base_url}/hang", fast(read_timeout=0.5))
+    result = fetch(f"{demo.base_url}/hang", fast(read_timeout=0.5))
     assert_failed(result, "timeout")
     assert time.monotonic() - started < 4
 
 
-def test_hang_bounded_by_deadline(server: LocalServer) -> None:
+def test_hang_bounded_by_deadline(demo: DemoServer) -> None:
     started = time.monotonic()
-    result = fetch(f"{server.base_url}/hang", fast(read_timeout=20.0, deadline=1.0))
+    result = fetch(f"{demo.base_url}/hang", fast(read_timeout=20.0, deadline=1.0))
     assert_failed(result, "timeout")
     assert time.monotonic() - started < 4
 
 
-def test_stalled_body_bounded_by_deadline(server: LocalServer) -> None:
+def test_stalled_body_bounded_by_deadline(local: LocalServer) -> None:
     settings = fast(read_timeout=20.0, deadline=2.0)
     started = time.monotonic()
-    result = fetch(f"{server.base_url}/stall?before=1", settings)
+    result = fetch(f"{local.base_url}/stall?before=1", settings)
     assert_failed(result, "timeout")
     assert result.http_status == 200
     assert time.monotonic() - started < settings.deadline + 0.5
@@ -381,67 +315,68 @@ def test_connection_refused_is_connection_error() -> None:
     assert result.attempts == FAST.retries + 1
 
 
-def test_short_body_is_incomplete_body(server: LocalServer) -> None:
-    result = fetch(f"{server.base_url}/short/8.jpg", FAST)
+def test_short_body_is_incomplete_body(demo: DemoServer) -> None:
+    result = fetch(f"{demo.base_url}/short/8.jpg", FAST)
     assert_failed(result, "incomplete_body")
     assert result.http_status == 200
 
 
-def test_cut_chunked_body_is_incomplete_body(server: LocalServer) -> None:
-    result = fetch(f"{server.base_url}/chunked-cut", FAST)
+def test_cut_chunked_body_is_incomplete_body(local: LocalServer) -> None:
+    result = fetch(f"{local.base_url}/chunked-cut", FAST)
     assert_failed(result, "incomplete_body")
 
 
-def test_empty_body(server: LocalServer) -> None:
-    result = fetch(f"{server.base_url}/empty", FAST)
+def test_empty_body(demo: DemoServer) -> None:
+    result = fetch(f"{demo.base_url}/empty", FAST)
     assert_failed(result, "empty_body")
     assert result.http_status == 200
 
 
-def test_too_large_from_content_length(server: LocalServer) -> None:
-    result = fetch(f"{server.base_url}/img/9.jpg", fast(max_bytes=1000))
+def test_too_large_from_content_length(demo: DemoServer) -> None:
+    result = fetch(f"{demo.base_url}/img/9.jpg", fast(max_bytes=1000))
     assert_failed(result, "too_large")
     assert "Content-Length" in result.error
 
 
-def test_too_large_while_streaming_without_length(server: LocalServer) -> None:
+def test_too_large_while_streaming_without_length(demo: DemoServer) -> None:
     started = time.monotonic()
-    url = f"{server.base_url}/huge?bytes=20000000&length=0"
+    url = f"{demo.base_url}/huge?bytes=20000000&length=0"
     result = fetch(url, fast(max_bytes=2**20))
     assert_failed(result, "too_large")
     assert "exceeded" in result.error
     assert time.monotonic() - started < 5
 
 
-def test_redirects_followed(server: LocalServer) -> None:
-    result = fetch(f"{server.base_url}/redirect/3/10.jpg", FAST)
+def test_redirects_followed(demo: DemoServer) -> None:
+    result = fetch(f"{demo.base_url}/redirect/3/10.jpg", FAST)
     assert result.status == "ok", result
-    assert result.content == image_bytes(10)
-    assert result.final_url == f"{server.base_url}/img/10.jpg"
-    assert result.url == f"{server.base_url}/redirect/3/10.jpg"
-    assert result.attempts == 4
+    assert result.content == demo_image(10)
+    assert result.final_url == f"{demo.base_url}/img/10.jpg"
+    assert result.url == f"{demo.base_url}/redirect/3/10.jpg"
+    assert result.attempts == 4  # one request per hop
 
 
-def test_redirect_loop_is_too_many_redirects(server: LocalServer) -> None:
-    result = fetch(f"{server.base_url}/loop", FAST)
+def test_redirect_loop_is_too_many_redirects(demo: DemoServer) -> None:
+    result = fetch(f"{demo.base_url}/loop", FAST)
     assert_failed(result, "too_many_redirects")
     assert "loop" in result.error
 
 
-def test_redirect_limit(server: LocalServer) -> None:
-    result = fetch(f"{server.base_url}/redirect/9/11.jpg", fast(max_redirects=5))
+def test_redirect_limit(demo: DemoServer) -> None:
+    result = fetch(f"{demo.base_url}/redirect/9/11.jpg", fast(max_redirects=5))
     assert_failed(result, "too_many_redirects")
-    assert server.count("/img/11.jpg") == 0
-    ok = fetch(f"{server.base_url}/redirect/5/11.jpg", fast(max_redirects=5))
+    assert "/img/11.jpg" not in demo.request_counts()
+    ok = fetch(f"{demo.base_url}/redirect/5/11.jpg", fast(max_redirects=5))
     assert ok.status == "ok", ok
 
 
 @pytest.mark.parametrize("target", ["ftp://example.com/x.jpg", "file:///etc/passwd", "http://"])
-def test_redirect_to_invalid_url(server: LocalServer, target: str) -> None:
-    result = fetch(f"{server.base_url}/redirect-to?url={quote(target, safe='')}", FAST)
+def test_redirect_to_invalid_url(demo: DemoServer, target: str) -> None:
+    result = fetch(f"{demo.base_url}/redirect-to?url={quote(target, safe='')}", FAST)
     assert_failed(result, "invalid_url")
     assert "redirect to" in result.error
     assert result.http_status == 302
+    assert result.final_url == target
 
 
 @pytest.mark.parametrize(
@@ -474,26 +409,32 @@ def test_validate_url_accepts_http_and_https() -> None:
     assert validate_url("http://example.com/a.jpg", 10) is not None
 
 
-def test_per_host_cap(server: LocalServer) -> None:
-    server.reset_concurrency()
+def test_per_host_cap(local: LocalServer) -> None:
+    local.reset_concurrency()
     settings = fast(per_host=2, parallel=8)
-    urls = [f"{server.base_url}/slow/{i}.jpg?s=0.3" for i in range(8)]
+    urls = [f"{local.base_url}/slow/{i}.jpg?s=0.3" for i in range(8)]
     results = fetch_many(urls, settings)
     assert [r.status for r in results] == ["ok"] * 8
-    assert server.state.max_active == 2
+    assert local.state.max_active == 2
 
 
-def test_fetch_many_order_and_concurrency(server: LocalServer) -> None:
-    server.reset_concurrency()
-    urls = [f"{server.base_url}/slow/{i}.jpg?s=0.3" for i in range(6)]
-    urls.insert(2, "not a url")
-    urls.insert(4, f"{server.base_url}/status/404")
+def test_fetch_many_concurrency(local: LocalServer) -> None:
+    local.reset_concurrency()
+    urls = [f"{local.base_url}/slow/{i}.jpg?s=0.3" for i in range(6)]
     results = fetch_many(urls, fast(parallel=8))
+    assert [r.content for r in results] == [image_bytes(i) for i in range(6)]
+    assert local.state.max_active >= 2
+
+
+def test_fetch_many_keeps_input_order(demo: DemoServer) -> None:
+    urls = [f"{demo.base_url}/img/{i}.jpg" for i in range(6)]
+    urls.insert(2, "not a url")
+    urls.insert(4, f"{demo.base_url}/status/410")
+    results = fetch_many(urls, fast(parallel=4))
     assert [r.url for r in results] == urls
     assert [r.status for r in results] == ["ok", "ok", "invalid_url", "ok", "http_4xx"] + ["ok"] * 3
-    assert results[0].content == image_bytes(0)
-    assert results[-1].content == image_bytes(5)
-    assert server.state.max_active >= 2
+    assert results[0].content == demo_image(0)
+    assert results[-1].content == demo_image(5)
     assert fetch_many([], FAST) == []
 
 
