@@ -283,8 +283,8 @@ def _encode_gif(rng: np.random.Generator, spec: _Spec, buf: io.BytesIO) -> None:
     frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:], duration=120, loop=0)
 
 
-def generate_corpus(kind: str = "photos", seed: int = DEFAULT_SEED) -> tuple[CorpusItem, ...]:
-    """Generate a corpus in memory (no caching).  Items come in a fixed shuffled order."""
+def _jobs(kind: str, seed: int) -> list[tuple[_Spec, np.random.SeedSequence]]:
+    """The item specs in corpus order, each with its own seed (so items are independent)."""
     _check_kind(kind)
     root = np.random.SeedSequence([seed, KINDS.index(kind)])
     spec_seed, order_seed = root.spawn(2)
@@ -292,7 +292,12 @@ def generate_corpus(kind: str = "photos", seed: int = DEFAULT_SEED) -> tuple[Cor
     # Shuffle so any prefix of the URL list already mixes sizes and formats.
     order = np.random.default_rng(order_seed).permutation(len(specs))
     specs = [specs[int(i)] for i in order]
-    jobs = list(zip(specs, root.spawn(len(specs)), strict=True))
+    return list(zip(specs, root.spawn(len(specs)), strict=True))
+
+
+def generate_corpus(kind: str = "photos", seed: int = DEFAULT_SEED) -> tuple[CorpusItem, ...]:
+    """Generate a corpus in memory (no caching)."""
+    jobs = _jobs(kind, seed)
     workers = max(1, min(4, os.cpu_count() or 1))
     # Pillow releases the GIL while resizing/encoding; seeds are per item, so threads
     # cannot change the output.

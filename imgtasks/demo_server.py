@@ -607,7 +607,7 @@ class DemoServer:
             self._thread.join(_STOP_TIMEOUT)
             self._thread = None
             raise self._error
-        logger.info("demo server listening on %s", self.base_url)
+        logger.debug("demo server listening on %s", self.base_url)
         return self
 
     def stop(self, timeout: float = _STOP_TIMEOUT) -> None:
