@@ -312,7 +312,7 @@ class _ImgHandler(_Base):
             self.text(500, "internal server error\n")
         elif fault == "flaky_503" and self.state.hit(self.request.path) <= FLAKY_503_FAILURES:
             self.text(503, "service unavailable\n", Retry_After="1")
-        elif fault == "rate_limited" and self.state.hit(self.request.path) <= 1:
+        elif fault == "rate_limited" and self.state.hit(self.request.path) <= RATE_LIMITED_FAILURES:
             self.text(429, "too many requests\n", Retry_After="1")
         elif fault == "drip":
             await self.send(item.data, item.content_type, self.state.settings.faults.drip_rate)
