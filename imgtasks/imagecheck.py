@@ -22,19 +22,33 @@ def fit_size(width: int, height: int, box: tuple[int, int]) -> tuple[int, int]:
     return probe.size
 
 
-def reference_resize(data: bytes, size: tuple[int, int]) -> Image.Image:
+def reference_resize(
+    data: bytes, size: tuple[int, int], background: tuple[int, int, int] = (255, 255, 255)
+) -> Image.Image:
     """Slow, careful reference: full decode, EXIF orientation, RGB, one LANCZOS pass.
 
+    Alpha is composited on ``background`` at full size (what a JPEG thumbnail shows).
     The output has the same dimensions as ``PIL.Image.thumbnail`` would give (fit in
     ``size``, never upscaled), so it can be compared pixel for pixel with a fast path.
     """
     with Image.open(io.BytesIO(data)) as im:
         oriented = ImageOps.exif_transpose(im)
-    rgb = oriented.convert("RGB")
+    rgb = _flatten(oriented, background)
     target = fit_size(rgb.width, rgb.height, size)
     if target == rgb.size:
         return rgb
     return rgb.resize(target, Image.Resampling.LANCZOS, reducing_gap=None)
+
+
+def _flatten(im: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    if im.mode not in ("RGBA", "LA", "PA", "RGBa", "La"):
+        return im.convert("RGB")
+    rgba = im.convert("RGBA")
+    canvas = Image.new("RGB", rgba.size, background)
+    canvas.paste(rgba, mask=rgba.getchannel("A"))
+    return canvas
 
 
 def psnr(a: Image.Image, b: Image.Image) -> float:
@@ -66,8 +80,9 @@ def photo_like(width: int, height: int, seed: int = 0) -> Image.Image:
     """
     rng = np.random.default_rng(seed)
     size = (width, height)
-    # A 2x2 image stretched bilinearly is a smooth corner-to-corner gradient.
-    gradient = _upsampled(rng, (2, 2), (2, 2)).resize(size, Image.Resampling.BILINEAR)
+    # Four random corner colours stretched bilinearly: a smooth gradient.
+    corners = rng.integers(0, 256, size=(2, 2, 3), dtype=np.uint8)
+    gradient = Image.fromarray(corners, "RGB").resize(size, Image.Resampling.BILINEAR)
     coarse = _upsampled(rng, (6, 5), size)
     detail = _upsampled(rng, (max(2, width // 24), max(2, height // 24)), size)
     im = Image.blend(Image.blend(gradient, coarse, 0.55), detail, 0.2)

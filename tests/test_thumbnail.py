@@ -577,3 +577,21 @@ def test_fast_path_psnr_crop_12mp(photo_12mp: bytes) -> None:
     with Image.open(io.BytesIO(photo_12mp)) as im:
         expected = ImageOps.fit(im.convert("RGB"), (128, 128), Image.Resampling.LANCZOS)
     assert psnr(out, expected) >= MIN_PSNR_DB
+
+
+def test_fast_path_psnr_rgba_png_composited() -> None:
+    im = photo_like(900, 600, seed=9).convert("RGBA")
+    alpha = np.asarray(photo_like(900, 600, seed=10).convert("L"))  # smooth, varied alpha
+    im.putalpha(Image.fromarray(alpha, "L"))
+    data = encode(im, "PNG")
+    out = render_thumbnail(data, DEFAULT_THUMB).image
+    assert out.mode == "RGB"
+    assert psnr(out, reference_resize(data, (128, 128))) >= MIN_PSNR_DB
+
+
+def test_psnr_helper() -> None:
+    a = photo_like(64, 48, seed=1)
+    assert psnr(a, a.copy()) == float("inf")
+    assert psnr(a, Image.new("RGB", a.size)) < 15
+    with pytest.raises(ValueError, match="size mismatch"):
+        psnr(a, a.resize((32, 24)))
