@@ -194,7 +194,7 @@ def make_thumbnail(data: bytes, settings: ThumbSettings = DEFAULT_THUMB) -> Thum
     start = time.perf_counter()
     try:
         rendered = render_thumbnail(data, settings)
-        encoded = _encode(rendered.image, settings)
+        encoded = _encode(rendered, settings)
     except ThumbnailError as exc:
         return _failure(exc, settings, start)
     except Exception as exc:  # MemoryError included; KeyboardInterrupt is not
@@ -464,8 +464,9 @@ def _pad(im: Image.Image, settings: ThumbSettings) -> Image.Image:
     return canvas
 
 
-def _encode(im: Image.Image, settings: ThumbSettings) -> bytes:
+def _encode(rendered: Rendered, settings: ThumbSettings) -> bytes:
     buf = io.BytesIO()
+    im = rendered.image
     try:
         if settings.format == "jpeg":
             # optimize=False: Huffman optimisation costs time and saves little at 128 px.
@@ -474,6 +475,7 @@ def _encode(im: Image.Image, settings: ThumbSettings) -> bytes:
             im.save(buf, "WEBP", quality=settings.quality, method=4)
         else:
             im.save(buf, "PNG", compress_level=6)
-    except Exception as exc:
-        raise ThumbnailError("encode_error", _describe(exc), im.size) from exc
+    except Exception as exc:  # MemoryError too: the input was fine, the output was not
+        orig = (rendered.orig_width, rendered.orig_height)
+        raise ThumbnailError("encode_error", _describe(exc), orig, rendered.source_format) from exc
     return buf.getvalue()

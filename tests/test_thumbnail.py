@@ -595,3 +595,30 @@ def test_psnr_helper() -> None:
     assert psnr(a, Image.new("RGB", a.size)) < 15
     with pytest.raises(ValueError, match="size mismatch"):
         psnr(a, a.resize((32, 24)))
+
+
+def test_encode_failure_is_a_status(
+    small_photo: Image.Image, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = jpeg(small_photo)
+
+    def broken_save(self: Image.Image, *args: object, **kwargs: object) -> None:
+        raise OSError("encoder exploded")
+
+    monkeypatch.setattr(Image.Image, "save", broken_save)
+    thumb = make_thumbnail(data)
+    assert (thumb.ok, thumb.status, thumb.data) == (False, "encode_error", None)
+    assert "encoder exploded" in thumb.error
+    assert (thumb.orig_width, thumb.orig_height, thumb.source_format) == (640, 480, "JPEG")
+
+
+def test_unexpected_errors_never_escape(monkeypatch: pytest.MonkeyPatch) -> None:
+    import imgtasks.thumbnail as thumbnail
+
+    def bug(*args: object) -> None:
+        raise TypeError("a bug")
+
+    monkeypatch.setattr(thumbnail, "_encode", bug)
+    thumb = make_thumbnail(encode(Image.new("RGB", (8, 8)), "PNG"))
+    assert (thumb.ok, thumb.status) == (False, "decode_error")
+    assert "a bug" in thumb.error
