@@ -241,12 +241,13 @@ def render_thumbnail(data: bytes, settings: ThumbSettings = DEFAULT_THUMB) -> Re
     if not data:
         raise ThumbnailError("empty_body", "no image bytes")
     im = _open(data, settings.max_pixels)
+    file_size, file_format = im.size, im.format or ""  # before draft() shrinks im.size
     try:
         return _render_open(im, settings)
     except ThumbnailError:
         raise
     except Exception as exc:
-        raise _classify(exc, im) from exc
+        raise _classify(exc, file_size, file_format) from exc
     finally:
         im.close()
 
@@ -257,7 +258,7 @@ def _open(data: bytes, max_pixels: int) -> ImageFile.ImageFile:
         with _bomb_warnings_silenced():
             im = Image.open(io.BytesIO(data))
     except Exception as exc:
-        raise _classify(exc, None) from exc
+        raise _classify(exc, (0, 0), "") from exc
     width, height = im.size
     if width * height > max_pixels:
         im.close()
@@ -283,11 +284,10 @@ def _bomb_warnings_silenced() -> Iterator[None]:
         yield
 
 
-def _classify(exc: BaseException, im: Image.Image | None) -> ThumbnailError:
+def _classify(exc: BaseException, size: tuple[int, int], fmt: str) -> ThumbnailError:
     """Map an exception raised while decoding to a manifest status."""
-    size = im.size if im is not None else (0, 0)
-    fmt = (im.format or "") if im is not None else ""
     message = _describe(exc)
+    # Running out of memory while decoding means the image is too big for this worker.
     if isinstance(exc, Image.DecompressionBombError | MemoryError):
         return ThumbnailError("too_many_pixels", message, size, fmt)
     if isinstance(exc, Image.UnidentifiedImageError):

@@ -483,6 +483,7 @@ def test_truncated_image(small_photo: Image.Image, fmt: str, keep: float) -> Non
     thumb = make_thumbnail(data[: int(len(data) * keep)])
     assert thumb.status == "truncated_image", thumb.error
     assert thumb.data is None and thumb.source_format == fmt
+    assert (thumb.orig_width, thumb.orig_height) == (640, 480)  # not the draft size
     assert ImageFile.LOAD_TRUNCATED_IMAGES is False
 
 
