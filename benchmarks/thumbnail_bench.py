@@ -100,7 +100,10 @@ def load_items(limit: int | None) -> list[Item]:
     else:
         items = [Item(c.name, c.ext, c.width, c.height, c.data) for c in load_corpus("photos")]
     items.sort(key=lambda i: i.name)
-    return items[:limit] if limit else items
+    if not limit or limit >= len(items):
+        return items
+    # Evenly spaced, so a small --limit still mixes formats and sizes.
+    return [items[i * len(items) // limit] for i in range(limit)]
 
 
 def synthetic_items() -> list[Item]:
@@ -192,7 +195,7 @@ def report(items: Sequence[Item], scores: dict[str, list[Scores]]) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeat", type=int, default=3, help="runs per image; best is kept")
-    parser.add_argument("--limit", type=int, default=None, help="use only the first N images")
+    parser.add_argument("--limit", type=int, default=None, help="use N evenly spaced images")
     parser.add_argument("--no-pin", action="store_true", help="do not pin to one CPU")
     args = parser.parse_args(argv)
     if args.repeat < 1 or (args.limit is not None and args.limit < 1):
