@@ -1,0 +1,246 @@
+"""End-to-end tests of flows/run.py, run as the user runs it: a subprocess."""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import requests
+from conftest import ROOT, free_port, subprocess_environment
+
+RUN = str(ROOT / "flows" / "run.py")
+TIMING_COLUMNS = ["download_s", "thumbnail_s"]
+
+
+def run_flow(
+    args: list[str], env: dict[str, str], timeout: float = 240
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, RUN, "--no-progress", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
+
+
+def thumbnails(out: Path) -> dict[str, str]:
+    """Relative path -> sha256 of every thumbnail under ``out``."""
+    return {
+        str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in out.rglob("*")
+        if p.is_file() and "manifest" not in p.parts and p.suffix in (".jpg", ".png", ".webp")
+    }
+
+
+def manifest(out: Path) -> pd.DataFrame:
+    df = pd.read_parquet(out / "manifest")
+    return df.drop(columns=TIMING_COLUMNS).sort_values("index").reset_index(drop=True)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--size", "12"], "WIDTHxHEIGHT"),
+        (["--scheduler", "bogus"], "scheduler"),
+        (["--count", "0"], "--count"),
+        (["--urls", "/nonexistent/urls.txt"], "no such file"),
+        (["--mode", "stretch"], "invalid choice"),
+        (["--io-threads", "0"], "io-threads"),
+        (["--scheduler", "sync", "--report", "r.html"], "report"),
+        (["--no-such-flag"], "unrecognized"),
+    ],
+)
+def test_bad_arguments_are_one_line_and_exit_2(
+    args: list[str], message: str, subprocess_env: dict[str, str]
+) -> None:
+    proc = run_flow(args, subprocess_env, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert message in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_help(subprocess_env: dict[str, str]) -> None:
+    proc = run_flow(["--help"], subprocess_env, timeout=60)
+    assert proc.returncode == 0
+    for flag in (
+        "--urls",
+        "--scheduler",
+        "--io-threads",
+        "--cpu-workers",
+        "--batch-size",
+        "--report",
+    ):
+        assert flag in proc.stdout
+
+
+@pytest.fixture(scope="module")
+def mode_runs(
+    tmp_path_factory: pytest.TempPathFactory, demo_server
+) -> dict[str, tuple[Path, subprocess.CompletedProcess]]:
+    """The same 40 demo images through every scheduler mode."""
+    env = subprocess_environment()
+    listing = tmp_path_factory.mktemp("list") / "urls.txt"
+    listing.write_text("\n".join(demo_server.urls(40)))
+    runs = {}
+    for mode in ("hybrid", "processes", "threads", "sync"):
+        out = tmp_path_factory.mktemp(mode)
+        proc = run_flow(
+            [
+                "--scheduler",
+                mode,
+                "--urls",
+                str(listing),
+                "--out",
+                str(out),
+                "--cpu-workers",
+                "2",
+                "--io-threads",
+                "8",
+                "--batch-size",
+                "6",
+                "--dashboard-address",
+                f"127.0.0.1:{free_port()}",
+            ],
+            env,
+        )
+        runs[mode] = (out, proc)
+    return runs
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("mode", ["hybrid", "processes", "threads", "sync"])
+def test_every_mode_makes_every_thumbnail(mode: str, mode_runs: dict) -> None:
+    out, proc = mode_runs[mode]
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    df = manifest(out)
+    assert len(df) == 40
+    assert list(df["index"]) == list(range(40))
+    assert (df["status"] == "ok").all(), df[df["status"] != "ok"][["url", "status", "error"]]
+    assert (df["width"] <= 128).all() and (df["height"] <= 128).all()
+    assert set(df["path"]) == set(thumbnails(out))
+    if mode != "sync":
+        assert "dashboard: http://127.0.0.1:" in proc.stdout
+    assert "images/s" in proc.stdout
+
+
+@pytest.mark.timeout(600)
+def test_every_mode_gives_identical_results(mode_runs: dict) -> None:
+    reference_out, _ = mode_runs["hybrid"]
+    expected_files = thumbnails(reference_out)
+    expected_rows = manifest(reference_out)
+    assert len(expected_files) > 0
+    for mode in ("processes", "threads", "sync"):
+        out, _ = mode_runs[mode]
+        assert thumbnails(out) == expected_files, mode
+        pd.testing.assert_frame_equal(manifest(out), expected_rows)
+
+
+def non_loopback_address() -> str | None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("10.255.255.255", 1))  # UDP connect sends nothing
+            address = s.getsockname()[0]
+        except OSError:
+            return None
+    return None if address.startswith("127.") else address
+
+
+@pytest.mark.timeout(300)
+def test_dashboard_answers_on_loopback_only_during_a_run(
+    tmp_path: Path, subprocess_env: dict[str, str]
+) -> None:
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            RUN,
+            "--no-progress",
+            "--count",
+            "300",
+            "--latency",
+            "0.2",
+            "--out",
+            str(tmp_path / "out"),
+            "--cpu-workers",
+            "1",
+            "--io-threads",
+            "2",
+            "--batch-size",
+            "4",
+            "--window",
+            "2",
+            "--dashboard-address",
+            f"127.0.0.1:{port}",
+        ],
+        env=subprocess_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    try:
+        status = None
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                status = requests.get(f"http://127.0.0.1:{port}/status", timeout=5).status_code
+                break
+            except requests.ConnectionError:
+                time.sleep(0.5)
+        assert status == 200
+        assert proc.poll() is None, "the run ended before the dashboard was checked"
+        other = non_loopback_address()
+        if other is not None:
+            with pytest.raises(requests.ConnectionError):
+                requests.get(f"http://{other}:{port}/status", timeout=5)
+    finally:
+        proc.kill()
+        proc.communicate(timeout=60)
+
+
+@pytest.mark.timeout(300)
+def test_url_list_with_bad_entries(
+    tmp_path: Path, demo_server, subprocess_env: dict[str, str]
+) -> None:
+    good = demo_server.urls(10)
+    bad = ["not a url", "ftp://127.0.0.1/x.jpg", f"{demo_server.base_url}/status/404"]
+    lines = [*good[:5], *bad, good[0], *good[5:]]
+    listing = tmp_path / "urls.txt"
+    listing.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    proc = run_flow(
+        [
+            "--urls",
+            str(listing),
+            "--out",
+            str(out),
+            "--scheduler",
+            "threads",
+            "--cpu-workers",
+            "1",
+            "--dashboard-address",
+            "127.0.0.1:0",
+            "--retries",
+            "0",
+        ],
+        subprocess_env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    df = manifest(out)
+    assert list(df["url"]) == lines
+    assert (
+        list(df["status"])
+        == ["ok"] * 5 + ["invalid_url", "invalid_url", "http_4xx", "duplicate"] + ["ok"] * 5
+    )
+    dup = df.iloc[8]
+    assert dup["path"] == df.iloc[0]["path"]
+    assert len(thumbnails(out)) == 10
