@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import itertools
+import json
 import logging
 import os
 import signal
@@ -22,19 +23,34 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import dask
 from dask.delayed import Delayed
 from distributed import Client, as_completed, performance_report
-from imgtasks.demo_server import DemoServer, ServerSettings
 
 from imgtasks import cluster as clusters
+from imgtasks.demo_server import DemoServer, ServerSettings
 from imgtasks.download import DownloadSettings
-from imgtasks.nodes import BatchReport, JobSettings, download_batch, thumbnail_batch
-from imgtasks.sinks import OutputSettings, manifest_parts
+from imgtasks.nodes import (
+    BatchReport,
+    JobSettings,
+    download_batch,
+    resume_batch,
+    thumbnail_batch,
+)
+from imgtasks.sinks import (
+    MANIFEST_DIR,
+    OutputSettings,
+    Record,
+    filesystem,
+    finished_rows,
+    is_local,
+    keep_only_run,
+    write_file,
+)
 from imgtasks.sources import SourceSettings, UrlBatch, batched, classify, url_batches
 from imgtasks.thumbnail import ThumbSettings, parse_size
 
@@ -43,6 +59,7 @@ log = logging.getLogger("imgtasks.flow")
 DEFAULT_COUNT = 1000
 DEFAULT_BATCH_SIZE = 16
 DEFAULT_OUT = "thumbnails"
+DEMO_PORT = 8765
 
 
 class ArgumentError(Exception):
@@ -76,6 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument(
         "--latency", type=float, default=0.1, help="demo: injected latency per request, seconds"
     )
+    src.add_argument(
+        "--demo-port",
+        type=int,
+        default=DEMO_PORT,
+        help="demo: port on 127.0.0.1 (a fixed port keeps URLs stable for --resume; "
+        "a taken port falls back to a free one)",
+    )
 
     out = p.add_argument_group("output")
     out.add_argument(
@@ -95,6 +119,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--format", default="jpeg", choices=("jpeg", "png", "webp"), help="thumbnail format"
     )
     out.add_argument("--quality", type=int, default=90, help="JPEG/WebP quality 1-100")
+    out.add_argument(
+        "--resume",
+        action="store_true",
+        help="skip URLs an earlier run into the same --out finished (ok row, file present)",
+    )
+    out.add_argument(
+        "--storage-options",
+        metavar="JSON",
+        default="{}",
+        help='fsspec options for --out/--keep-originals, e.g. \'{"endpoint_url": "http://..."}\'',
+    )
     out.add_argument(
         "--keep-originals", metavar="DIR|URL", help="also keep the downloaded files there"
     )
@@ -190,6 +225,8 @@ class Job:
     report: str | None
     progress: bool
     log_level: str = "WARNING"
+    resume: bool = False
+    demo_port: int = DEMO_PORT
 
 
 def parse_job(argv: list[str] | None = None) -> Job:
@@ -218,6 +255,7 @@ def job_from_args(args: argparse.Namespace) -> Job:
         raise ValueError("--report needs a distributed scheduler; sync mode has no dashboard")
     if args.urls and "://" not in args.urls and not Path(args.urls).exists():
         raise ValueError(f"--urls: no such file: {args.urls}")
+    storage = parse_storage_options(args.storage_options)
     return Job(
         cluster=cluster,
         download=DownloadSettings(
@@ -230,8 +268,8 @@ def job_from_args(args: argparse.Namespace) -> Job:
         thumb=ThumbSettings(
             size=parse_size(args.size), mode=args.mode, format=args.format, quality=args.quality
         ),
-        output=OutputSettings(args.out),
-        originals=OutputSettings(args.keep_originals) if args.keep_originals else None,
+        output=OutputSettings(args.out, storage),
+        originals=OutputSettings(args.keep_originals, storage) if args.keep_originals else None,
         source=SourceSettings(args.urls, column=args.url_column, batch_size=args.batch_size)
         if args.urls
         else None,
@@ -242,7 +280,19 @@ def job_from_args(args: argparse.Namespace) -> Job:
         report=args.report,
         progress=not args.no_progress,
         log_level=args.log_level,
+        resume=args.resume,
+        demo_port=args.demo_port,
     )
+
+
+def parse_storage_options(text: str) -> dict:
+    try:
+        options = json.loads(text)
+    except ValueError as exc:
+        raise ValueError(f"--storage-options is not valid JSON: {exc}") from None
+    if not isinstance(options, dict):
+        raise ValueError("--storage-options must be a JSON object")
+    return options
 
 
 def _positive(name: str, value: int) -> int:
@@ -255,17 +305,35 @@ def _positive(name: str, value: int) -> int:
 
 
 def batch_graph(
-    batch: UrlBatch, download: DownloadSettings, job: JobSettings, token: str, route: bool
+    batch: UrlBatch, wiring: Wiring, previous: Mapping[int, Record] | None = None
 ) -> Delayed:
     """One download node feeding one thumbnail node; keys named after the stage."""
-    with _annotate(route, clusters.IO_RESOURCE):
+    with _annotate(wiring.route, clusters.IO_RESOURCE):
         downloaded = dask.delayed(download_batch, pure=False)(
-            batch, download, dask_key_name=f"download-{token}-{batch.batch_id}"
+            batch, wiring.download, dask_key_name=f"download-{wiring.token}-{batch.batch_id}"
         )
-    with _annotate(route, clusters.CPU_RESOURCE):
+    with _annotate(wiring.route, clusters.CPU_RESOURCE):
         return dask.delayed(thumbnail_batch, pure=False)(
-            downloaded, job, dask_key_name=f"thumbnail-{token}-{batch.batch_id}"
+            downloaded,
+            wiring.job,
+            previous or None,
+            dask_key_name=f"thumbnail-{wiring.token}-{batch.batch_id}",
         )
+
+
+@dataclass(frozen=True)
+class Wiring:
+    """What every batch's graph shares."""
+
+    download: DownloadSettings
+    job: JobSettings
+    token: str  # makes this run's task keys unique on a shared cluster
+    route: bool  # send stages to the io/cpu pools by resources
+    done: Mapping[str, Record] = field(default_factory=dict, hash=False)  # --resume
+
+    def graph(self, batch: UrlBatch) -> Delayed:
+        batch, previous = resume_batch(batch, self.done)
+        return batch_graph(batch, self, previous)
 
 
 def _annotate(route: bool, resource: str) -> contextlib.AbstractContextManager:
@@ -279,34 +347,38 @@ def _annotate(route: bool, resource: str) -> contextlib.AbstractContextManager:
 class Tally:
     """What the client has heard back so far."""
 
-    total: int | None
+    total: int | None = None
     started: float = field(default_factory=time.perf_counter)
     counts: Counter = field(default_factory=Counter)
     entries: int = 0
     download_s: float = 0.0
     thumbnail_s: float = 0.0
     downloaded: int = 0
+    resumed: int = 0
+    ready: float = 0.0  # seconds until the cluster was up and the first batch went out
     failed_batches: list[str] = field(default_factory=list)
 
     def add(self, report: BatchReport) -> None:
+        self.resumed += report.resumed
         self.counts.update(report.counts)
         self.entries += report.entries
         self.download_s += report.download_s
         self.thumbnail_s += report.thumbnail_s
-        self.downloaded += sum(n for s, n in report.counts.items() if s not in NOT_FETCHED)
+        fetched = sum(n for s, n in report.counts.items() if s not in NOT_FETCHED)
+        self.downloaded += fetched - report.resumed
 
     @property
     def elapsed(self) -> float:
         return time.perf_counter() - self.started
 
 
-NOT_FETCHED = ("invalid_url", "duplicate", "skipped")
+NOT_FETCHED = ("invalid_url", "duplicate")
 
 
 def stream_batches(
     client: Client,
     batches: Iterable[UrlBatch],
-    make_graph: callable,  # type: ignore[valid-type]
+    make_graph: Callable[[UrlBatch], Delayed],
     window: int,
     tally: Tally,
     progress: Progress,
@@ -318,10 +390,13 @@ def stream_batches(
         futures.add(client.compute(make_graph(batch)))
     for future in futures:
         try:
-            tally.add(future.result())
+            report = future.result()
         except Exception as exc:  # a batch failed twice over: infrastructure, not data
             log.error("batch %s failed: %s", future.key, exc)
             tally.failed_batches.append(str(future.key))
+        else:
+            tally.add(report)
+            progress.batch_done(report)
         future.release()
         progress.show(tally)
         for batch in _take(pending, 1):
@@ -329,11 +404,15 @@ def stream_batches(
 
 
 def run_sync(
-    batches: Iterable[UrlBatch], make_graph: callable, tally: Tally, progress: Progress
-) -> None:  # type: ignore[valid-type]
+    batches: Iterable[UrlBatch],
+    make_graph: Callable[[UrlBatch], Delayed],
+    tally: Tally,
+    progress: Progress,
+) -> None:
     for batch in batches:
         (report,) = dask.compute(make_graph(batch), scheduler="sync")
         tally.add(report)
+        progress.batch_done(report)
         progress.show(tally)
 
 
@@ -352,11 +431,16 @@ def default_window(client: Client, batch_size: int) -> int:
 
 
 class Progress:
-    """images done / total and images per second, on one refreshed line."""
+    """images done / total and images per second, on one refreshed line; a log line per batch."""
 
-    def __init__(self, enabled: bool) -> None:
+    def __init__(self, enabled: bool, batch_log: BatchLog | None) -> None:
         self.enabled = enabled and sys.stderr.isatty()
+        self.batch_log = batch_log
         self.last = 0.0
+
+    def batch_done(self, report: BatchReport) -> None:
+        if self.batch_log is not None:
+            self.batch_log.write(report)
 
     def show(self, tally: Tally, final: bool = False) -> None:
         now = time.perf_counter()
@@ -370,6 +454,45 @@ class Progress:
         print(line, end="\n" if final else "", file=sys.stderr, flush=True)
 
 
+class BatchLog:
+    """``<out>/run.log``: one line per finished batch (counts and seconds)."""
+
+    def __init__(self, output: OutputSettings) -> None:
+        self.output = output
+        self.lines: list[str] = []
+        self.file = None
+        fs, root = filesystem(output)
+        if is_local(fs):  # append as we go; remote outputs get the log at the end
+            os.makedirs(root, exist_ok=True)
+            self.file = open(os.path.join(root, "run.log"), "a", encoding="utf-8")  # noqa: SIM115
+
+    def __enter__(self) -> BatchLog:
+        self.line(f"run started, output {self.output.root}")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.line("run ended" if exc[0] is None else f"run stopped: {exc[0].__name__}")  # type: ignore[union-attr]
+        if self.file is not None:
+            self.file.close()
+        else:
+            write_file(self.output, "run.log", "".join(self.lines).encode())
+
+    def write(self, report: BatchReport) -> None:
+        counts = " ".join(f"{k}={v}" for k, v in sorted(report.counts.items()))
+        self.line(
+            f"batch {report.batch_id} entries={report.entries} {counts} "
+            f"download_s={report.download_wall_s:.3f} thumbnail_s={report.thumbnail_wall_s:.3f}"
+        )
+
+    def line(self, text: str) -> None:
+        text = f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {text}\n"
+        if self.file is not None:
+            self.file.write(text)
+            self.file.flush()
+        else:
+            self.lines.append(text)
+
+
 def summary(tally: Tally, job: Job) -> str:
     wall = tally.elapsed
     lines = ["", f"{'status':<22}{'count':>10}"]
@@ -377,14 +500,17 @@ def summary(tally: Tally, job: Job) -> str:
         lines.append(f"{status:<22}{n:>10}")
     lines.append(f"{'total':<22}{tally.entries:>10}")
     per = max(tally.downloaded, 1)
+    if tally.resumed:
+        lines.append(f"({tally.resumed} ok rows resumed from an earlier run, not fetched again)")
     lines += [
         "",
-        f"wall time        {wall:.2f} s",
+        f"wall time        {wall:.2f} s (cluster start-up {tally.ready:.2f} s)",
         f"images/s         {tally.entries / max(wall, 1e-9):.1f}",
         f"download / image {1000 * tally.download_s / per:.1f} ms (per URL, summed over workers)",
         f"thumbnail / image {1000 * tally.thumbnail_s / max(tally.counts.get('ok', 0), 1):.1f} ms",
         f"thumbnails       {job.output.root}",
-        f"manifest         {job.output.root.rstrip('/')}/manifest/",
+        f"manifest         {manifest_dir(job)}",
+        f"run log          {job.output.root.rstrip('/')}/run.log",
     ]
     if job.report:
         lines.append(f"report           {job.report}")
@@ -402,53 +528,65 @@ def new_run_id() -> str:
     return time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
 
 
-def run(job: Job) -> Tally:
-    """Run the whole job; returns what happened."""
+def run(job: Job, tally: Tally) -> None:
+    """Run the whole job, counting what happens in ``tally`` (kept if interrupted)."""
     with contextlib.ExitStack() as stack:
-        batches, total = open_source(job, stack)
+        batches, tally.total = open_source(job, stack)
         run_id = new_run_id()
-        token = uuid.uuid4().hex[:8]
-        node_job = JobSettings(job.thumb, job.output, run_id, job.originals)
-        tally = Tally(total=total)
-        progress = Progress(job.progress)
-        print(f"outputs: {job.output.root}  (manifest: {job.output.root.rstrip('/')}/manifest/)")
+        done = resumable(job)
+        wiring = Wiring(
+            job.download,
+            JobSettings(job.thumb, job.output, run_id, job.originals),
+            token=uuid.uuid4().hex[:8],
+            route=False,
+            done=done,
+        )
+        batch_log = stack.enter_context(BatchLog(job.output))
+        print(f"outputs: {job.output.root}  (manifest: {manifest_dir(job)})")
+        tally.started = time.perf_counter()
         if job.cluster.kind == "sync" and not job.cluster.is_remote:
-            run_sync(
-                batches,
-                lambda b: batch_graph(b, job.download, node_job, token, False),
-                tally,
-                progress,
-            )
+            run_sync(batches, wiring.graph, tally, Progress(job.progress, batch_log))
         else:
-            client, cluster = clusters.connect(job.cluster)
-            stack.callback(_close, client, cluster)
-            route = clusters.has_routing(client)
-            if job.cluster.is_remote and not route:
-                print(
-                    "note: the cluster's workers have no io/cpu resources: stages run unrestricted"
-                )
-            print(f"dashboard: {client.dashboard_link}")
+            client = start_client(job, stack)
+            wiring = replace(wiring, route=clusters.has_routing(client))
+            if job.cluster.is_remote and not wiring.route:
+                print("note: the cluster's workers have no io/cpu resources: stages run anywhere")
             window = job.window or default_window(client, job.batch_size)
+            tally.ready = tally.elapsed
             if job.report:
                 stack.enter_context(performance_report(filename=job.report))
-            stream_batches(
-                client,
-                batches,
-                lambda b: batch_graph(b, job.download, node_job, token, route),
-                window,
-                tally,
-                progress,
-            )
-        progress.show(tally, final=True)
+            progress = Progress(job.progress, batch_log)
+            stream_batches(client, batches, wiring.graph, window, tally, progress)
+        Progress(job.progress, None).show(tally, final=True)
         if not tally.failed_batches:
-            remove_older_parts(job.output, run_id)
-        return tally
+            keep_only_run(job.output, run_id)
+
+
+def start_client(job: Job, stack: contextlib.ExitStack) -> Client:
+    client, cluster = clusters.connect(job.cluster)
+    stack.callback(_close, client, cluster)
+    print(f"dashboard: {client.dashboard_link}", flush=True)
+    return client
+
+
+def resumable(job: Job) -> dict[str, Record]:
+    """--resume: the URLs an earlier run into the same output already finished."""
+    if not job.resume:
+        return {}
+    done = finished_rows(job.output)
+    print(f"resume: {len(done)} URLs already done in {job.output.root}")
+    return done
+
+
+def manifest_dir(job: Job) -> str:
+    return f"{job.output.root.rstrip('/')}/{MANIFEST_DIR}/"
 
 
 def open_source(job: Job, stack: contextlib.ExitStack) -> tuple[Iterator[UrlBatch], int | None]:
     if job.source is not None:
         return url_batches(job.source), None
-    server = stack.enter_context(DemoServer(ServerSettings(latency=job.latency)))
+    server = start_demo_server(job)
+    stack.callback(server.stop)
     print(
         f"demo server: {server.base_url} ({job.count} images, {job.latency * 1000:.0f} ms latency)"
     )
@@ -456,14 +594,15 @@ def open_source(job: Job, stack: contextlib.ExitStack) -> tuple[Iterator[UrlBatc
     return batched(classify(urls), job.batch_size), len(urls)
 
 
-def remove_older_parts(output: OutputSettings, run_id: str) -> None:
-    """After a complete run the manifest holds this run's rows only."""
-    from imgtasks.sinks import filesystem
-
-    fs, root = filesystem(output)
-    for part in manifest_parts(output):
-        if f"part-{run_id}-" not in part:
-            fs.rm(f"{root}/{part}")
+def start_demo_server(job: Job) -> DemoServer:
+    """The embedded demo server on the fixed port if free, else on any free port."""
+    for port in dict.fromkeys([job.demo_port, 0]):
+        server = DemoServer(ServerSettings(port=port, latency=job.latency))
+        try:
+            return server.start()
+        except OSError as exc:
+            log.warning("demo port %d unavailable (%s); using a free port", port, exc)
+    raise RuntimeError("the demo server could not start")
 
 
 def _close(client: Client, cluster: object) -> None:
@@ -481,10 +620,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=job.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    tally = Tally()
     try:
-        tally = run(job)
+        run(job, tally)
     except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
+        # finished batches' manifest parts stay; writes are atomic, so nothing is partial
+        print("\ninterrupted: finished batches are kept; rerun with --resume", file=sys.stderr)
+        print(summary(tally, job))
         return 130
     except Exception as exc:
         log.exception("run failed")

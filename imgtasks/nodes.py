@@ -12,7 +12,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from imgtasks.download import DownloadResult, DownloadSettings, fetch_many
 from imgtasks.sinks import OutputSettings, Record, output_relpath, write_file, write_manifest_part
@@ -20,6 +20,9 @@ from imgtasks.sources import UrlBatch, UrlEntry
 from imgtasks.thumbnail import Thumbnail, ThumbSettings, make_thumbnail
 
 log = logging.getLogger(__name__)
+
+ORIGINAL_EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "GIF": "gif", "WEBP": "webp", "MPO": "jpg"}
+RESUMED = "resumed"  # entry status: finished by an earlier run; its manifest row is kept
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,7 @@ class BatchReport:
     manifest_path: str
     counts: Mapping[str, int] = field(hash=False)
     entries: int = 0
+    resumed: int = 0  # entries carried over from an earlier run, not fetched again
     bytes_in: int = 0
     download_s: float = 0.0  # summed over URLs
     thumbnail_s: float = 0.0  # summed over URLs
@@ -68,11 +72,29 @@ def download_batch(batch: UrlBatch, settings: DownloadSettings) -> DownloadedBat
     return DownloadedBatch(batch, results, time.perf_counter() - start)
 
 
-def thumbnail_batch(downloaded: DownloadedBatch, job: JobSettings) -> BatchReport:
-    """Make, write and record the thumbnails of one downloaded batch."""
+def resume_batch(batch: UrlBatch, done: Mapping[str, Record]) -> tuple[UrlBatch, dict[int, Record]]:
+    """Mark the entries finished by an earlier run as ``resumed``, with their old rows."""
+    previous = {e.index: done[e.url] for e in batch.entries if e.pending and e.url in done}
+    if not previous:
+        return batch, {}
+    entries = tuple(replace(e, status=RESUMED) if e.index in previous else e for e in batch.entries)
+    return UrlBatch(batch.batch_id, entries), previous
+
+
+def thumbnail_batch(
+    downloaded: DownloadedBatch, job: JobSettings, previous: Mapping[int, Record] | None = None
+) -> BatchReport:
+    """Make, write and record the thumbnails of one downloaded batch.
+
+    ``previous`` holds the rows of entries resumed from an earlier run: carried over, so
+    the new manifest still has one current row per URL.
+    """
     start = time.perf_counter()
+    previous = previous or {}
     records = [
-        entry_record(entry, result, job)
+        replace(previous[entry.index], index=entry.index)
+        if entry.status == RESUMED
+        else entry_record(entry, result, job)
         for entry, result in zip(downloaded.batch.entries, downloaded.results, strict=True)
     ]
     manifest = write_manifest_part(job.output, job.run_id, downloaded.batch.batch_id, records)
@@ -82,6 +104,7 @@ def thumbnail_batch(downloaded: DownloadedBatch, job: JobSettings) -> BatchRepor
         batch_id=downloaded.batch.batch_id,
         manifest_path=manifest,
         counts=dict(Counter(r.status for r in records)),
+        resumed=len(previous),
         entries=len(records),
         bytes_in=sum(r.bytes for r in records),
         download_s=sum(r.download_s for r in records),
@@ -124,7 +147,10 @@ def _thumbnail_record(
     }
     status, error = thumb.status, thumb.error
     if job.originals is not None:
-        fields["original_path"], error = _keep_original(entry.url, content, job.originals, error)
+        ext = ORIGINAL_EXTENSIONS.get(thumb.source_format, "bin")
+        fields["original_path"], error = _keep_original(
+            entry.url, content, ext, job.originals, error
+        )
     if thumb.ok:
         status, error, path = _write_thumbnail(entry.url, thumb, job)
         fields |= {"path": path, "width": thumb.width, "height": thumb.height}
@@ -141,8 +167,10 @@ def _write_thumbnail(url: str, thumb: Thumbnail, job: JobSettings) -> tuple[str,
     return "ok", "", path
 
 
-def _keep_original(url: str, content: bytes, where: OutputSettings, error: str) -> tuple[str, str]:
-    path = output_relpath(url, "bin")
+def _keep_original(
+    url: str, content: bytes, ext: str, where: OutputSettings, error: str
+) -> tuple[str, str]:
+    path = output_relpath(url, ext)
     try:
         write_file(where, path, content)
     except OSError as exc:

@@ -179,6 +179,14 @@ def manifest_parts(settings: OutputSettings) -> list[str]:
     ]
 
 
+def keep_only_run(settings: OutputSettings, run_id: str) -> None:
+    """After a complete run, drop earlier runs' parts: one current row per URL remains."""
+    fs, root = filesystem(settings)
+    for part in manifest_parts(settings):
+        if not part.startswith(f"{MANIFEST_DIR}/part-{run_id}-"):
+            fs.rm(f"{root}/{part}")
+
+
 def read_manifest(settings: OutputSettings, parts: Iterable[str] | None = None) -> pa.Table:
     """All manifest rows (of the given parts, or of every part)."""
     fs, root = filesystem(settings)
@@ -189,3 +197,36 @@ def read_manifest(settings: OutputSettings, parts: Iterable[str] | None = None) 
     if not tables:
         return MANIFEST_SCHEMA.empty_table()
     return pa.concat_tables(tables)
+
+
+def current_rows(settings: OutputSettings) -> dict[str, Record]:
+    """The latest manifest row of every URL (parts are named by run, oldest first)."""
+    latest: dict[str, Record] = {}
+    for part in manifest_parts(settings):
+        for row in read_manifest(settings, [part]).to_pylist():
+            latest[row["url"]] = Record(**row)
+    return latest
+
+
+def finished_rows(settings: OutputSettings) -> dict[str, Record]:
+    """URLs whose latest row is ``ok`` and whose thumbnail still exists: nothing to redo."""
+    ok = {url: r for url, r in current_rows(settings).items() if r.status == "ok" and r.path}
+    present = existing(settings, [r.path for r in ok.values()])
+    return {url: r for url, r in ok.items() if r.path in present}
+
+
+def existing(settings: OutputSettings, relpaths: list[str]) -> set[str]:
+    """Which of these files exist (one listing per fan-out directory, not one call per file)."""
+    fs, root = filesystem(settings)
+    by_dir: dict[str, list[str]] = {}
+    for relpath in relpaths:
+        by_dir.setdefault(relpath.rsplit("/", 1)[0] if "/" in relpath else "", []).append(relpath)
+    found: set[str] = set()
+    for directory, wanted in by_dir.items():
+        base = f"{root}/{directory}" if directory else root
+        try:
+            names = {p.rsplit("/", 1)[-1] for p in fs.ls(base, detail=False)}
+        except FileNotFoundError:
+            continue
+        found.update(r for r in wanted if r.rsplit("/", 1)[-1] in names)
+    return found

@@ -33,11 +33,25 @@ def test_download_node_fetches_only_pending_entries(demo_server) -> None:
 
 def test_thumbnail_node_writes_files_and_one_row_per_entry(tmp_path: Path, demo_server) -> None:
     good = demo_server.urls(4)
-    urls = [good[0], "ftp://x/y.jpg", f"{demo_server.base_url}/status/404", good[1], good[0],
-            f"{demo_server.base_url}/html", good[2], good[3]]
+    urls = [
+        good[0],
+        "ftp://x/y.jpg",
+        f"{demo_server.base_url}/status/404",
+        good[1],
+        good[0],
+        f"{demo_server.base_url}/html",
+        good[2],
+        good[3],
+    ]
     downloaded = download_batch(one_batch(urls), FAST)
     report = thumbnail_batch(downloaded, job(tmp_path))
-    assert report.counts == {"ok": 4, "invalid_url": 1, "http_4xx": 1, "duplicate": 1, "decode_error": 1}
+    assert report.counts == {
+        "ok": 4,
+        "invalid_url": 1,
+        "http_4xx": 1,
+        "duplicate": 1,
+        "decode_error": 1,
+    }
     assert report.entries == len(urls)
     df = pd.read_parquet(tmp_path / report.manifest_path)
     assert list(df["url"]) == urls
@@ -81,7 +95,8 @@ def test_originals_are_kept_under_the_same_stable_names(tmp_path: Path, demo_ser
     urls = demo_server.urls(2)
     originals = tmp_path / "originals"
     report = thumbnail_batch(
-        download_batch(one_batch(urls), FAST), job(tmp_path / "out", originals=OutputSettings(str(originals)))
+        download_batch(one_batch(urls), FAST),
+        job(tmp_path / "out", originals=OutputSettings(str(originals))),
     )
     df = pd.read_parquet(tmp_path / "out" / report.manifest_path)
     for _, row in df.iterrows():
