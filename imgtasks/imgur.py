@@ -102,7 +102,7 @@ class ImgurSettings:
 class ImgurStats:
     """What `imgur_links` saw; pass one in to read the counts afterwards."""
 
-    pages: int = 0
+    pages: int = 0  # pages requested, the final empty one included
     links: int = 0
     albums_expanded: int = 0
     albums_skipped: int = 0  # expand_albums=False
@@ -148,6 +148,7 @@ class _Pager:
         if count == 0:
             return
         stop = f"max_pages={self.settings.max_pages} reached"
+        short = True  # warn when fewer links than asked for were found
         with _session(self.settings) as session:
             try:
                 for page in range(self.settings.max_pages):
@@ -164,13 +165,13 @@ class _Pager:
                                 stop = f"{count} links collected"
                                 return
             except GeneratorExit:
-                stop = "closed by the consumer"
+                stop, short = "closed by the consumer", False
                 raise
             except ImgurError as exc:
-                stop = f"stopped by an error: {exc}"
+                stop, short = f"stopped by an error: {exc}", False
                 raise
             finally:
-                self.log_summary(count, stop)
+                self.log_summary(count, stop, warn_short=short)
 
     # -- items
 
@@ -300,9 +301,9 @@ class _Pager:
         log.warning("Imgur API: %s; retrying in %.1fs", why, seconds)
         time.sleep(seconds)
 
-    def log_summary(self, count: int, stop: str) -> None:
+    def log_summary(self, count: int, stop: str, warn_short: bool) -> None:
         s = self.stats
-        if s.links < count:
+        if warn_short and s.links < count:
             log.warning("Imgur gave %d of the %d links asked for (%s)", s.links, count, stop)
         log.info(
             "Imgur: %d links from %d pages (%s); albums expanded %d, skipped %d, without "
