@@ -1,0 +1,373 @@
+"""Benchmark: does the flow stay flat in memory and fast from 10k to 100k URLs?
+
+    python benchmarks/scale_bench.py                          # 10k and 100k tiny images
+    python benchmarks/scale_bench.py --counts 10000,50000     # other list lengths
+    python benchmarks/scale_bench.py --batch-sizes 4,16,64    # images/s per --batch-size
+
+(after ``pip install -e .``). The demo image server runs as a SEPARATE process
+(``python -m imgtasks.demo_server``) so its CPU is not inside any measured process. Each
+run writes the URL list to a file and runs ``flows/run.py --urls FILE --scheduler hybrid``
+as a subprocess, sampling with psutil every ``--interval`` seconds the RSS and CPU time
+of the flow (client) process and of each Dask worker process (its children). Workers are
+labelled by thread count: the one with the most threads is the I/O worker.
+
+Reported per run:
+
+- images/s: URLs / the flow's own wall time (cluster start-up included), and end to end
+  (interpreter start to exit);
+- tasks/s: tasks reaching the scheduler (2 per batch: download + thumbnail) / the time
+  after the cluster was up;
+- peak RSS of the client process and of each worker;
+- sched share: CPU seconds of the client process / its wall time. In hybrid mode the
+  scheduler (SpecCluster) runs inside the client process, so this is an upper bound of the
+  scheduler's share: it also holds the client's own work (reading and de-duplicating the
+  list, building graphs, collecting reports).
+
+The goal: peak RSS at 100k within 20 % of the peak RSS at 10k, for every process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+import pyarrow.parquet as pq
+import requests
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN_PY = ROOT / "flows" / "run.py"
+MIB = 2**20
+RSS_GOAL = 0.20
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def environment() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    for var in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY"):
+        env.pop(var, None)
+    env["NO_PROXY"] = "127.0.0.1,localhost"
+    return env
+
+
+@contextlib.contextmanager
+def demo_server(latency: float) -> Iterator[tuple[str, psutil.Process]]:
+    """``python -m imgtasks.demo_server`` in its own process; yields its base URL."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "imgtasks.demo_server"),
+            *("--port", str(port), "--latency", str(latency), "--jitter", "0"),
+        ],
+        env=environment(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"demo server exited with {proc.returncode}")
+            try:
+                requests.get(f"{base}/stats", timeout=2)
+                break
+            except requests.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        yield base, psutil.Process(proc.pid)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+def write_url_list(base: str, count: int, kind: str, path: Path) -> None:
+    """The server's own list (``GET /urls``), streamed to a file."""
+    with requests.get(f"{base}/urls", params={"count": count, "kind": kind}, stream=True) as r:
+        r.raise_for_status()
+        with open(path, "wb") as f:
+            for chunk in r.iter_content(1 << 20):
+                f.write(chunk)
+
+
+@dataclass
+class Sample:
+    """Peaks of one process over its life."""
+
+    peak_rss: int = 0
+    threads: int = 0
+    cpu_s: float = 0.0
+
+
+@dataclass
+class Result:
+    count: int
+    batch_size: int
+    wall: float  # end to end, interpreter start to exit
+    flow_wall: float
+    startup: float
+    rows: int
+    ok: int
+    client: Sample
+    workers: list[Sample] = field(default_factory=list)
+    server_cpu_s: float = 0.0
+
+    @property
+    def images_per_s(self) -> float:
+        return self.count / self.flow_wall
+
+    @property
+    def tasks_per_s(self) -> float:
+        return (
+            2 * math.ceil(self.count / self.batch_size) / max(self.flow_wall - self.startup, 1e-9)
+        )
+
+    @property
+    def sched_share(self) -> float:
+        return self.client.cpu_s / self.wall
+
+    @property
+    def io_worker(self) -> Sample:
+        return self.workers[0] if self.workers else Sample()
+
+    @property
+    def cpu_workers(self) -> list[Sample]:
+        return self.workers[1:]
+
+
+def sample(proc: psutil.Process, into: dict[int, Sample]) -> None:
+    for p in [proc, *proc.children(recursive=True)]:
+        try:
+            with p.oneshot():
+                rss, threads, cpu = p.memory_info().rss, p.num_threads(), p.cpu_times()
+        except psutil.Error:
+            continue
+        s = into.setdefault(p.pid, Sample())
+        s.peak_rss = max(s.peak_rss, rss)
+        s.threads = max(s.threads, threads)
+        s.cpu_s = max(s.cpu_s, cpu.user + cpu.system)
+
+
+def run_flow(
+    urls: Path, count: int, batch_size: int, interval: float, server: psutil.Process
+) -> Result:
+    out = Path(tempfile.mkdtemp(prefix="scale-bench-out-"))
+    server_cpu = sum(server.cpu_times()[:2])
+    cmd = [
+        sys.executable,
+        str(RUN_PY),
+        "--urls",
+        str(urls),
+        "--out",
+        str(out),
+        "--scheduler",
+        "hybrid",
+        "--batch-size",
+        str(batch_size),
+        "--no-progress",
+        "--dashboard-address",
+        f"127.0.0.1:{free_port()}",
+    ]
+    samples: dict[int, Sample] = {}
+    started = time.perf_counter()
+    proc = subprocess.Popen(
+        cmd, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        flow = psutil.Process(proc.pid)
+        while proc.poll() is None:
+            with contextlib.suppress(psutil.Error):
+                sample(flow, samples)
+            time.sleep(interval)
+        stdout, stderr = proc.communicate(timeout=60)
+        wall = time.perf_counter() - started
+        if proc.returncode != 0:
+            raise RuntimeError(f"flow exited with {proc.returncode}:\n{stderr[-3000:]}")
+        status = pq.read_table(out / "manifest", columns=["status"]).column("status").to_pylist()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=60)
+        shutil.rmtree(out, ignore_errors=True)
+    timing = re.search(r"wall time\s+([\d.]+) s \(cluster start-up ([\d.]+) s\)", stdout)
+    if timing is None:
+        raise RuntimeError(f"no wall time in the flow's output:\n{stdout[-2000:]}")
+    client = samples.pop(proc.pid)
+    # the I/O worker first (most threads); helpers such as multiprocessing's resource
+    # tracker (one thread, tiny) are not workers
+    workers = sorted((s for s in samples.values() if s.threads > 2), key=lambda s: -s.threads)
+    return Result(
+        count=count,
+        batch_size=batch_size,
+        wall=wall,
+        flow_wall=float(timing.group(1)),
+        startup=float(timing.group(2)),
+        rows=len(status),
+        ok=status.count("ok"),
+        client=client,
+        workers=workers,
+        server_cpu_s=sum(server.cpu_times()[:2]) - server_cpu,
+    )
+
+
+def mib(n: int) -> str:
+    return f"{n / MIB:.0f}"
+
+
+def print_scale(results: Sequence[Result]) -> None:
+    print(
+        f"{'URLs':>8} {'rows ok':>9} {'wall s':>7} {'img/s':>7} {'e2e img/s':>9} "
+        f"{'tasks/s':>8} {'client MiB':>10} {'io MiB':>7} {'cpu MiB':>11} {'sched share':>11}"
+    )
+    for r in results:
+        cpus = "/".join(mib(w.peak_rss) for w in r.cpu_workers)
+        print(
+            f"{r.count:>8} {r.ok:>9} {r.flow_wall:>7.1f} {r.images_per_s:>7.0f} "
+            f"{r.count / r.wall:>9.0f} {r.tasks_per_s:>8.0f} {mib(r.client.peak_rss):>10} "
+            f"{mib(r.io_worker.peak_rss):>7} {cpus:>11} {r.sched_share:>10.0%}"
+        )
+    for r in results:
+        print(
+            f"  {r.count} URLs: client CPU {r.client.cpu_s:.1f} s, I/O worker CPU "
+            f"{r.io_worker.cpu_s:.1f} s, CPU workers "
+            + ", ".join(f"{w.cpu_s:.1f} s" for w in r.cpu_workers)
+            + f", demo server CPU {r.server_cpu_s:.1f} s (not in the flow), "
+            f"wall end to end {r.wall:.1f} s, cluster start-up {r.startup:.1f} s"
+        )
+    if len(results) < 2:
+        return
+    small, big = results[0], results[-1]
+    pairs = [("client", small.client, big.client), ("io worker", small.io_worker, big.io_worker)]
+    pairs += [
+        (f"cpu worker {i}", a, b)
+        for i, (a, b) in enumerate(zip(small.cpu_workers, big.cpu_workers, strict=False))
+    ]
+    print(f"\npeak RSS ratio {big.count}/{small.count} (goal: within {RSS_GOAL:.0%})")
+    for name, a, b in pairs:
+        ratio = b.peak_rss / max(a.peak_rss, 1)
+        verdict = "ok" if abs(ratio - 1) <= RSS_GOAL else "OVER"
+        print(
+            f"  {name:<14} {mib(a.peak_rss):>6} -> {mib(b.peak_rss):>6} MiB"
+            f"  x{ratio:.2f}  {verdict}"
+        )
+    print(
+        f"  images/s ratio x{big.images_per_s / small.images_per_s:.2f}, "
+        f"tasks/s ratio x{big.tasks_per_s / small.tasks_per_s:.2f}"
+    )
+
+
+def check(result: Result) -> None:
+    if result.rows != result.count or result.ok != result.count:
+        raise RuntimeError(
+            f"{result.count} URLs gave {result.rows} manifest rows, {result.ok} ok: INVALID run"
+        )
+
+
+def scale(counts: Sequence[int], batch_size: int, interval: float, workdir: Path) -> None:
+    results = []
+    with demo_server(latency=0.0) as (base, server):
+        for count in counts:
+            urls = workdir / f"tiny-{count}.txt"
+            write_url_list(base, count, "tiny", urls)
+            result = run_flow(urls, count, batch_size, interval, server)
+            check(result)
+            results.append(result)
+            print(f"[{count} tiny URLs, batch {batch_size}: {result.wall:.1f} s]", flush=True)
+    print(f"\nscale: tiny images, no latency, --scheduler hybrid, --batch-size {batch_size}")
+    print_scale(results)
+
+
+def batch_sizes(sizes: Sequence[int], interval: float, workdir: Path, tiny_count: int) -> None:
+    cases = [
+        ("1000 photos, 100 ms", 0.1, "photos", 1000),
+        ("tiny, no latency", 0.0, "tiny", tiny_count),
+    ]
+    table: dict[str, dict[int, Result]] = {}
+    for name, latency, kind, count in cases:
+        with demo_server(latency=latency) as (base, server):
+            urls = workdir / f"{kind}-{count}.txt"
+            write_url_list(base, count, kind, urls)
+            for size in sizes:
+                result = run_flow(urls, count, size, interval, server)
+                check(result)
+                table.setdefault(f"{name} ({count})", {})[size] = result
+                print(f"[{name}, batch {size}: {result.wall:.1f} s]", flush=True)
+    print("\nimages/s by --batch-size (flow wall, cluster start-up included; x = vs the first)")
+    print(f"{'case':<28}" + "".join(f"{f'batch {s}':>18}" for s in sizes))
+    for name, row in table.items():
+        first = row[sizes[0]].images_per_s
+        cells = "".join(
+            f"{f'{row[s].images_per_s:.0f} (x{row[s].images_per_s / first:.2f})':>18}"
+            for s in sizes
+        )
+        print(f"{name:<28}{cells}")
+    print(f"{'tasks/s':<28}" + "".join(f"{'':>18}" for _ in sizes))
+    for name, row in table.items():
+        print(f"{'  ' + name:<28}" + "".join(f"{row[s].tasks_per_s:>18.0f}" for s in sizes))
+
+
+def int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers: {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers: {text!r}")
+    return values
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Throughput and peak memory of flows/run.py at 10k-100k URLs.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--counts", type=int_list, default=[10_000, 100_000], help="list lengths")
+    parser.add_argument("--batch-size", type=int, default=16, help="--batch-size of scale runs")
+    parser.add_argument(
+        "--batch-sizes",
+        type=int_list,
+        help="instead: images/s at these batch sizes (1000 photos at 100 ms; tiny at 0 ms)",
+    )
+    parser.add_argument(
+        "--tiny-count", type=int, default=10_000, help="tiny URLs in --batch-sizes mode"
+    )
+    parser.add_argument("--interval", type=float, default=0.2, help="psutil sampling, seconds")
+    args = parser.parse_args(argv)
+    print(
+        f"python {sys.version.split()[0]}, {os.cpu_count()} cores, "
+        f"{psutil.virtual_memory().total / 2**30:.1f} GiB RAM",
+        flush=True,
+    )
+    with tempfile.TemporaryDirectory(prefix="scale-bench-") as tmp:
+        if args.batch_sizes:
+            batch_sizes(args.batch_sizes, args.interval, Path(tmp), args.tiny_count)
+        else:
+            scale(sorted(args.counts), args.batch_size, args.interval, Path(tmp))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
