@@ -257,6 +257,11 @@ def _open(data: bytes, max_pixels: int) -> ImageFile.ImageFile:
     try:
         with _bomb_warnings_silenced():
             im = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:
+        # Pillow refuses more than 2 x MAX_IMAGE_PIXELS inside open(), before we see the
+        # size: read it from the header alone so the manifest still records it.
+        size, fmt = _header_size(data)
+        raise _classify(exc, size, fmt) from exc
     except Exception as exc:
         raise _classify(exc, (0, 0), "") from exc
     width, height = im.size
@@ -270,6 +275,27 @@ def _open(data: bytes, max_pixels: int) -> ImageFile.ImageFile:
             "decode_error", f"empty image {width}x{height}", (0, 0), im.format or ""
         )
     return im
+
+
+def _header_size(data: bytes) -> tuple[tuple[int, int], str]:
+    """Size and format from the header, without Pillow's bomb check; ``(0, 0)`` if unknown.
+
+    The same identification as ``Image.open`` (each plugin's ``accept`` on the first
+    16 bytes, then its factory, which parses the header only), minus the size check.
+    """
+    Image.init()
+    prefix = data[:16]
+    for name in Image.ID:
+        factory, accept = Image.OPEN[name]
+        try:
+            accepted = accept(prefix) if accept else True
+            if not accepted or isinstance(accepted, str):  # a str is a reason for refusal
+                continue
+            with factory(io.BytesIO(data), None) as im:
+                return im.size, im.format or ""
+        except Exception:  # not this format, or an unreadable header: try the next
+            continue
+    return (0, 0), ""
 
 
 @contextmanager

@@ -383,7 +383,7 @@ def test_corrupt_jpeg(hostile: HostileRun) -> None:
 def test_decompression_bomb_is_too_many_pixels(hostile: HostileRun) -> None:
     row = hostile.row("bomb")
     assert status_of(hostile, "bomb") == "too_many_pixels"
-    assert "400000000" in row["error"] or "pixels" in row["error"]
+    assert (row["orig_width"], row["orig_height"], row["source_format"]) == (20000, 20000, "PNG")
     assert row["thumbnail_s"] < 1.0  # refused from the header, nothing decoded
 
 
