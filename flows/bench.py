@@ -626,8 +626,14 @@ def header(cfg: Config, urls: Sequence[str]) -> str:
     return (
         f"cores {os.cpu_count()}  |  N {cfg.count}  |  latency {cfg.latency * 1000:.0f} ms "
         f"(+-20 ms jitter)  |  process budget {cfg.processes}  |  "
-        f"download concurrency {cfg.io_threads}  |  demo server {host} (own process)"
+        f"download concurrency {cfg.io_threads}  |  demo server {host} (own process)\n"
+        f"{_load_line()}"
     )
+
+
+def _load_line() -> str:
+    one, five, fifteen = os.getloadavg()
+    return f"load average {one:.2f} {five:.2f} {fifteen:.2f} (other work on the cores skews rows)"
 
 
 def report(rows: Sequence[Row], cfg: Config, urls: Sequence[str]) -> str:
@@ -642,6 +648,7 @@ def report(rows: Sequence[Row], cfg: Config, urls: Sequence[str]) -> str:
             ratio_line("Dask hybrid / John total", hybrid, find_row(rows, "John total"), 10),
             ratio_line("Dask hybrid / img2dataset", hybrid, find_row(rows, "img2dataset"), 2),
             "",
+            _load_line(),
             "vs John: John's serial download+resize time / this time (end-to-end rows only).",
             "vs stage: the same stage's serial time / this time. cpu s: this process and its",
             "children (user+sys); srv cpu: the demo server process over the same interval.",
