@@ -134,6 +134,8 @@ class Result:
     client: Sample
     workers: list[Sample] = field(default_factory=list)
     server_cpu_s: float = 0.0
+    expected_workers: int = 0
+    warnings: list[str] = field(default_factory=list)  # the flow's stderr WARNING/ERROR lines
 
     @property
     def images_per_s(self) -> float:
@@ -230,6 +232,8 @@ def run_flow(
         client=client,
         workers=workers,
         server_cpu_s=sum(server.cpu_times()[:2]) - server_cpu,
+        expected_workers=1 + (os.cpu_count() or 1),  # the flow's hybrid default
+        warnings=[line for line in stderr.splitlines() if re.search(r"WARNING|ERROR", line)],
     )
 
 
@@ -257,6 +261,13 @@ def print_scale(results: Sequence[Result]) -> None:
             + f", demo server CPU {r.server_cpu_s:.1f} s (not in the flow), "
             f"wall end to end {r.wall:.1f} s, cluster start-up {r.startup:.1f} s"
         )
+        if len(r.workers) != r.expected_workers:
+            print(
+                f"  {r.count} URLs: {len(r.workers)} worker processes seen, "
+                f"{r.expected_workers} expected: a worker was restarted (its peaks are split)"
+            )
+        for line in r.warnings[:5]:
+            print(f"  {r.count} URLs, flow stderr: {line[:160]}")
     if len(results) < 2:
         return
     small, big = results[0], results[-1]
