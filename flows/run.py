@@ -32,6 +32,7 @@ from dask.delayed import Delayed
 from distributed import Client, as_completed, performance_report
 
 from imgtasks import cluster as clusters
+from imgtasks.contact_sheet import write_contact_sheet
 from imgtasks.demo_server import DemoServer, ServerSettings
 from imgtasks.download import DownloadSettings
 from imgtasks.nodes import (
@@ -270,7 +271,12 @@ def job_from_args(args: argparse.Namespace) -> Job:
         ),
         output=OutputSettings(args.out, storage),
         originals=OutputSettings(args.keep_originals, storage) if args.keep_originals else None,
-        source=SourceSettings(args.urls, column=args.url_column, batch_size=args.batch_size)
+        source=SourceSettings(
+            args.urls,
+            column=args.url_column,
+            batch_size=args.batch_size,
+            storage_options=storage,
+        )
         if args.urls
         else None,
         count=args.count,
@@ -554,12 +560,25 @@ def run(job: Job, tally: Tally) -> None:
             window = job.window or default_window(client, job.batch_size)
             tally.ready = tally.elapsed
             if job.report:
-                stack.enter_context(performance_report(filename=job.report))
+                stack.enter_context(performance_report(filename=job.report, mode="inline"))
             progress = Progress(job.progress, batch_log)
             stream_batches(client, batches, wiring.graph, window, tally, progress)
         Progress(job.progress, None).show(tally, final=True)
         if not tally.failed_batches:
             keep_only_run(job.output, run_id)
+        sheet = contact_sheet(job, run_id)
+        if sheet:
+            print(f"contact sheet: {sheet}")
+
+
+def contact_sheet(job: Job, run_id: str) -> str | None:
+    """Write <out>/contact_sheet.jpg; never fails the run."""
+    try:
+        relpath = write_contact_sheet(job.output, run_id=run_id)
+    except Exception as exc:
+        log.warning("contact sheet not written: %s", exc)
+        return None
+    return None if relpath is None else f"{job.output.root.rstrip('/')}/{relpath}"
 
 
 def start_client(job: Job, stack: contextlib.ExitStack) -> Client:
@@ -638,4 +657,5 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # same clean stop as Ctrl-C
     sys.exit(main())

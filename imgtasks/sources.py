@@ -20,8 +20,9 @@ import hashlib
 import io
 import json
 import logging
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 import fsspec
 import numpy as np
@@ -49,6 +50,7 @@ class SourceSettings:
     format: str | None = None  # None: from the file name (``.csv.gz`` -> ``csv``)
     batch_size: int = DEFAULT_BATCH_SIZE
     max_url_length: int = DEFAULT_MAX_URL_LENGTH
+    storage_options: Mapping[str, Any] = field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -111,7 +113,7 @@ def read_urls(settings: SourceSettings) -> Iterator[str]:
         "parquet": _read_parquet,
         "jsonl": _read_jsonl,
     }[fmt]
-    with fsspec.open(settings.path, "rb", compression="infer") as f:
+    with fsspec.open(settings.path, "rb", compression="infer", **settings.storage_options) as f:
         yield from reader(f, settings.column, fmt)
 
 
