@@ -36,7 +36,10 @@ def thumbnails(out: Path) -> dict[str, str]:
     return {
         str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
         for p in out.rglob("*")
-        if p.is_file() and "manifest" not in p.parts and p.suffix in (".jpg", ".png", ".webp")
+        if p.is_file()
+        and "manifest" not in p.parts
+        and p.suffix in (".jpg", ".png", ".webp")
+        and p.name != "contact_sheet.jpg"
     }
 
 
