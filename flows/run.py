@@ -35,6 +35,7 @@ from imgtasks import cluster as clusters
 from imgtasks.contact_sheet import write_contact_sheet
 from imgtasks.demo_server import DemoServer, ServerSettings
 from imgtasks.download import DownloadSettings
+from imgtasks.imgur import API_BASE, ImgurError, ImgurSettings, client_id_from_env, imgur_links
 from imgtasks.nodes import (
     BatchReport,
     JobSettings,
@@ -80,11 +81,25 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     src = p.add_argument_group("source (default: the embedded demo image server)")
-    src.add_argument(
+    which = src.add_mutually_exclusive_group()
+    which.add_argument(
         "--urls",
         metavar="PATH",
         help="URL list: .txt/.csv/.tsv/.parquet/.jsonl, optionally .gz; local or fsspec URL",
     )
+    which.add_argument(
+        "--imgur",
+        type=int,
+        metavar="N",
+        help="the first N image links of Imgur's hot/viral/day gallery (albums expanded, "
+        "videos skipped); needs a client id",
+    )
+    src.add_argument(
+        "--imgur-client-id",
+        metavar="ID",
+        help="Imgur API client id (default: $IMGUR_CLIENT_ID)",
+    )
+    src.add_argument("--imgur-api", default=API_BASE, metavar="URL", help="Imgur API base")
     src.add_argument(
         "--url-column",
         default="url",
@@ -228,6 +243,8 @@ class Job:
     log_level: str = "WARNING"
     resume: bool = False
     demo_port: int = DEMO_PORT
+    imgur: ImgurSettings | None = None  # --imgur: links from the Imgur gallery
+    imgur_count: int = 0
 
 
 def parse_job(argv: list[str] | None = None) -> Job:
@@ -257,6 +274,10 @@ def job_from_args(args: argparse.Namespace) -> Job:
     if args.urls and "://" not in args.urls and not Path(args.urls).exists():
         raise ValueError(f"--urls: no such file: {args.urls}")
     storage = parse_storage_options(args.storage_options)
+    imgur = None
+    if args.imgur is not None:
+        _positive("--imgur", args.imgur)
+        imgur = ImgurSettings(client_id_from_env(args.imgur_client_id), api_base=args.imgur_api)
     return Job(
         cluster=cluster,
         download=DownloadSettings(
@@ -288,6 +309,8 @@ def job_from_args(args: argparse.Namespace) -> Job:
         log_level=args.log_level,
         resume=args.resume,
         demo_port=args.demo_port,
+        imgur=imgur,
+        imgur_count=args.imgur or 0,
     )
 
 
@@ -604,6 +627,12 @@ def manifest_dir(job: Job) -> str:
 def open_source(job: Job, stack: contextlib.ExitStack) -> tuple[Iterator[UrlBatch], int | None]:
     if job.source is not None:
         return url_batches(job.source), None
+    if job.imgur is not None:
+        print(f"imgur: up to {job.imgur_count} image links from {job.imgur.api_base}", flush=True)
+        # At most max_pages x ~60 items: small enough to list before the cluster starts,
+        # so an Imgur error stops the run before any work and the total is known.
+        links = list(imgur_links(job.imgur, job.imgur_count))
+        return batched(classify(links), job.batch_size), len(links)
     server = start_demo_server(job)
     stack.callback(server.stop)
     print(
@@ -647,6 +676,9 @@ def main(argv: list[str] | None = None) -> int:
         print("\ninterrupted: finished batches are kept; rerun with --resume", file=sys.stderr)
         print(summary(tally, job))
         return 130
+    except ImgurError as exc:
+        print(f"run.py: error: {exc}", file=sys.stderr)
+        return 1
     except Exception as exc:
         log.exception("run failed")
         print(f"run.py: internal error: {exc}", file=sys.stderr)

@@ -247,3 +247,63 @@ def test_url_list_with_bad_entries(
     dup = df.iloc[8]
     assert dup["path"] == df.iloc[0]["path"]
     assert len(thumbnails(out)) == 10
+
+
+def imgur_api(demo_server, options: str = "") -> str:
+    return f"{demo_server.base_url}/imgur{'/' + options if options else ''}/3"
+
+
+@pytest.mark.timeout(300)
+def test_imgur_source_downloads_the_gallery_links(
+    tmp_path: Path, demo_server, subprocess_env: dict[str, str]
+) -> None:
+    out = tmp_path / "out"
+    subprocess_env["IMGUR_CLIENT_ID"] = "test-client"
+    proc = run_flow(
+        [
+            *("--imgur", "25", "--imgur-api", imgur_api(demo_server), "--out", str(out)),
+            *("--scheduler", "threads", "--cpu-workers", "1", "--dashboard-address", "127.0.0.1:0"),
+        ],
+        subprocess_env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    df = manifest(out)
+    assert len(df) == 25 and df["url"].is_unique
+    assert df["url"].str.startswith(f"{demo_server.base_url}/").all()
+    assert (df["status"] == "ok").all(), df[df["status"] != "ok"][["url", "status", "error"]]
+    assert len(thumbnails(out)) == 25
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ([], "IMGUR_CLIENT_ID"),
+        (["--imgur-client-id", "x", "--urls", "urls.txt"], "not allowed with"),
+        (["--imgur-client-id", "x", "--imgur-api", "ftp://example"], "http"),
+    ],
+)
+def test_imgur_bad_arguments_are_one_line_and_exit_2(
+    args: list[str], message: str, subprocess_env: dict[str, str]
+) -> None:
+    subprocess_env.pop("IMGUR_CLIENT_ID", None)
+    proc = run_flow(["--imgur", "5", *args], subprocess_env, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], proc.stderr
+
+
+@pytest.mark.timeout(120)
+def test_imgur_rejecting_the_client_id_stops_before_any_work(
+    tmp_path: Path, demo_server, subprocess_env: dict[str, str]
+) -> None:
+    out = tmp_path / "out"
+    api = imgur_api(demo_server, "client_id=the-right-one")
+    proc = run_flow(
+        ["--imgur", "5", "--imgur-client-id", "wrong", "--imgur-api", api, "--out", str(out)],
+        subprocess_env,
+        timeout=100,
+    )
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "403" in lines[0] and "Traceback" not in proc.stderr, proc.stderr
+    assert not (out / "manifest").exists()
