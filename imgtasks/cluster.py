@@ -24,6 +24,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+import dask
 import psutil
 from distributed import Client, Nanny, Scheduler, SpecCluster
 
@@ -36,6 +37,14 @@ CPU_RESOURCE = "cpu"
 DEFAULT_DASHBOARD = "127.0.0.1:8787"
 DEFAULT_IO_THREADS = 32
 LOOPBACK = "127.0.0.1"
+# Environment our local workers are spawned with, over Dask's ``pre-spawn-environ``.
+# Dask sets MALLOC_TRIM_THRESHOLD_=65536, which also pins glibc's mmap threshold at
+# 128 KiB: every downloaded image and every decode buffer then becomes a fresh mmap, and
+# each page of it a page fault. Measured on 1000 demo images through a hybrid cluster:
+# 480-510k page faults per CPU worker with it, 95-210k without, and ~5-10 % less CPU
+# per thumbnail. Memory stays bounded by the flow's window either way. None = unset;
+# a value in the user's own environment still wins (Dask reads os.environ first).
+WORKER_PRE_SPAWN_ENVIRON: dict[str, Any] = {"MALLOC_TRIM_THRESHOLD_": None}
 
 
 @dataclass(frozen=True)
@@ -123,12 +132,18 @@ def scheduler_spec(settings: ClusterSettings) -> dict[str, Any]:
 
 def start_local_cluster(settings: ClusterSettings) -> SpecCluster:
     log.info("starting a %s cluster", settings.kind)
-    return SpecCluster(
-        workers=worker_specs(settings),
-        scheduler=scheduler_spec(settings),
-        silence_logs=logging.WARNING,
-        name=f"imgtasks-{settings.kind}",
-    )
+    # Nannies read this config when SpecCluster() creates them; restarted workers keep it.
+    environ = {
+        f"distributed.nanny.pre-spawn-environ.{name}": value
+        for name, value in WORKER_PRE_SPAWN_ENVIRON.items()
+    }
+    with dask.config.set(environ):
+        return SpecCluster(
+            workers=worker_specs(settings),
+            scheduler=scheduler_spec(settings),
+            silence_logs=logging.WARNING,
+            name=f"imgtasks-{settings.kind}",
+        )
 
 
 def connect(settings: ClusterSettings) -> tuple[Client, SpecCluster | None]:
