@@ -621,6 +621,29 @@ def ratio_line(name: str, ours: Row | None, other: Row | None, goal: float) -> s
     )
 
 
+def floor_line(rows: Sequence[Row], cfg: Config) -> str:
+    """The CPU floor: the cheapest measured download plus the cheapest resize, spread
+    perfectly over the process budget. No method on these cores finishes much faster."""
+
+    def cheapest(prefixes: tuple[str, ...]) -> Row | None:
+        found = [r for r in rows if r.method.startswith(prefixes) and r.valid and r.cpu_s]
+        return min(found, key=lambda r: r.cpu_s or math.inf, default=None)
+
+    download = cheapest(("John serial download", "threads("))
+    resize = cheapest(("John serial resize", "Pool("))
+    john = find_row(rows, "John total")
+    if download is None or resize is None:
+        return "CPU floor: n/a (needs a download row and a resize row)"
+    cpu = (download.cpu_s or 0.0) + (download.server_cpu_s or 0.0) + (resize.cpu_s or 0.0)
+    floor = cpu / cfg.processes
+    best = f" = {john.seconds / floor:.1f}x John at most" if john and john.valid else ""
+    return (
+        f"CPU floor: download {download.cpu_s:.1f} + server {download.server_cpu_s or 0:.1f} "
+        f"+ resize {resize.cpu_s:.1f} CPU-s over {cfg.processes} processes = {floor:.1f} s"
+        f"{best} (before any start-up)"
+    )
+
+
 def header(cfg: Config, urls: Sequence[str]) -> str:
     host = urls[0].split("/img/")[0] if urls else "?"
     return (
@@ -647,6 +670,7 @@ def report(rows: Sequence[Row], cfg: Config, urls: Sequence[str]) -> str:
             "",
             ratio_line("Dask hybrid / John total", hybrid, find_row(rows, "John total"), 10),
             ratio_line("Dask hybrid / img2dataset", hybrid, find_row(rows, "img2dataset"), 2),
+            floor_line(rows, cfg),
             "",
             _load_line(),
             "vs John: John's serial download+resize time / this time (end-to-end rows only).",
@@ -677,6 +701,7 @@ def write_chart(rows: Sequence[Row], cfg: Config) -> None:
     p.add_layout(LabelSet(x="seconds", y="method", text="label", x_offset=4, y_offset=-8,
                           source=source, text_font_size="10pt"))  # fmt: skip
     p.x_range.start = 0
+    p.x_range.end = 1.2 * max(data["seconds"], default=1.0)  # room for the labels
     p.xaxis.axis_label = "wall time, seconds (lower is better)"
     cfg.html.write_text(file_html(p, INLINE, title="imgtasks benchmark"))
 
