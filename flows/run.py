@@ -51,6 +51,7 @@ from imgtasks.sinks import (
     finished_rows,
     is_local,
     keep_only_run,
+    sweep_temporaries,
     write_file,
 )
 from imgtasks.sources import SourceSettings, UrlBatch, batched, classify, url_batches
@@ -554,7 +555,10 @@ def summary(tally: Tally, job: Job) -> str:
 
 
 def new_run_id() -> str:
-    return time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+    """UTC to the microsecond: manifest parts sort by run, and the latest row of a URL wins."""
+    now = time.time_ns()
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now // 10**9))
+    return f"{stamp}.{now // 1000 % 10**6:06d}Z-{uuid.uuid4().hex[:6]}"
 
 
 def run(job: Job, tally: Tally) -> None:
@@ -616,7 +620,9 @@ def resumable(job: Job) -> dict[str, Record]:
     if not job.resume:
         return {}
     done = finished_rows(job.output)
-    print(f"resume: {len(done)} URLs already done in {job.output.root}")
+    swept = sweep_temporaries(job.output)
+    print(f"resume: {len(done)} URLs already done in {job.output.root}", end="")
+    print(f"; {swept} stale temporary files removed" if swept else "")
     return done
 
 
@@ -635,6 +641,12 @@ def open_source(job: Job, stack: contextlib.ExitStack) -> tuple[Iterator[UrlBatc
         return batched(classify(links), job.batch_size), len(links)
     server = start_demo_server(job)
     stack.callback(server.stop)
+    if job.cluster.is_remote:
+        print(
+            f"note: the demo server listens on {server.base_url} of this machine only; "
+            "workers on other hosts cannot reach it (give them --urls)",
+            file=sys.stderr,
+        )
     print(
         f"demo server: {server.base_url} ({job.count} images, {job.latency * 1000:.0f} ms latency)"
     )

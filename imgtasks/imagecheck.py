@@ -15,8 +15,10 @@ from PIL import Image, ImageDraw, ImageOps
 logger = logging.getLogger(__name__)
 
 
-def fit_size(width: int, height: int, box: tuple[int, int]) -> tuple[int, int]:
-    """Output size of ``PIL.Image.thumbnail`` for a ``width`` x ``height`` image."""
+def pillow_thumbnail_size(width: int, height: int, box: tuple[int, int]) -> tuple[int, int]:
+    """Output size of ``PIL.Image.thumbnail`` for a ``width`` x ``height`` image, asked of
+    Pillow itself: the oracle that ``imgtasks.thumbnail.fit_size``'s arithmetic is checked
+    against."""
     probe = Image.new("1", (width, height))
     probe.thumbnail(box)
     return probe.size
@@ -34,7 +36,7 @@ def reference_resize(
     with Image.open(io.BytesIO(data)) as im:
         oriented = ImageOps.exif_transpose(im)
     rgb = _flatten(oriented, background)
-    target = fit_size(rgb.width, rgb.height, size)
+    target = pillow_thumbnail_size(rgb.width, rgb.height, size)
     if target == rgb.size:
         return rgb
     return rgb.resize(target, Image.Resampling.LANCZOS, reducing_gap=None)

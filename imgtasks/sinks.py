@@ -20,6 +20,7 @@ import io
 import logging
 import os
 import tempfile
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -32,6 +33,8 @@ from fsspec.implementations.local import LocalFileSystem
 log = logging.getLogger(__name__)
 
 MANIFEST_DIR = "manifest"
+TEMP_PREFIX = ".tmp-"  # write_atomic's temporaries; a killed writer leaves them behind
+STALE_TEMP_AGE = 120.0  # seconds: older temporaries belong to no live write
 FANOUT_LEVELS = 2  # 65,536 directories: 15k files each at a billion thumbnails
 
 
@@ -127,7 +130,7 @@ def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
         return
     directory = os.path.dirname(path)
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -136,6 +139,34 @@ def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def sweep_temporaries(settings: OutputSettings, now: float | None = None) -> int:
+    """Delete the temporaries a killed run left in a local output; returns how many.
+
+    Only files older than ``STALE_TEMP_AGE`` go, so a writer still running into the same
+    output keeps its in-flight files. Object stores have no temporaries.
+    """
+    fs, root = filesystem(settings)
+    if not is_local(fs) or not os.path.isdir(root):
+        return 0
+    cutoff = (time.time() if now is None else now) - STALE_TEMP_AGE
+    removed = 0
+    for directory, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(directory, name)
+            if name.startswith(TEMP_PREFIX) and _modified(path) < cutoff:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+                    removed += 1
+    return removed
+
+
+def _modified(path: str) -> float:
+    try:
+        return os.lstat(path).st_mtime
+    except FileNotFoundError:
+        return float("inf")
 
 
 def write_file(settings: OutputSettings, relpath: str, data: bytes) -> None:

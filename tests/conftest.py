@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,6 +15,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 FLOWS = ROOT / "flows"
+RUN = str(FLOWS / "run.py")
+# Files the flow writes under --out besides thumbnails and the manifest.
+RUN_FILES = frozenset({"run.log", "contact_sheet.jpg"})
 if str(FLOWS) not in sys.path:  # flows/ are scripts; tests import them as modules
     sys.path.insert(0, str(FLOWS))
 
@@ -44,3 +50,65 @@ def subprocess_environment() -> dict[str, str]:
 @pytest.fixture
 def subprocess_env() -> dict[str, str]:
     return subprocess_environment()
+
+
+def non_loopback_address() -> str | None:
+    """This machine's own outward IPv4 address, or None; nothing is sent anywhere."""
+    candidates = []
+    with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect(("10.255.255.255", 1))  # UDP connect sends nothing; it picks a route
+        candidates.append(s.getsockname()[0])
+    with contextlib.suppress(OSError):
+        candidates.append(socket.gethostbyname(socket.gethostname()))
+    return next((ip for ip in candidates if not ip.startswith("127.") and ip != "0.0.0.0"), None)
+
+
+def thumbnail_files(out: Path) -> set[str]:
+    """Every thumbnail under a local ``--out``, relative to it (not the manifest, run.log
+    or the contact sheet)."""
+    return {
+        str(p.relative_to(out))
+        for p in out.rglob("*")
+        if p.is_file()
+        and p.relative_to(out).parts[0] != "manifest"
+        and not p.name.startswith(".")
+        and str(p.relative_to(out)) not in RUN_FILES
+    }
+
+
+def run_flow(
+    args: list[str], env: dict[str, str] | None = None, cwd: Path = ROOT, timeout: float = 240
+) -> subprocess.CompletedProcess:
+    """``python flows/run.py --no-progress ARGS`` to completion, output captured."""
+    return subprocess.run(
+        [sys.executable, RUN, "--no-progress", *args],
+        env=subprocess_environment() if env is None else env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+    )
+
+
+def start_flow(
+    args: list[str], env: dict[str, str] | None = None, cwd: Path = ROOT
+) -> subprocess.Popen:
+    """``python flows/run.py --no-progress ARGS`` in a session of its own, so a test can
+    signal the flow alone or (``kill_tree``) its whole process tree."""
+    return subprocess.Popen(
+        [sys.executable, RUN, "--no-progress", *args],
+        env=subprocess_environment() if env is None else env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=cwd,
+        start_new_session=True,
+    )
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL a ``start_flow`` process group and reap it."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.communicate(timeout=30)

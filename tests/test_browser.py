@@ -26,10 +26,9 @@ from typing import Any
 
 import pytest
 import requests
-from conftest import ROOT, free_port, subprocess_environment
+from conftest import ROOT, RUN, free_port, subprocess_environment
 from tornado.websocket import WebSocketClientConnection, websocket_connect
 
-RUN = str(ROOT / "flows" / "run.py")
 WINDOW = (1280, 900)
 START_TIMEOUT = 30.0  # chromium up and DevTools answering
 COMMAND_TIMEOUT = 30.0  # one DevTools command

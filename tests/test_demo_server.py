@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
+from conftest import non_loopback_address
 from PIL import Image, ImageOps
 
 from imgtasks import corpus
@@ -679,22 +680,9 @@ def test_keep_alive_reuses_the_connection(server: DemoServer) -> None:
         conn.close()
 
 
-def _non_loopback_ip() -> str | None:
-    candidates = []
-    with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.connect(("10.255.255.255", 1))  # UDP connect sends nothing; it picks a route
-        candidates.append(s.getsockname()[0])
-    with contextlib.suppress(OSError):
-        candidates.append(socket.gethostbyname(socket.gethostname()))
-    for ip in candidates:
-        if not ip.startswith("127.") and ip != "0.0.0.0":
-            return ip
-    return None
-
-
 def test_binds_loopback_only(server: DemoServer) -> None:
     assert server.base_url == f"http://127.0.0.1:{server.port}"
-    ip = _non_loopback_ip()
+    ip = non_loopback_address()
     if ip is None:
         pytest.skip("this machine has no non-loopback IPv4 address")
     with pytest.raises(OSError), socket.create_connection((ip, server.port), timeout=2):

@@ -14,12 +14,11 @@ from pathlib import Path
 import pandas as pd
 import psutil
 import pytest
-from conftest import ROOT, free_port, subprocess_environment
+from conftest import RUN, free_port, subprocess_environment
 from PIL import Image
 
 from imgtasks.demo_server import DemoServer, ServerSettings
 
-RUN = str(ROOT / "flows" / "run.py")
 N_URLS = 120
 BATCH = 4
 

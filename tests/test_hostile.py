@@ -23,12 +23,11 @@ from urllib.parse import quote
 
 import pandas as pd
 import pytest
-from conftest import ROOT, free_port, subprocess_environment
+from conftest import ROOT, RUN, free_port, subprocess_environment, thumbnail_files
 from PIL import Image
 
 from imgtasks.demo_server import DemoServer, ServerSettings
 
-RUN = str(ROOT / "flows" / "run.py")
 TIMEOUT = 4.0  # --timeout: total deadline per URL
 RETRIES = 2
 MAX_BYTES = 8_000_000  # above every corpus image (<= 2.7 MB), far below the 500 MB body
@@ -272,7 +271,7 @@ def test_only_expected_files_under_out(hostile: HostileRun) -> None:
 def test_no_partial_files_and_every_thumbnail_decodes(hostile: HostileRun) -> None:
     assert_good_ok(hostile)
     assert [p for p in hostile.out.rglob(".tmp-*")] == []
-    thumbs = [p for p in hostile.out.rglob("*.jpg") if p.name != "contact_sheet.jpg"]
+    thumbs = [hostile.out / rel for rel in thumbnail_files(hostile.out)]
     ok = hostile.df[hostile.df["status"] == "ok"]
     assert {p.relative_to(hostile.out).as_posix() for p in thumbs} == set(ok["path"])
     for p in thumbs:

@@ -22,10 +22,9 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import ROOT, free_port, subprocess_environment
+from conftest import free_port, run_flow, subprocess_environment, thumbnail_files
 from distributed import Client
 
-RUN = str(ROOT / "flows" / "run.py")
 NOTE = "note: the cluster's workers have no io/cpu resources"
 URL_COUNT = 24
 BATCH_SIZE = 4
@@ -175,17 +174,6 @@ def running_cluster(workdir: Path, routed: bool) -> Iterator[Cluster]:
         cluster.stop()
 
 
-def run_flow(args: list[str], cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, RUN, "--no-progress", *args],
-        env=subprocess_environment(),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=cwd,
-    )
-
-
 def check_outputs(out: Path, urls: list[str], proc: subprocess.CompletedProcess) -> None:
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     df = pd.read_parquet(out / "manifest").sort_values("index").reset_index(drop=True)
@@ -193,11 +181,7 @@ def check_outputs(out: Path, urls: list[str], proc: subprocess.CompletedProcess)
     assert list(df["index"]) == list(range(len(urls)))
     assert (df["status"] == "ok").all(), df[df["status"] != "ok"][["url", "status", "error"]]
     assert ((df["width"] > 0) & (df["width"] <= 128) & (df["height"] <= 128)).all()
-    files = {
-        str(p.relative_to(out))
-        for p in out.rglob("*.jpg")
-        if p.is_file() and "manifest" not in p.parts and p.name != "contact_sheet.jpg"
-    }
+    files = thumbnail_files(out)
     assert files == set(df["path"])
     assert all((out / p).stat().st_size > 0 for p in files)
 
@@ -212,6 +196,9 @@ def where_tasks_ran(client: Client, start_index: int) -> dict[str, list[str]]:
         stage = str(record["key"]).split("-", 1)[0]
         ran.setdefault(stage, []).append(names.get(record["worker"], record["worker"]))
     return ran
+
+
+DEMO_NOTE = "workers on other hosts cannot reach it"
 
 
 @pytest.fixture(scope="module")
@@ -274,4 +261,18 @@ def test_cluster_without_resources_still_completes(
         )
         check_outputs(out, urls, proc)
         assert NOTE in proc.stdout
+        assert DEMO_NOTE not in proc.stderr
+        # The demo source on a cluster: warned that other hosts cannot reach it (these
+        # workers share the host, so the run still completes).
+        demo_out = tmp_path / "out-demo"
+        proc = run_flow(
+            [
+                *("--scheduler", cluster.address, "--count", "8"),
+                *("--latency", "0", "--out", str(demo_out)),
+            ],
+            cwd=tmp_path,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert DEMO_NOTE in proc.stderr
+        assert len(pd.read_parquet(demo_out / "manifest")) == 8
         cluster.check_alive()

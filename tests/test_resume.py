@@ -2,26 +2,24 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import conftest
 import pandas as pd
 import psutil
 import pyarrow.parquet as pq
 import pytest
-from conftest import ROOT, free_port, subprocess_environment
+from conftest import free_port, kill_tree
 from PIL import Image
 
 from imgtasks.demo_server import DemoServer, ServerSettings
 
-RUN = str(ROOT / "flows" / "run.py")
 N_URLS = 160
 FLOW_ARGS = [
     "--scheduler",
@@ -34,7 +32,6 @@ FLOW_ARGS = [
     "4",
     "--window",
     "4",
-    "--no-progress",
     "--timeout",
     "10",
 ]
@@ -48,35 +45,13 @@ def slow_server() -> Iterator[DemoServer]:
 
 
 def start_flow(listing: Path, out: Path, *extra: str) -> subprocess.Popen:
-    # A session of its own: the test can signal the flow alone or its whole process tree.
-    return subprocess.Popen(
+    return conftest.start_flow(
         [
-            sys.executable,
-            RUN,
-            "--urls",
-            str(listing),
-            "--out",
-            str(out),
-            "--dashboard-address",
-            f"127.0.0.1:{free_port()}",
-            *FLOW_ARGS,
-            *extra,
+            *("--urls", str(listing), "--out", str(out)),
+            *("--dashboard-address", f"127.0.0.1:{free_port()}", *FLOW_ARGS, *extra),
         ],
-        env=subprocess_environment(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
         cwd=listing.parent,
-        start_new_session=True,
     )
-
-
-def kill_tree(proc: subprocess.Popen) -> None:
-    """SIGKILL the flow's process group (it was started in a session of its own)."""
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.communicate(timeout=30)
 
 
 def parts(out: Path) -> list[Path]:
@@ -131,6 +106,12 @@ def test_sigkill_then_resume_fetches_only_what_is_left(
     done = set(before.loc[before["status"] == "ok", "url"])
     assert 0 < len(done) < N_URLS, "the kill did not land mid-run"
 
+    # A temporary from a run killed long ago: --resume sweeps it (fresh ones may be live).
+    planted = out / "ab" / "cd" / ".tmp-killed-long-ago"
+    planted.parent.mkdir(parents=True, exist_ok=True)
+    planted.write_bytes(b"partial")
+    os.utime(planted, (time.time() - 3600, time.time() - 3600))
+
     slow_server.reset_counts()
     second = start_flow(listing, out, "--resume")
     try:
@@ -139,6 +120,7 @@ def test_sigkill_then_resume_fetches_only_what_is_left(
         kill_tree(second)
     assert second.returncode == 0, stderr[-3000:]
     assert f"resume: {len(done)} URLs already done" in stdout
+    assert "stale temporary files removed" in stdout and not planted.exists()
     assert f"({len(done)} ok rows resumed" in stdout
 
     df = pd.read_parquet(out / "manifest")

@@ -3,43 +3,30 @@
 from __future__ import annotations
 
 import hashlib
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import requests
-from conftest import ROOT, free_port, subprocess_environment
+from conftest import (
+    free_port,
+    kill_tree,
+    non_loopback_address,
+    run_flow,
+    start_flow,
+    subprocess_environment,
+    thumbnail_files,
+)
 
-RUN = str(ROOT / "flows" / "run.py")
 TIMING_COLUMNS = ["download_s", "thumbnail_s"]
-
-
-def run_flow(
-    args: list[str], env: dict[str, str], timeout: float = 240
-) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, RUN, "--no-progress", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=ROOT,
-    )
 
 
 def thumbnails(out: Path) -> dict[str, str]:
     """Relative path -> sha256 of every thumbnail under ``out``."""
     return {
-        str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in out.rglob("*")
-        if p.is_file()
-        and "manifest" not in p.parts
-        and p.suffix in (".jpg", ".png", ".webp")
-        and p.name != "contact_sheet.jpg"
+        rel: hashlib.sha256((out / rel).read_bytes()).hexdigest() for rel in thumbnail_files(out)
     }
 
 
@@ -147,48 +134,18 @@ def test_every_mode_gives_identical_results(mode_runs: dict) -> None:
         pd.testing.assert_frame_equal(manifest(out), expected_rows)
 
 
-def non_loopback_address() -> str | None:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        try:
-            s.connect(("10.255.255.255", 1))  # UDP connect sends nothing
-            address = s.getsockname()[0]
-        except OSError:
-            return None
-    return None if address.startswith("127.") else address
-
-
 @pytest.mark.timeout(300)
 def test_dashboard_answers_on_loopback_only_during_a_run(
     tmp_path: Path, subprocess_env: dict[str, str]
 ) -> None:
     port = free_port()
-    proc = subprocess.Popen(
+    proc = start_flow(
         [
-            sys.executable,
-            RUN,
-            "--no-progress",
-            "--count",
-            "300",
-            "--latency",
-            "0.2",
-            "--out",
-            str(tmp_path / "out"),
-            "--cpu-workers",
-            "1",
-            "--io-threads",
-            "2",
-            "--batch-size",
-            "4",
-            "--window",
-            "2",
-            "--dashboard-address",
-            f"127.0.0.1:{port}",
+            *("--count", "300", "--latency", "0.2", "--out", str(tmp_path / "out")),
+            *("--cpu-workers", "1", "--io-threads", "2", "--batch-size", "4", "--window", "2"),
+            *("--dashboard-address", f"127.0.0.1:{port}"),
         ],
         env=subprocess_env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
     )
     try:
         status = None
@@ -206,8 +163,7 @@ def test_dashboard_answers_on_loopback_only_during_a_run(
             with pytest.raises(requests.ConnectionError):
                 requests.get(f"http://{other}:{port}/status", timeout=5)
     finally:
-        proc.kill()
-        proc.communicate(timeout=60)
+        kill_tree(proc)
 
 
 @pytest.mark.timeout(300)
@@ -307,3 +263,11 @@ def test_imgur_rejecting_the_client_id_stops_before_any_work(
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "403" in lines[0] and "Traceback" not in proc.stderr, proc.stderr
     assert not (out / "manifest").exists()
+
+
+def test_run_ids_sort_in_time_order_within_a_second() -> None:
+    import run as flow  # flows/run.py
+
+    ids = [flow.new_run_id() for _ in range(200)]
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    assert all(len(i) == len(ids[0]) for i in ids)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import ROOT, subprocess_environment
+from conftest import RUN, non_loopback_address, subprocess_environment
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -23,7 +23,6 @@ from PIL import Image
 from imgtasks.demo_server import DemoServer, ServerSettings
 from imgtasks.thumbnail import ThumbSettings, make_thumbnail
 
-RUN = str(ROOT / "flows" / "run.py")
 LOOPBACK = {"127.0.0.1", "::1"}
 # docs/architecture.md: the statuses the thumbnail stage records (empty_body for no bytes).
 THUMBNAIL_STATUSES = {
@@ -34,17 +33,6 @@ THUMBNAIL_STATUSES = {
     "encode_error",
     "empty_body",
 }
-
-
-def non_loopback_address() -> str | None:
-    """This machine's own outward address; a UDP connect picks it without sending."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        try:
-            s.connect(("10.255.255.255", 1))
-            address = s.getsockname()[0]
-        except OSError:
-            return None
-    return None if address.startswith("127.") else address
 
 
 def refused_on(address: str, port: int) -> bool:

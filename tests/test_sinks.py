@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -13,6 +14,7 @@ from imgtasks.sinks import (
     manifest_parts,
     output_relpath,
     read_manifest,
+    sweep_temporaries,
     write_atomic,
     write_file,
     write_manifest_part,
@@ -98,3 +100,20 @@ def test_memory_filesystem_outputs() -> None:
 
 def test_empty_manifest_reads_as_empty_table(tmp_path: Path) -> None:
     assert read_manifest(OutputSettings(str(tmp_path))).num_rows == 0
+
+
+def test_sweep_removes_only_stale_temporaries(tmp_path: Path) -> None:
+    settings = OutputSettings(str(tmp_path))
+    old = time.time() - 3600
+    stale = [tmp_path / "ab" / "cd" / ".tmp-a", tmp_path / "manifest" / ".tmp-b"]
+    fresh = tmp_path / "ab" / "cd" / ".tmp-live"
+    kept = [tmp_path / "ab" / "cd" / "thumb.jpg", tmp_path / "ab" / ".hidden-old"]
+    for path in [*stale, fresh, *kept]:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+    for path in [*stale, *kept]:
+        os.utime(path, (old, old))
+    assert sweep_temporaries(settings) == 2
+    assert not any(p.exists() for p in stale)
+    assert fresh.exists() and all(p.exists() for p in kept)
+    assert sweep_temporaries(OutputSettings(str(tmp_path / "missing"))) == 0

@@ -15,18 +15,18 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile, ImageOps, JpegImagePlugin
 
-from imgtasks.imagecheck import encode, fit_size, photo_like, psnr, reference_resize
+from imgtasks.imagecheck import encode, photo_like, pillow_thumbnail_size, psnr, reference_resize
 from imgtasks.thumbnail import (
     DEFAULT_THUMB,
     FORMATS,
     MODES,
     Thumbnail,
     ThumbSettings,
+    fit_size,
     make_thumbnail,
     parse_size,
     render_thumbnail,
 )
-from imgtasks.thumbnail import fit_size as lib_fit_size
 
 STATUSES = {
     "ok",
@@ -192,7 +192,7 @@ def test_every_mode_and_format(small_photo: Image.Image, mode: str, fmt: str) ->
 )  # fmt: skip
 @pytest.mark.parametrize("box", [(128, 128), (200, 100), (64, 300), (1, 1)])
 def test_fit_size_matches_pillow_thumbnail(size: tuple[int, int], box: tuple[int, int]) -> None:
-    assert lib_fit_size(*size, box) == fit_size(*size, box)
+    assert fit_size(*size, box) == pillow_thumbnail_size(*size, box)
 
 
 @pytest.mark.parametrize(
@@ -269,7 +269,7 @@ def test_degenerate_shapes(mode: str, size: tuple[int, int]) -> None:
     # PNG output: JPEG chroma subsampling would smear a 1-pixel line into the padding
     thumb = make_thumbnail(data, ThumbSettings(mode=mode, format="png"))
     out = decode(thumb)
-    expected = {"fit": fit_size(*size, (128, 128))}.get(mode, (128, 128))
+    expected = {"fit": pillow_thumbnail_size(*size, (128, 128))}.get(mode, (128, 128))
     assert out.size == expected and min(out.size) >= 1
     # pad centres the image: pixel (63, 63) is image in all three shapes
     box = (63, 63, 64, 64) if mode == "pad" else (0, 0, *out.size)
