@@ -536,7 +536,7 @@ def summary(tally: Tally, job: Job) -> str:
         "",
         f"wall time        {wall:.2f} s (cluster start-up {tally.ready:.2f} s)",
         f"images/s         {tally.entries / max(wall, 1e-9):.1f}",
-        f"download / image {1000 * tally.download_s / per:.1f} ms (per URL, summed over workers)",
+        f"download / image {1000 * tally.download_s / per:.1f} ms (per URL, queueing excluded)",
         f"thumbnail / image {1000 * tally.thumbnail_s / max(tally.counts.get('ok', 0), 1):.1f} ms",
         f"thumbnails       {job.output.root}",
         f"manifest         {manifest_dir(job)}",

@@ -153,11 +153,17 @@ class DownloadResult:
     status: str
     http_status: int | None
     content: bytes | None
-    elapsed_s: float
+    elapsed_s: float  # wall clock of the whole fetch, waits for a per-host slot included
     error: str
     final_url: str
     content_type: str
     attempts: int
+    queued_s: float = 0.0  # of elapsed_s, waiting for a per-host slot (not the network)
+
+    @property
+    def network_s(self) -> float:
+        """Time spent on requests and bodies: elapsed minus waits for a host slot."""
+        return max(0.0, self.elapsed_s - self.queued_s)
 
 
 # --------------------------------------------------------------------------- URLs
@@ -310,6 +316,7 @@ class _Progress:
     started: float = field(default_factory=time.monotonic)
     current_url: str = ""
     attempts: int = 0
+    queued: float = 0.0  # seconds spent waiting for per-host slots
     http_status: int | None = None
     content_type: str = ""
 
@@ -337,6 +344,7 @@ class _Progress:
             final_url=self.current_url or self.url,
             content_type=self.content_type,
             attempts=self.attempts,
+            queued_s=self.queued,
         )
 
 
@@ -384,7 +392,9 @@ def _request(progress: _Progress) -> bytes | str:
     settings = progress.settings
     url = progress.current_url
     remaining = progress.check_deadline("before the request")
+    asked = time.monotonic()
     with _host_slot(url, settings.per_host, remaining):
+        progress.queued += time.monotonic() - asked
         remaining = progress.check_deadline("while waiting for a per-host slot")
         progress.attempts += 1  # corrected below from urllib3's retry history
         resp = get_session(settings).get(

@@ -126,7 +126,7 @@ def entry_record(entry: UrlEntry, result: DownloadResult | None, job: JobSetting
             result.status,
             result.error,
             http_status=result.http_status or 0,
-            download_s=result.elapsed_s,
+            download_s=result.network_s,
         )
     return _thumbnail_record(entry, result, result.content, job)
 
@@ -139,7 +139,7 @@ def _thumbnail_record(
         "bytes": len(content),
         "sha256": hashlib.sha256(content).hexdigest(),
         "http_status": result.http_status or 0,
-        "download_s": result.elapsed_s,
+        "download_s": result.network_s,
         "thumbnail_s": thumb.elapsed_s,
         "orig_width": thumb.orig_width,
         "orig_height": thumb.orig_height,

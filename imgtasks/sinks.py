@@ -67,7 +67,7 @@ class Record:
     sha256: str = ""  # of the downloaded body
     http_status: int = 0
     source_format: str = ""
-    download_s: float = 0.0
+    download_s: float = 0.0  # requests and bodies; waits for a per-host slot excluded
     thumbnail_s: float = 0.0
     original_path: str = ""  # kept original, relative to its root, when originals are kept
 

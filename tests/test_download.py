@@ -418,6 +418,18 @@ def test_per_host_cap(local: LocalServer) -> None:
     assert local.state.max_active == 2
 
 
+def test_waits_for_a_host_slot_are_queued_not_network_time(local: LocalServer) -> None:
+    # One slot, four 0.3 s requests: each waits for the ones before it. The waits are
+    # queued_s; network_s is the request itself (lower bounds only: the server sleeps).
+    urls = [f"{local.base_url}/slow/{i}.jpg?s=0.3" for i in range(4)]
+    results = fetch_many(urls, fast(per_host=1, parallel=4))
+    assert [r.status for r in results] == ["ok"] * 4
+    assert all(r.network_s >= 0.29 for r in results)
+    assert all(r.network_s + r.queued_s == pytest.approx(r.elapsed_s) for r in results)
+    assert sorted(r.queued_s for r in results)[-1] >= 0.29 * 3  # the last waited for three
+    assert sum(r.queued_s for r in results) >= 0.29 * (1 + 2 + 3)
+
+
 def test_fetch_many_concurrency(local: LocalServer) -> None:
     local.reset_concurrency()
     urls = [f"{local.base_url}/slow/{i}.jpg?s=0.3" for i in range(6)]
