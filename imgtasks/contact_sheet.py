@@ -34,15 +34,14 @@ import posixpath
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFont
 
 from imgtasks.sinks import (
     MANIFEST_DIR,
-    MANIFEST_SCHEMA,
     OutputSettings,
     filesystem,
     manifest_parts,
+    read_part,
     write_file,
 )
 
@@ -301,13 +300,9 @@ def manifest_head(
     parts = manifest_parts(output)
     if run_id is not None:
         parts = [p for p in parts if p.startswith(f"{MANIFEST_DIR}/part-{run_id}-")]
-    fs, root = filesystem(output)
-    schema = MANIFEST_SCHEMA
     latest: dict[int, dict] = {}
     for part in parts:
-        with fs.open(f"{root}/{part}", "rb") as f:
-            table = pq.read_table(f, columns=MANIFEST_COLUMNS, schema=schema)
-        for row in table.to_pylist():
+        for row in read_part(output, part, MANIFEST_COLUMNS).to_pylist():
             latest[int(row["index"])] = row
         if run_id is not None and len(latest) >= limit:
             break
