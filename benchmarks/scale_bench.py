@@ -39,13 +39,15 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
 import pyarrow.parquet as pq
 import requests
+
+from imgtasks.demo_server import server_process
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_PY = ROOT / "flows" / "run.py"
@@ -66,42 +68,6 @@ def environment() -> dict[str, str]:
         env.pop(var, None)
     env["NO_PROXY"] = "127.0.0.1,localhost"
     return env
-
-
-@contextlib.contextmanager
-def demo_server(latency: float) -> Iterator[tuple[str, psutil.Process]]:
-    """``python -m imgtasks.demo_server`` in its own process; yields its base URL."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            *(sys.executable, "-m", "imgtasks.demo_server"),
-            *("--port", str(port), "--latency", str(latency), "--jitter", "0"),
-        ],
-        env=environment(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"demo server exited with {proc.returncode}")
-            try:
-                requests.get(f"{base}/stats", timeout=2)
-                break
-            except requests.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)
-        yield base, psutil.Process(proc.pid)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
 
 
 def write_url_list(base: str, count: int, kind: str, path: Path) -> None:
@@ -299,7 +265,8 @@ def check(result: Result) -> None:
 
 def scale(counts: Sequence[int], batch_size: int, interval: float, workdir: Path) -> None:
     results = []
-    with demo_server(latency=0.0) as (base, server):
+    with server_process(0.0, 0.0) as (base, pid):
+        server = psutil.Process(pid)
         for count in counts:
             urls = workdir / f"tiny-{count}.txt"
             write_url_list(base, count, "tiny", urls)
@@ -318,7 +285,8 @@ def batch_sizes(sizes: Sequence[int], interval: float, workdir: Path, tiny_count
     ]
     table: dict[str, dict[int, Result]] = {}
     for name, latency, kind, count in cases:
-        with demo_server(latency=latency) as (base, server):
+        with server_process(latency, 0.0) as (base, pid):
+            server = psutil.Process(pid)
             urls = workdir / f"{kind}-{count}.txt"
             write_url_list(base, count, kind, urls)
             for size in sizes:

@@ -22,7 +22,6 @@ import os
 import re
 import resource
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -37,6 +36,8 @@ from typing import Any
 import psutil
 import requests
 from PIL import Image
+
+from imgtasks.demo_server import server_process
 
 FLOWS_DIR = Path(__file__).resolve().parent
 RUN_PY = FLOWS_DIR / "run.py"
@@ -63,7 +64,6 @@ I2D_INSTALL = (
     "python3 -m venv ~/.venvs/img2dataset && "
     "~/.venvs/img2dataset/bin/pip install img2dataset==1.47.0"
 )
-SERVER_START_TIMEOUT = 180.0
 
 
 # --------------------------------------------------------------------------- arguments
@@ -225,40 +225,6 @@ def count_files(root: Path, pattern: str = "*") -> int:
 
 
 # --------------------------------------------------------------------------- demo server
-
-
-@contextlib.contextmanager
-def demo_server(latency: float, log_path: Path) -> Iterator[tuple[str, psutil.Process]]:
-    """``python -m imgtasks.demo_server`` on a free port; yields its base URL and process."""
-    cmd = [sys.executable, "-m", "imgtasks.demo_server", "--port", "0", "--latency", str(latency)]
-    with log_path.open("w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        yield wait_for_server(proc, log_path), psutil.Process(proc.pid)
-    finally:
-        stop_process(proc)
-
-
-def wait_for_server(proc: subprocess.Popen, log_path: Path) -> str:
-    deadline = time.monotonic() + SERVER_START_TIMEOUT
-    while time.monotonic() < deadline:
-        match = re.search(r"serving (http://\S+)", log_path.read_text())
-        if match:
-            return match.group(1)
-        if proc.poll() is not None:
-            raise RuntimeError(f"demo server exited: {log_path.read_text().strip()[-300:]}")
-        time.sleep(0.1)
-    raise RuntimeError("demo server did not start in time")
-
-
-def stop_process(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def fetch_urls(base_url: str, count: int) -> list[str]:
@@ -720,7 +686,8 @@ def scratch(cfg: Config) -> Iterator[Path]:
 
 
 def bench(cfg: Config) -> list[Row]:
-    with scratch(cfg) as work, demo_server(cfg.latency, work / "server.log") as (base, proc):
+    with scratch(cfg) as work, server_process(cfg.latency) as (base, pid):
+        proc = psutil.Process(pid)
         urls = fetch_urls(base, cfg.count)
         urls_file = work / "urls.txt"
         urls_file.write_text("\n".join(urls) + "\n")

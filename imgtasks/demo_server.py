@@ -20,10 +20,15 @@ import json
 import logging
 import math
 import random
+import re
+import signal
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -920,6 +925,47 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def server_process(
+    latency: float, jitter: float = 0.02, *extra: str, start_timeout: float = 180.0
+) -> Iterator[tuple[str, int]]:
+    """``python -m imgtasks.demo_server`` as a process of its own, on a free port of
+    127.0.0.1; yields its base URL and pid. For benchmarks, whose measured processes must
+    not pay for the server's CPU. Stopped with Ctrl-C (then killed) on exit."""
+    cmd = [sys.executable, "-m", "imgtasks.demo_server", "--port", "0"]
+    cmd += ["--latency", str(latency), "--jitter", str(jitter), *extra]
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
+        try:
+            yield _served_url(proc, log, start_timeout), proc.pid
+        finally:
+            _stop(proc)
+
+
+def _served_url(proc: subprocess.Popen, log: Any, timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        log.seek(0)
+        text = log.read()
+        match = re.search(r"serving (http://\S+)", text)
+        if match:
+            return match.group(1)
+        if proc.poll() is not None:
+            raise RuntimeError(f"demo server exited: {text.strip()[-300:]}")
+        time.sleep(0.1)
+    raise RuntimeError(f"demo server did not start in {timeout:g} s")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point: serve until Ctrl-C."""
     parser = _parser()
@@ -964,6 +1010,7 @@ __all__ = [
     "Faults",
     "ServerSettings",
     "main",
+    "server_process",
 ]
 
 if __name__ == "__main__":

@@ -814,3 +814,15 @@ def test_stats_is_json(server: DemoServer, http: requests.Session) -> None:
     r = _get(http, f"{server.base_url}/stats")
     assert r.headers["Content-Type"] == "application/json"
     assert isinstance(json.loads(r.text)["requests"], dict)
+
+
+def test_server_process_serves_then_stops() -> None:
+    from imgtasks.demo_server import server_process
+
+    with server_process(0.0, 0.0) as (base, pid):
+        assert base.startswith("http://127.0.0.1:")
+        urls = requests.get(f"{base}/urls", params={"count": 3}, timeout=10).text.split()
+        assert len(urls) == 3
+        assert requests.get(urls[0], timeout=10).content[:2] == b"\xff\xd8"
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # stopped and reaped
