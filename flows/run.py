@@ -35,7 +35,14 @@ from imgtasks import cluster as clusters
 from imgtasks.contact_sheet import write_contact_sheet
 from imgtasks.demo_server import DemoServer, ServerSettings
 from imgtasks.download import DownloadSettings
-from imgtasks.imgur import API_BASE, ImgurError, ImgurSettings, client_id_from_env, imgur_links
+from imgtasks.imgur import (
+    API_BASE,
+    ImgurError,
+    ImgurSettings,
+    ImgurStats,
+    client_id_from_env,
+    imgur_links,
+)
 from imgtasks.nodes import (
     BatchReport,
     JobSettings,
@@ -637,7 +644,14 @@ def open_source(job: Job, stack: contextlib.ExitStack) -> tuple[Iterator[UrlBatc
         print(f"imgur: up to {job.imgur_count} image links from {job.imgur.api_base}", flush=True)
         # At most max_pages x ~60 items: small enough to list before the cluster starts,
         # so an Imgur error stops the run before any work and the total is known.
-        links = list(imgur_links(job.imgur, job.imgur_count))
+        stats = ImgurStats()
+        links = list(imgur_links(job.imgur, job.imgur_count, stats))
+        albums_skipped = stats.albums_skipped + stats.albums_without_images
+        print(
+            f"imgur: {len(links)} links from {stats.pages} pages; albums expanded "
+            f"{stats.albums_expanded}, skipped {albums_skipped}; videos skipped "
+            f"{stats.videos_skipped}; duplicates {stats.duplicates}"
+        )
         return batched(classify(links), job.batch_size), len(links)
     server = start_demo_server(job)
     stack.callback(server.stop)

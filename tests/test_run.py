@@ -228,6 +228,8 @@ def test_imgur_source_downloads_the_gallery_links(
     assert df["url"].str.startswith(f"{demo_server.base_url}/").all()
     assert (df["status"] == "ok").all(), df[df["status"] != "ok"][["url", "status", "error"]]
     assert len(thumbnails(out)) == 25
+    said = next(line for line in proc.stdout.splitlines() if line.startswith("imgur: 25 links"))
+    assert "albums expanded" in said and "videos skipped" in said
 
 
 @pytest.mark.parametrize(
