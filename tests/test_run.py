@@ -190,6 +190,8 @@ def test_url_list_with_bad_entries(
             "127.0.0.1:0",
             "--retries",
             "0",
+            "--keep-originals",
+            str(tmp_path / "originals"),
         ],
         subprocess_env,
     )
@@ -203,6 +205,13 @@ def test_url_list_with_bad_entries(
     dup = df.iloc[8]
     assert dup["path"] == df.iloc[0]["path"]
     assert len(thumbnails(out)) == 10
+    # --keep-originals: every downloaded body, byte for byte, under the recorded path
+    ok = df[df["status"] == "ok"]
+    assert ok["original_path"].str.len().gt(0).all()
+    for _, row in ok.iterrows():
+        kept = (tmp_path / "originals" / row["original_path"]).read_bytes()
+        assert hashlib.sha256(kept).hexdigest() == row["sha256"]
+    assert not any(p.name.startswith(".tmp-") for p in (tmp_path / "originals").rglob("*"))
 
 
 def imgur_api(demo_server, options: str = "") -> str:
