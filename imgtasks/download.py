@@ -39,8 +39,10 @@ from __future__ import annotations
 import http.client
 import http.cookiejar
 import logging
+import os
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
@@ -260,7 +262,21 @@ def _new_session(settings: DownloadSettings) -> requests.Session:
     session.adapters.clear()  # only http(s): nothing else may be mounted by default
     session.mount("http://", adapter)
     session.mount("https://", adapter)
+    _read_environment_once(session)
     return session
+
+
+def _read_environment_once(session: requests.Session) -> None:
+    """requests re-reads the whole environment on every request (proxies, no_proxy, netrc,
+    CA bundle): ~0.4 ms of a ~1.4 ms fetch, measured serially on the demo server. Without
+    proxy variables nothing there changes per URL, so read the CA bundle once and stop the
+    lookups (this also means ~/.netrc credentials are never sent to image hosts). With
+    proxy variables requests keeps resolving them per URL, no_proxy rules included."""
+    if any(scheme != "no" for scheme in urllib.request.getproxies()):
+        return
+    session.trust_env = False
+    bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
+    session.verify = bundle or True
 
 
 def get_session(settings: DownloadSettings = DEFAULT_DOWNLOAD) -> requests.Session:

@@ -495,3 +495,26 @@ def test_settings_are_hashable_and_frozen() -> None:
 def test_settings_validation(changes: dict[str, object]) -> None:
     with pytest.raises(ValueError):
         DownloadSettings(**changes)  # type: ignore[arg-type]
+
+
+PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy")
+
+
+@pytest.mark.parametrize("proxied", [False, True])
+def test_environment_is_read_once_unless_proxies_are_set(
+    monkeypatch: pytest.MonkeyPatch, proxied: bool
+) -> None:
+    from imgtasks.download import _new_session
+
+    for name in (*PROXY_VARIABLES, "all_proxy", "CURL_CA_BUNDLE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")  # a bypass list alone is no proxy
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", "/etc/ssl/custom-bundle.pem")
+    if proxied:
+        monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
+    session = _new_session(fast())
+    # With a proxy, requests resolves it (and no_proxy) per URL; without, nothing per URL
+    # comes from the environment, but the CA bundle it names is still the one verified with.
+    assert session.trust_env is proxied
+    if not proxied:
+        assert session.verify == "/etc/ssl/custom-bundle.pem"
