@@ -91,3 +91,29 @@ def test_small_real_run_measures_every_method_it_can(tmp_path: Path) -> None:
     assert "SKIPPED: img2dataset not found" in i2d and "pip install img2dataset" in i2d
     assert "CPU floor: download" in proc.stdout
     assert html.stat().st_size > 10_000
+
+
+@pytest.mark.timeout(240)
+def test_flow_cpu_ab_shows_dask_malloc_trim_costs_page_faults(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [
+            *(sys.executable, str(ROOT / "benchmarks" / "flow_cpu.py"), "--count", "60"),
+            *("--latency", "0", "--ab", "dask-malloc-trim", "--", "--cpu-workers", "1"),
+            *("--io-threads", "4", "--dashboard-address", "127.0.0.1:0"),
+        ],
+        env=subprocess_environment(),
+        capture_output=True,
+        text=True,
+        timeout=220,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    runs = proc.stdout.split("run 1, ")[1:]
+    assert [r.split(":")[0] for r in runs] == ["ours", "dask-malloc-trim"]
+    faults = {}
+    for r in runs:
+        assert "60/60 ok" in r, r
+        line = next(x for x in r.splitlines() if x.strip().startswith("worker cpu"))
+        faults[r.split(":")[0]] = int(line.split("CPU-s")[1].split()[0].replace(",", ""))
+    # Dask's MALLOC_TRIM_THRESHOLD_ makes every image buffer a fresh mmap (imgtasks.cluster)
+    assert faults["dask-malloc-trim"] > 1.3 * faults["ours"], faults
