@@ -17,7 +17,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ from typing import Any
 
 import pytest
 import requests
-from conftest import ROOT, RUN, free_port, subprocess_environment
+from conftest import free_port, start_flow, subprocess_environment
 from tornado.websocket import WebSocketClientConnection, websocket_connect
 
 WINDOW = (1280, 900)
@@ -335,8 +334,8 @@ def assert_rendered(result: PageResult) -> None:
 # --- the pages -----------------------------------------------------------------------------
 
 
-def flow_command(*args: str) -> list[str]:
-    return [sys.executable, RUN, "--no-progress", "--cpu-workers", "1", *args]
+def start_small_flow(*args: str) -> subprocess.Popen:
+    return start_flow(["--cpu-workers", "1", *args])
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -374,25 +373,17 @@ def test_bench_chart_renders(chromium: Chromium, tmp_path: Path) -> None:
 @pytest.mark.timeout(180)
 def test_performance_report_renders_offline(chromium: Chromium, tmp_path: Path) -> None:
     report = tmp_path / "report.html"
-    proc = subprocess.Popen(
-        flow_command(
-            "--count",
-            "30",
-            "--latency",
-            "0",
-            "--report",
-            str(report),
-            "--out",
-            str(tmp_path / "out"),
-            "--dashboard-address",
-            "127.0.0.1:0",
-        ),
-        env=subprocess_environment(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-        start_new_session=True,
+    proc = start_small_flow(
+        "--count",
+        "30",
+        "--latency",
+        "0",
+        "--report",
+        str(report),
+        "--out",
+        str(tmp_path / "out"),
+        "--dashboard-address",
+        "127.0.0.1:0",
     )
     try:
         out, err = proc.communicate(timeout=120)
@@ -412,29 +403,21 @@ def test_performance_report_renders_offline(chromium: Chromium, tmp_path: Path) 
 @pytest.mark.timeout(180)
 def test_live_dashboard_renders(chromium: Chromium, tmp_path: Path) -> None:
     port = free_port()
-    proc = subprocess.Popen(
-        flow_command(
-            "--count",
-            "300",
-            "--latency",
-            "0.2",
-            "--out",
-            str(tmp_path / "out"),
-            "--io-threads",
-            "2",
-            "--batch-size",
-            "4",
-            "--window",
-            "2",
-            "--dashboard-address",
-            f"127.0.0.1:{port}",
-        ),
-        env=subprocess_environment(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-        start_new_session=True,
+    proc = start_small_flow(
+        "--count",
+        "300",
+        "--latency",
+        "0.2",
+        "--out",
+        str(tmp_path / "out"),
+        "--io-threads",
+        "2",
+        "--batch-size",
+        "4",
+        "--window",
+        "2",
+        "--dashboard-address",
+        f"127.0.0.1:{port}",
     )
     try:
         url = f"http://127.0.0.1:{port}/status"

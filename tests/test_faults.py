@@ -6,7 +6,6 @@ import contextlib
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -14,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 import psutil
 import pytest
-from conftest import RUN, free_port, subprocess_environment
+from conftest import free_port, start_flow
 from PIL import Image
 
 from imgtasks.demo_server import DemoServer, ServerSettings
@@ -71,10 +70,8 @@ def test_killed_cpu_worker_is_replaced_and_the_run_completes(
     listing.write_text("\n".join(urls) + "\n")
     out = tmp_path / "out"
     dashboard = free_port()
-    proc = subprocess.Popen(
+    proc = start_flow(
         [
-            sys.executable,
-            RUN,
             "--urls",
             str(listing),
             "--out",
@@ -89,16 +86,10 @@ def test_killed_cpu_worker_is_replaced_and_the_run_completes(
             str(BATCH),
             "--window",
             "4",
-            "--no-progress",
             "--dashboard-address",
             f"127.0.0.1:{dashboard}",
         ],
-        env=subprocess_environment(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
         cwd=tmp_path,
-        start_new_session=True,
     )
     try:
         flow = psutil.Process(proc.pid)

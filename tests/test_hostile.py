@@ -14,7 +14,6 @@ import os
 import re
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from urllib.parse import quote
 
 import pandas as pd
 import pytest
-from conftest import ROOT, RUN, free_port, subprocess_environment, thumbnail_files
+from conftest import ROOT, free_port, run_flow, thumbnail_files
 from PIL import Image
 
 from imgtasks.demo_server import DemoServer, ServerSettings
@@ -153,8 +152,6 @@ def hostile(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HostileRun]:
         before = tree(basetemp)
         root_before = top_level(ROOT)
         args = [
-            sys.executable,
-            RUN,
             "--urls",
             str(listing),
             "--out",
@@ -163,7 +160,6 @@ def hostile(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HostileRun]:
             "threads",
             "--cpu-workers",
             "1",
-            "--no-progress",
             "--dashboard-address",
             f"127.0.0.1:{free_port()}",
             "--timeout",
@@ -177,14 +173,7 @@ def hostile(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HostileRun]:
         ]
         started = time.monotonic()
         # cwd = the work dir: a relative path escaping --out would land in the snapshot.
-        proc = subprocess.run(
-            args,
-            env=subprocess_environment(),
-            capture_output=True,
-            text=True,
-            timeout=240,
-            cwd=work,
-        )
+        proc = run_flow(args, cwd=work)
         wall = time.monotonic() - started
         counts = server.request_counts()
         after = tree(basetemp)

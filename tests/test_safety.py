@@ -8,14 +8,13 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 import pytest
-from conftest import RUN, non_loopback_address, subprocess_environment
+from conftest import non_loopback_address, start_flow
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -76,11 +75,8 @@ def test_demo_server_listens_on_loopback_only() -> None:
 def running_flow(tmp_path: Path) -> Iterator[tuple[subprocess.Popen, Path]]:
     """The default run (embedded demo server, hybrid cluster, default dashboard address)."""
     out = tmp_path / "out"
-    proc = subprocess.Popen(
+    proc = start_flow(
         [
-            sys.executable,
-            RUN,
-            "--no-progress",
             "--count",
             "300",
             "--latency",
@@ -96,12 +92,7 @@ def running_flow(tmp_path: Path) -> Iterator[tuple[subprocess.Popen, Path]]:
             "--window",
             "2",
         ],
-        env=subprocess_environment(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
         cwd=tmp_path,
-        start_new_session=True,
     )
     try:
         yield proc, out
