@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +17,12 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 FLOWS = ROOT / "flows"
 RUN = str(FLOWS / "run.py")
+# A demo run slow enough (300 images at 200 ms through 2 download threads) to be looked at
+# while it runs: its dashboard, its listening sockets.
+SLOW_RUN = (
+    *("--count", "300", "--latency", "0.2", "--cpu-workers", "1"),
+    *("--io-threads", "2", "--batch-size", "4", "--window", "2"),
+)
 # Files the flow writes under --out besides thumbnails and the manifest.
 RUN_FILES = frozenset({"run.log", "contact_sheet.jpg"})
 if str(FLOWS) not in sys.path:  # flows/ are scripts; tests import them as modules
@@ -112,3 +119,16 @@ def kill_tree(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
     with contextlib.suppress(subprocess.TimeoutExpired):
         proc.communicate(timeout=30)
+
+
+def wait_for_dashboard(proc: subprocess.Popen, port: int, timeout: float = 120) -> int | None:
+    """The HTTP status of the flow's dashboard once it answers; None if the flow ended or
+    ``timeout`` passed first."""
+    import requests
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        with contextlib.suppress(requests.RequestException):  # not up yet, or busy
+            return requests.get(f"http://127.0.0.1:{port}/status", timeout=10).status_code
+        time.sleep(0.5)
+    return None

@@ -24,8 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import requests
-from conftest import free_port, start_flow, subprocess_environment
+from conftest import SLOW_RUN, free_port, start_flow, subprocess_environment, wait_for_dashboard
 from tornado.websocket import WebSocketClientConnection, websocket_connect
 
 WINDOW = (1280, 900)
@@ -403,31 +402,12 @@ def test_performance_report_renders_offline(chromium: Chromium, tmp_path: Path) 
 @pytest.mark.timeout(180)
 def test_live_dashboard_renders(chromium: Chromium, tmp_path: Path) -> None:
     port = free_port()
-    proc = start_small_flow(
-        "--count",
-        "300",
-        "--latency",
-        "0.2",
-        "--out",
-        str(tmp_path / "out"),
-        "--io-threads",
-        "2",
-        "--batch-size",
-        "4",
-        "--window",
-        "2",
-        "--dashboard-address",
-        f"127.0.0.1:{port}",
+    proc = start_flow(
+        [*SLOW_RUN, "--out", str(tmp_path / "out"), "--dashboard-address", f"127.0.0.1:{port}"]
     )
     try:
         url = f"http://127.0.0.1:{port}/status"
-        deadline = time.monotonic() + 120
-        status = None
-        while time.monotonic() < deadline and proc.poll() is None:
-            with contextlib.suppress(requests.RequestException):  # not up yet, or busy
-                status = requests.get(url, timeout=10).status_code
-                break
-            time.sleep(0.5)
+        status = wait_for_dashboard(proc, port)
         assert status == 200, f"dashboard never answered (flow exit code {proc.poll()})"
         time.sleep(2)  # a few batches in: the task stream has something to draw
         result = chromium.render(url, tmp_path / "dashboard.png")

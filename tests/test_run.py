@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import subprocess
-import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import requests
 from conftest import (
+    SLOW_RUN,
     free_port,
     kill_tree,
     non_loopback_address,
@@ -18,6 +18,7 @@ from conftest import (
     start_flow,
     subprocess_environment,
     thumbnail_files,
+    wait_for_dashboard,
 )
 
 TIMING_COLUMNS = ["download_s", "thumbnail_s"]
@@ -141,22 +142,13 @@ def test_dashboard_answers_on_loopback_only_during_a_run(
     port = free_port()
     proc = start_flow(
         [
-            *("--count", "300", "--latency", "0.2", "--out", str(tmp_path / "out")),
-            *("--cpu-workers", "1", "--io-threads", "2", "--batch-size", "4", "--window", "2"),
-            *("--dashboard-address", f"127.0.0.1:{port}"),
+            *SLOW_RUN,
+            *("--out", str(tmp_path / "out"), "--dashboard-address", f"127.0.0.1:{port}"),
         ],
         env=subprocess_env,
     )
     try:
-        status = None
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                status = requests.get(f"http://127.0.0.1:{port}/status", timeout=5).status_code
-                break
-            except requests.ConnectionError:
-                time.sleep(0.5)
-        assert status == 200
+        assert wait_for_dashboard(proc, port) == 200
         assert proc.poll() is None, "the run ended before the dashboard was checked"
         other = non_loopback_address()
         if other is not None:

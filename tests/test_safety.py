@@ -14,7 +14,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import non_loopback_address, start_flow
+from conftest import SLOW_RUN, non_loopback_address, start_flow
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -76,22 +76,7 @@ def running_flow(tmp_path: Path) -> Iterator[tuple[subprocess.Popen, Path]]:
     """The default run (embedded demo server, hybrid cluster, default dashboard address)."""
     out = tmp_path / "out"
     proc = start_flow(
-        [
-            "--count",
-            "300",
-            "--latency",
-            "0.2",
-            "--out",
-            str(out),
-            "--cpu-workers",
-            "1",
-            "--io-threads",
-            "2",
-            "--batch-size",
-            "4",
-            "--window",
-            "2",
-        ],
+        [*SLOW_RUN, "--out", str(out)],
         cwd=tmp_path,
     )
     try:
