@@ -14,6 +14,7 @@ machine load; on a shared machine compare several pairs, not one.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import tempfile
@@ -36,7 +37,10 @@ from imgtasks.demo_server import server_process  # noqa: E402
 from imgtasks.nodes import JobSettings  # noqa: E402
 from imgtasks.sources import url_batches  # noqa: E402
 
-VARIANTS = {"ours": None, "dask-malloc-trim": {"MALLOC_TRIM_THRESHOLD_": 65536}}
+VARIANTS = {
+    "ours": clusters.WORKER_PRE_SPAWN_ENVIRON,
+    "dask-malloc-trim": {"MALLOC_TRIM_THRESHOLD_": 65536},  # Dask's default
+}
 
 
 @dataclass(frozen=True)
@@ -51,15 +55,18 @@ def usage(proc: psutil.Process) -> Usage:
     return Usage(times.user + times.system, int(fields[7]))  # minflt
 
 
-def run_once(argv: Sequence[str], count: int, base: str, server: psutil.Process) -> None:
+def run_once(
+    argv: Sequence[str], count: int, base: str, server: psutil.Process, variant: str
+) -> None:
     work = Path(tempfile.mkdtemp(prefix="imgtasks-flow-cpu-"))
     urls = requests.get(f"{base}/urls", params={"count": count}, timeout=60).text.split()
     (work / "urls.txt").write_text("\n".join(urls) + "\n")
     job = flow.parse_job(
         ["--urls", str(work / "urls.txt"), "--out", str(work / "out"), "--no-progress", *argv]
     )
+    settings = dataclasses.replace(job.cluster, worker_environ=VARIANTS[variant])
     started = time.perf_counter()
-    client, cluster = clusters.connect(job.cluster)
+    client, cluster = clusters.connect(settings)
     try:
         startup = time.perf_counter() - started
         pids = client.run(os.getpid)
@@ -114,7 +121,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("flow_args", nargs="*", help="after --: flows/run.py arguments")
     args = p.parse_args(argv)
     variants = ["ours", args.ab] if args.ab else ["ours"]
-    ours = dict(clusters.WORKER_PRE_SPAWN_ENVIRON)
     with server_process(args.latency) as (base, pid):
         server = psutil.Process(pid)
         for i in range(args.repeat):
@@ -122,10 +128,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 # A nanny copies its pre-spawn variables into this process's environment,
                 # which later workers inherit: start every run from a clean one.
                 os.environ.pop("MALLOC_TRIM_THRESHOLD_", None)
-                clusters.WORKER_PRE_SPAWN_ENVIRON.clear()
-                clusters.WORKER_PRE_SPAWN_ENVIRON.update(VARIANTS[variant] or ours)
                 print(f"run {i + 1}, {variant}:", flush=True)
-                run_once(args.flow_args, args.count, base, server)
+                run_once(args.flow_args, args.count, base, server, variant)
     return 0
 
 

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import dask
@@ -44,7 +45,7 @@ LOOPBACK = "127.0.0.1"
 # 480-510k page faults per CPU worker with it, 95-210k without, and ~5-10 % less CPU
 # per thumbnail. Memory stays bounded by the flow's window either way. None = unset;
 # a value in the user's own environment still wins (Dask reads os.environ first).
-WORKER_PRE_SPAWN_ENVIRON: dict[str, Any] = {"MALLOC_TRIM_THRESHOLD_": None}
+WORKER_PRE_SPAWN_ENVIRON: Mapping[str, Any] = {"MALLOC_TRIM_THRESHOLD_": None}
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,10 @@ class ClusterSettings:
     dashboard_address: str = DEFAULT_DASHBOARD
     host: str = LOOPBACK
     memory_fraction: float = 0.8
+    # variables set (None: unset) before spawning local workers; see WORKER_PRE_SPAWN_ENVIRON
+    worker_environ: Mapping[str, Any] = field(
+        default_factory=lambda: dict(WORKER_PRE_SPAWN_ENVIRON), hash=False
+    )
 
     def __post_init__(self) -> None:
         if self.scheduler_file is None and not (self.kind in KINDS or "://" in self.kind):
@@ -135,7 +140,7 @@ def start_local_cluster(settings: ClusterSettings) -> SpecCluster:
     # Nannies read this config when SpecCluster() creates them; restarted workers keep it.
     environ = {
         f"distributed.nanny.pre-spawn-environ.{name}": value
-        for name, value in WORKER_PRE_SPAWN_ENVIRON.items()
+        for name, value in settings.worker_environ.items()
     }
     with dask.config.set(environ):
         return SpecCluster(
