@@ -87,7 +87,7 @@ def run_once(
         tally = flow.Tally(total=count)
         t0 = time.perf_counter()
         flow.stream_batches(
-            client, url_batches(job.source), wiring.graph, window, tally, flow.Progress(False, None)
+            client, url_batches(job.source), wiring, window, tally, flow.Progress(False, None)
         )
         wall = time.perf_counter() - t0
         after = {name: usage(p) for name, p in procs.items()}

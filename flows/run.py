@@ -23,7 +23,7 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -44,9 +44,11 @@ from imgtasks.imgur import (
     imgur_links,
 )
 from imgtasks.nodes import (
+    BATCH_FAILED,
     BatchReport,
     JobSettings,
     download_batch,
+    record_failed_batch,
     resume_batch,
     thumbnail_batch,
 )
@@ -372,6 +374,17 @@ class Wiring:
         batch, previous = resume_batch(batch, self.done)
         return batch_graph(batch, self, previous)
 
+    def failed(self, batch: UrlBatch, exc: BaseException) -> BatchReport | None:
+        """The client writes the rows of a batch whose node failed on every retry."""
+        error = f"{type(exc).__name__}: {exc}"
+        log.error("batch %d failed: %s", batch.batch_id, error)
+        batch, previous = resume_batch(batch, self.done)
+        try:
+            return record_failed_batch(batch, error, self.job, previous)
+        except Exception as write_exc:  # the store refuses the client too: nothing left to do
+            log.error("batch %d: its rows could not be written: %s", batch.batch_id, write_exc)
+            return None
+
 
 def _annotate(route: bool, resource: str) -> contextlib.AbstractContextManager:
     # retries: for infrastructure faults only (a lost worker); HTTP retries live in download.
@@ -409,13 +422,13 @@ class Tally:
         return time.perf_counter() - self.started
 
 
-NOT_FETCHED = ("invalid_url", "duplicate")
+NOT_FETCHED = ("invalid_url", "duplicate", BATCH_FAILED)
 
 
 def stream_batches(
     client: Client,
     batches: Iterable[UrlBatch],
-    make_graph: Callable[[UrlBatch], Delayed],
+    wiring: Wiring,
     window: int,
     tally: Tally,
     progress: Progress,
@@ -423,33 +436,40 @@ def stream_batches(
     """Keep ``window`` batches in flight; submit the next as each one finishes."""
     pending = iter(batches)
     futures = as_completed()
-    for batch in _take(pending, window):
-        futures.add(client.compute(make_graph(batch)))
+    in_flight: dict[str, UrlBatch] = {}
+
+    def submit(n: int) -> None:
+        for batch in _take(pending, n):
+            future = client.compute(wiring.graph(batch))
+            in_flight[future.key] = batch
+            futures.add(future)
+
+    submit(window)
     for future in futures:
+        batch = in_flight.pop(future.key)
         try:
             report = future.result()
-        except Exception as exc:  # a batch failed twice over: infrastructure, not data
-            log.error("batch %s failed: %s", future.key, exc)
+        except Exception as exc:  # failed on every retry: infrastructure, not data
+            report = wiring.failed(batch, exc)
             tally.failed_batches.append(str(future.key))
-        else:
+        if report is not None:
             tally.add(report)
             progress.batch_done(report)
         future.release()
         progress.show(tally)
-        for batch in _take(pending, 1):
-            futures.add(client.compute(make_graph(batch)))
+        submit(1)
 
 
-def run_sync(
-    batches: Iterable[UrlBatch],
-    make_graph: Callable[[UrlBatch], Delayed],
-    tally: Tally,
-    progress: Progress,
-) -> None:
+def run_sync(batches: Iterable[UrlBatch], wiring: Wiring, tally: Tally, progress: Progress) -> None:
     for batch in batches:
-        (report,) = dask.compute(make_graph(batch), scheduler="sync")
-        tally.add(report)
-        progress.batch_done(report)
+        try:
+            (report,) = dask.compute(wiring.graph(batch), scheduler="sync")
+        except Exception as exc:
+            report = wiring.failed(batch, exc)
+            tally.failed_batches.append(f"batch-{batch.batch_id}")
+        if report is not None:
+            tally.add(report)
+            progress.batch_done(report)
         progress.show(tally)
 
 
@@ -585,7 +605,7 @@ def run(job: Job, tally: Tally) -> None:
         print(f"outputs: {job.output.root}  (manifest: {manifest_dir(job)})")
         tally.started = time.perf_counter()
         if job.cluster.kind == "sync" and not job.cluster.is_remote:
-            run_sync(batches, wiring.graph, tally, Progress(job.progress, batch_log))
+            run_sync(batches, wiring, tally, Progress(job.progress, batch_log))
         else:
             client = start_client(job, stack)
             wiring = replace(wiring, route=clusters.has_routing(client))
@@ -596,7 +616,7 @@ def run(job: Job, tally: Tally) -> None:
             if job.report:
                 stack.enter_context(performance_report(filename=job.report, mode="inline"))
             progress = Progress(job.progress, batch_log)
-            stream_batches(client, batches, wiring.graph, window, tally, progress)
+            stream_batches(client, batches, wiring, window, tally, progress)
         Progress(job.progress, None).show(tally, final=True)
         if not tally.failed_batches:
             keep_only_run(job.output, run_id)

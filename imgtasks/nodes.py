@@ -15,7 +15,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
 from imgtasks.download import DownloadResult, DownloadSettings, fetch_many
-from imgtasks.sinks import OutputSettings, Record, output_relpath, write_file, write_manifest_part
+from imgtasks.sinks import (
+    OutputSettings,
+    Record,
+    file_exists,
+    manifest_relpath,
+    output_relpath,
+    read_part,
+    write_file,
+    write_manifest_part,
+)
 from imgtasks.sources import UrlBatch, UrlEntry
 from imgtasks.thumbnail import Thumbnail, ThumbSettings, make_thumbnail
 
@@ -23,6 +32,8 @@ log = logging.getLogger(__name__)
 
 ORIGINAL_EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "GIF": "gif", "WEBP": "webp", "MPO": "jpg"}
 RESUMED = "resumed"  # entry status: finished by an earlier run; its manifest row is kept
+INTERNAL_ERROR = "internal_error"  # an unexpected exception while handling one URL
+BATCH_FAILED = "batch_failed"  # the batch's node failed on every retry; the client wrote the row
 
 
 @dataclass(frozen=True)
@@ -94,24 +105,77 @@ def thumbnail_batch(
     records = [
         replace(previous[entry.index], index=entry.index)
         if entry.status == RESUMED
-        else entry_record(entry, result, job)
+        else isolated_record(entry, result, job)
         for entry, result in zip(downloaded.batch.entries, downloaded.results, strict=True)
     ]
     manifest = write_manifest_part(job.output, job.run_id, downloaded.batch.batch_id, records)
     wall = time.perf_counter() - start
     log.debug("batch %d: %d entries in %.3f s", downloaded.batch.batch_id, len(records), wall)
+    return batch_report(
+        downloaded.batch.batch_id,
+        manifest,
+        records,
+        resumed=len(previous),
+        download_wall_s=downloaded.wall_s,
+        thumbnail_wall_s=wall,
+    )
+
+
+def batch_report(
+    batch_id: int, manifest: str, records: list[Record], resumed: int = 0, **walls: float
+) -> BatchReport:
     return BatchReport(
-        batch_id=downloaded.batch.batch_id,
+        batch_id=batch_id,
         manifest_path=manifest,
         counts=dict(Counter(r.status for r in records)),
-        resumed=len(previous),
+        resumed=resumed,
         entries=len(records),
         bytes_in=sum(r.bytes for r in records),
         download_s=sum(r.download_s for r in records),
         thumbnail_s=sum(r.thumbnail_s for r in records),
-        download_wall_s=downloaded.wall_s,
-        thumbnail_wall_s=wall,
+        **walls,
     )
+
+
+def record_failed_batch(
+    batch: UrlBatch, error: str, job: JobSettings, previous: Mapping[int, Record] | None = None
+) -> BatchReport:
+    """Write the rows of a batch whose node failed on every retry, so the manifest stays
+    complete (``--resume`` fetches its URLs again). A part the node managed to write
+    before it was lost is complete (written atomically) and kept."""
+    relpath = manifest_relpath(job.run_id, batch.batch_id)
+    if file_exists(job.output, relpath):
+        records = [Record(**row) for row in read_part(job.output, relpath).to_pylist()]
+    else:
+        records = failed_batch_records(batch, error, job, previous)
+        write_manifest_part(job.output, job.run_id, batch.batch_id, records)
+    return batch_report(batch.batch_id, relpath, records, resumed=len(previous or {}))
+
+
+def isolated_record(entry: UrlEntry, result: DownloadResult | None, job: JobSettings) -> Record:
+    """``entry_record``, with any unexpected exception turned into this URL's own row:
+    one URL's bug costs that URL, never the rest of its batch."""
+    try:
+        return entry_record(entry, result, job)
+    except Exception as exc:  # a bug, or a library failing in a way nobody classified
+        log.exception("internal error on %s", entry.url)
+        return Record(entry.index, entry.url, INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")
+
+
+def failed_batch_records(
+    batch: UrlBatch, error: str, job: JobSettings, previous: Mapping[int, Record] | None = None
+) -> list[Record]:
+    """The rows of a batch whose node failed for good: ``batch_failed`` for every URL it
+    was to fetch; sources' verdicts and resumed rows as the node would have written them."""
+    previous = previous or {}
+    return [
+        replace(previous[e.index], index=e.index)
+        if e.index in previous
+        else Record(e.index, e.url, BATCH_FAILED, error)
+        if e.pending or e.status == RESUMED
+        else entry_record(e, None, job)
+        for e in batch.entries
+    ]
 
 
 def entry_record(entry: UrlEntry, result: DownloadResult | None, job: JobSettings) -> Record:

@@ -81,8 +81,9 @@ MANIFEST_SCHEMA = pa.schema(
         ("path", pa.string()),
         ("width", pa.int32()),
         ("height", pa.int32()),
-        ("orig_width", pa.int32()),
-        ("orig_height", pa.int32()),
+        # int64: file headers claim sizes up to 2**32 - 1 (BMP, TIFF), past int32
+        ("orig_width", pa.int64()),
+        ("orig_height", pa.int64()),
         ("bytes", pa.int64()),
         ("sha256", pa.string()),
         ("http_status", pa.int32()),
@@ -183,8 +184,51 @@ def manifest_relpath(run_id: str, batch_id: int) -> str:
     return f"{MANIFEST_DIR}/part-{run_id}-{batch_id:08d}.parquet"
 
 
+MAX_TEXT = 4096  # characters kept of a string column; errors quoting hostile data stay small
+_INT_RANGES = {
+    pa.int32(): (-(2**31), 2**31 - 1),
+    pa.int64(): (-(2**63), 2**63 - 1),
+}
+
+
 def records_table(records: Iterable[Record]) -> pa.Table:
-    return pa.Table.from_pylist([asdict(r) for r in records], schema=MANIFEST_SCHEMA)
+    """The rows as a table of ``MANIFEST_SCHEMA``, whatever values a file put in them."""
+    return pa.Table.from_pylist([manifest_row(r) for r in records], schema=MANIFEST_SCHEMA)
+
+
+def manifest_row(record: Record) -> dict[str, Any]:
+    """A record's fields made to fit the schema: integers clamped to their column's range,
+    floats made floats, strings valid UTF-8 (lone surrogates escaped) and at most
+    ``MAX_TEXT`` characters. URLs are kept whole: resume matches rows by URL."""
+    row = asdict(record)
+    for column in MANIFEST_SCHEMA:
+        row[column.name] = _fit(row[column.name], column.type, column.name == "url")
+    return row
+
+
+def _fit(value: Any, kind: pa.DataType, whole: bool) -> Any:
+    if pa.types.is_integer(kind):
+        low, high = _INT_RANGES[kind]
+        return min(max(_as_int(value), low), high)
+    if pa.types.is_floating(kind):
+        return _as_float(value)
+    text = value if isinstance(value, str) else "" if value is None else str(value)
+    text = text if whole else text[:MAX_TEXT]
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _as_int(value: Any) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError, OverflowError):  # None, NaN, inf, text
+        return 0
+
+
+def _as_float(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError, OverflowError):
+        return 0.0
 
 
 def write_manifest_part(
