@@ -43,6 +43,7 @@ from imgtasks.imgur import (
     client_id_from_env,
     imgur_links,
 )
+from imgtasks.manifest import MANIFEST_DIR, Record, finished_rows, keep_only_run
 from imgtasks.nodes import (
     BATCH_FAILED,
     BatchReport,
@@ -52,17 +53,7 @@ from imgtasks.nodes import (
     resume_batch,
     thumbnail_batch,
 )
-from imgtasks.sinks import (
-    MANIFEST_DIR,
-    OutputSettings,
-    Record,
-    filesystem,
-    finished_rows,
-    is_local,
-    keep_only_run,
-    sweep_temporaries,
-    write_file,
-)
+from imgtasks.sinks import OutputSettings, filesystem, is_local, sweep_temporaries, write_file
 from imgtasks.sources import SourceSettings, UrlBatch, batched, classify, url_batches
 from imgtasks.thumbnail import ThumbSettings, parse_size
 

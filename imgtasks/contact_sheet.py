@@ -36,14 +36,8 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageDraw, ImageFont
 
-from imgtasks.sinks import (
-    MANIFEST_DIR,
-    OutputSettings,
-    filesystem,
-    manifest_parts,
-    read_part,
-    write_file,
-)
+from imgtasks.manifest import MANIFEST_DIR, manifest_parts, read_part
+from imgtasks.sinks import OutputSettings, filesystem, write_file
 
 log = logging.getLogger(__name__)
 

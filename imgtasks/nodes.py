@@ -15,16 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
 from imgtasks.download import DownloadResult, DownloadSettings, fetch_many
-from imgtasks.sinks import (
-    OutputSettings,
-    Record,
-    file_exists,
-    manifest_relpath,
-    output_relpath,
-    read_part,
-    write_file,
-    write_manifest_part,
-)
+from imgtasks.manifest import Record, manifest_relpath, read_part, write_manifest_part
+from imgtasks.sinks import OutputSettings, file_exists, output_relpath, write_file
 from imgtasks.sources import UrlBatch, UrlEntry
 from imgtasks.thumbnail import Thumbnail, ThumbSettings, make_thumbnail
 

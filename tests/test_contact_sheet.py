@@ -26,7 +26,8 @@ from imgtasks.contact_sheet import (
     write_contact_sheet,
 )
 from imgtasks.imagecheck import encode, photo_like
-from imgtasks.sinks import OutputSettings, Record, output_relpath, write_file, write_manifest_part
+from imgtasks.manifest import Record, write_manifest_part
+from imgtasks.sinks import OutputSettings, output_relpath, write_file
 
 
 def solid(

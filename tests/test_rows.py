@@ -15,15 +15,15 @@ from hypothesis import strategies as st
 
 from imgtasks import nodes
 from imgtasks.download import DownloadSettings
-from imgtasks.nodes import JobSettings, download_batch, record_failed_batch, thumbnail_batch
-from imgtasks.sinks import (
+from imgtasks.manifest import (
     MANIFEST_SCHEMA,
-    OutputSettings,
     Record,
     manifest_row,
     read_manifest,
     write_manifest_part,
 )
+from imgtasks.nodes import JobSettings, download_batch, record_failed_batch, thumbnail_batch
+from imgtasks.sinks import OutputSettings
 from imgtasks.sources import batched, classify
 from imgtasks.thumbnail import ThumbSettings, make_thumbnail
 

@@ -7,17 +7,14 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from imgtasks.manifest import Record, manifest_parts, read_manifest, write_manifest_part
 from imgtasks.sinks import (
     OutputSettings,
-    Record,
     file_exists,
-    manifest_parts,
     output_relpath,
-    read_manifest,
     sweep_temporaries,
     write_atomic,
     write_file,
-    write_manifest_part,
 )
 
 CLIMBERS = [
