@@ -5,7 +5,9 @@ run, cluster start-up excluded, against a demo server in its own process.
     python benchmarks/flow_cpu.py --repeat 3 --ab dask-malloc-trim
     python benchmarks/flow_cpu.py -- --scheduler processes --batch-size 32
 
-Arguments after ``--`` go to ``flows/run.py`` (its ``--urls``/``--out`` are set here).
+Arguments after ``--`` shape the run as ``flows/run.py``'s do (``--scheduler``,
+``--cpu-workers``, ``--io-threads``, ``--batch-size``, ``--window``, ``--dashboard-address``);
+the run itself is one ``imgtasks.thumbnails`` call on a client this script starts.
 ``--ab dask-malloc-trim`` alternates runs with our worker environment and with Dask's
 default ``MALLOC_TRIM_THRESHOLD_=65536`` (see ``imgtasks.cluster``), so both see the same
 machine load; on a shared machine compare several pairs, not one.
@@ -14,12 +16,10 @@ machine load; on a shared machine compare several pairs, not one.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,15 +27,9 @@ from pathlib import Path
 import psutil
 import requests
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "flows"))
-
-import run as flow  # noqa: E402  (flows/run.py)
-
-from imgtasks import cluster as clusters  # noqa: E402
-from imgtasks.demo_server import server_process  # noqa: E402
-from imgtasks.nodes import JobSettings  # noqa: E402
-from imgtasks.sources import url_batches  # noqa: E402
+import imgtasks
+from imgtasks import cluster as clusters
+from imgtasks.demo_server import server_process
 
 VARIANTS = {
     "ours": clusters.WORKER_PRE_SPAWN_ENVIRON,
@@ -55,16 +49,30 @@ def usage(proc: psutil.Process) -> Usage:
     return Usage(times.user + times.system, int(fields[7]))  # minflt
 
 
+def flow_settings(argv: Sequence[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="flow_cpu.py -- ")
+    p.add_argument("--scheduler", default="hybrid")
+    p.add_argument("--cpu-workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--io-threads", type=int, default=clusters.DEFAULT_IO_THREADS)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--window", type=int, default=0)
+    p.add_argument("--dashboard-address", default=clusters.DEFAULT_DASHBOARD)
+    return p.parse_args(argv)
+
+
 def run_once(
     argv: Sequence[str], count: int, base: str, server: psutil.Process, variant: str
 ) -> None:
     work = Path(tempfile.mkdtemp(prefix="imgtasks-flow-cpu-"))
     urls = requests.get(f"{base}/urls", params={"count": count}, timeout=60).text.split()
-    (work / "urls.txt").write_text("\n".join(urls) + "\n")
-    job = flow.parse_job(
-        ["--urls", str(work / "urls.txt"), "--out", str(work / "out"), "--no-progress", *argv]
+    args = flow_settings(argv)
+    settings = clusters.ClusterSettings(
+        kind=args.scheduler,
+        cpu_workers=args.cpu_workers,
+        io_threads=args.io_threads,
+        dashboard_address=args.dashboard_address,
+        worker_environ=VARIANTS[variant],
     )
-    settings = dataclasses.replace(job.cluster, worker_environ=VARIANTS[variant])
     started = time.perf_counter()
     client, cluster = clusters.connect(settings)
     try:
@@ -77,31 +85,27 @@ def run_once(
         procs = {f"worker {kinds[a]}": psutil.Process(pid) for a, pid in pids.items()}
         procs |= {"client + scheduler": psutil.Process(), "demo server": server}
         before = {name: usage(p) for name, p in procs.items()}
-        wiring = flow.Wiring(
-            job.download,
-            JobSettings(job.thumb, job.output, flow.new_run_id()),
-            uuid.uuid4().hex[:8],
-            route=clusters.has_routing(client),
+        result = imgtasks.thumbnails(
+            urls,
+            work / "out",
+            client=client,
+            batch_size=args.batch_size,
+            window=args.window,
+            progress=False,
         )
-        window = job.window or flow.default_window(client, job.batch_size)
-        tally = flow.Tally(total=count)
-        t0 = time.perf_counter()
-        flow.stream_batches(
-            client, url_batches(job.source), wiring, window, tally, flow.Progress(False, None)
-        )
-        wall = time.perf_counter() - t0
         after = {name: usage(p) for name, p in procs.items()}
     finally:
         client.close()
         if cluster is not None:
             cluster.close()
-    report(tally, wall, startup, window, before, after)
+    report(result, startup, before, after)
 
 
-def report(tally: flow.Tally, wall: float, startup: float, window: int, before, after) -> None:
+def report(result: imgtasks.Result, startup: float, before, after) -> None:
+    wall = result.wall_s
     print(
-        f"  {tally.counts.get('ok', 0)}/{tally.entries} ok in {wall:.2f} s "
-        f"({tally.entries / wall:.0f} images/s; start-up {startup:.1f} s; window {window})"
+        f"  {result.ok}/{result.entries} ok in {wall:.2f} s "
+        f"({result.images_per_s:.0f} images/s; start-up {startup:.1f} s)"
     )
     total = 0.0
     for name in sorted(after):
@@ -118,7 +122,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--latency", type=float, default=0.1)
     p.add_argument("--repeat", type=int, default=1)
     p.add_argument("--ab", choices=sorted(set(VARIANTS) - {"ours"}), help="alternate with this")
-    p.add_argument("flow_args", nargs="*", help="after --: flows/run.py arguments")
+    p.add_argument(
+        "flow_args", nargs="*", help="after --: the run's shape, as flows/run.py takes it"
+    )
     args = p.parse_args(argv)
     variants = ["ours", args.ab] if args.ab else ["ours"]
     with server_process(args.latency) as (base, pid):

@@ -1,38 +1,29 @@
-"""The main job: download image URLs and make thumbnails on a Dask cluster.
+"""The main job, as a command line over ``imgtasks.thumbnails``.
 
     python flows/run.py                          # 1000 images from the embedded demo server
     python flows/run.py --scheduler processes    # single-threaded worker processes
     python flows/run.py --urls urls.parquet --out s3://bucket/thumbs --scheduler tcp://host:8786
 
-For each batch of URLs the flow builds one download node feeding one thumbnail node
-(``dask.delayed`` on the plain functions of ``imgtasks.nodes``), routes them to the I/O
-and CPU worker pools by resources, and submits batches through a bounded window so
-memory stays flat however long the list is.
+argv -> settings -> one call -> the summary. The source is a URL list (``--urls``), Imgur's
+gallery (``--imgur N``) or, by default, the embedded demo image server on 127.0.0.1.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import itertools
 import json
 import logging
 import os
 import signal
 import sys
-import time
-import uuid
-from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field, replace
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-import dask
-from dask.delayed import Delayed
-from distributed import Client, as_completed, performance_report
-
+import imgtasks
 from imgtasks import cluster as clusters
-from imgtasks.contact_sheet import write_contact_sheet
 from imgtasks.demo_server import DemoServer, ServerSettings
 from imgtasks.download import DownloadSettings
 from imgtasks.imgur import (
@@ -43,24 +34,12 @@ from imgtasks.imgur import (
     client_id_from_env,
     imgur_links,
 )
-from imgtasks.manifest import MANIFEST_DIR, Record, finished_rows, keep_only_run
-from imgtasks.nodes import (
-    BATCH_FAILED,
-    BatchReport,
-    JobSettings,
-    download_batch,
-    record_failed_batch,
-    resume_batch,
-    thumbnail_batch,
-)
-from imgtasks.sinks import OutputSettings, filesystem, is_local, sweep_temporaries, write_file
-from imgtasks.sources import SourceSettings, UrlBatch, batched, classify, url_batches
+from imgtasks.sources import DEFAULT_BATCH_SIZE
 from imgtasks.thumbnail import ThumbSettings, parse_size
 
-log = logging.getLogger("imgtasks.flow")
+log = logging.getLogger("imgtasks.cli")
 
 DEFAULT_COUNT = 1000
-DEFAULT_BATCH_SIZE = 16
 DEFAULT_OUT = "thumbnails"
 DEMO_PORT = 8765
 
@@ -221,31 +200,32 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("DEBUG", "INFO", "WARNING", "ERROR"),
         help="logging level",
     )
-    p.add_argument("--no-progress", action="store_true", help="no progress line")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--result-json",
+        metavar="FILE",
+        help="also write the run's figures (counts, wall time, ...) there as JSON",
+    )
     return p
 
 
 @dataclass(frozen=True)
 class Job:
-    """The parsed command line, as the settings objects the stages take."""
+    """The parsed command line: where the URLs come from, and the API call's arguments."""
 
-    cluster: clusters.ClusterSettings
-    download: DownloadSettings
-    thumb: ThumbSettings
-    output: OutputSettings
-    originals: OutputSettings | None
-    source: SourceSettings | None  # None: the demo server
-    count: int
-    latency: float
-    batch_size: int
-    window: int
-    report: str | None
-    progress: bool
-    log_level: str = "WARNING"
-    resume: bool = False
+    options: dict[str, Any] = field(hash=False)  # keywords of imgtasks.thumbnails
+    urls: str | None = None  # --urls; None: the demo server (or --imgur)
+    count: int = DEFAULT_COUNT
+    latency: float = 0.1
     demo_port: int = DEMO_PORT
-    imgur: ImgurSettings | None = None  # --imgur: links from the Imgur gallery
+    imgur: ImgurSettings | None = None
     imgur_count: int = 0
+    log_level: str = "WARNING"
+    result_json: str | None = None
+
+    @property
+    def cluster(self) -> clusters.ClusterSettings:
+        return self.options["cluster"]
 
 
 def parse_job(argv: list[str] | None = None) -> Job:
@@ -257,8 +237,7 @@ def parse_job(argv: list[str] | None = None) -> Job:
 
 
 def job_from_args(args: argparse.Namespace) -> Job:
-    if args.count < 1:
-        raise ValueError(f"--count must be >= 1, got {args.count}")
+    _positive("--count", args.count)
     if args.window < 0:
         raise ValueError(f"--window must be >= 0, got {args.window}")
     if args.latency < 0:
@@ -274,44 +253,42 @@ def job_from_args(args: argparse.Namespace) -> Job:
         raise ValueError("--report needs a distributed scheduler; sync mode has no dashboard")
     if args.urls and "://" not in args.urls and not Path(args.urls).exists():
         raise ValueError(f"--urls: no such file: {args.urls}")
-    storage = parse_storage_options(args.storage_options)
     imgur = None
     if args.imgur is not None:
         _positive("--imgur", args.imgur)
         imgur = ImgurSettings(client_id_from_env(args.imgur_client_id), api_base=args.imgur_api)
-    return Job(
-        cluster=cluster,
-        download=DownloadSettings(
+    options = {
+        "out": args.out,
+        "cluster": cluster,
+        "url_column": args.url_column,
+        "thumb": ThumbSettings(
+            size=parse_size(args.size), mode=args.mode, format=args.format, quality=args.quality
+        ),
+        "download": DownloadSettings(
             deadline=args.timeout,
             retries=args.retries,
             max_bytes=args.max_bytes,
             user_agent=args.user_agent,
             per_host=args.per_host,
         ),
-        thumb=ThumbSettings(
-            size=parse_size(args.size), mode=args.mode, format=args.format, quality=args.quality
-        ),
-        output=OutputSettings(args.out, storage),
-        originals=OutputSettings(args.keep_originals, storage) if args.keep_originals else None,
-        source=SourceSettings(
-            args.urls,
-            column=args.url_column,
-            batch_size=args.batch_size,
-            storage_options=storage,
-        )
-        if args.urls
-        else None,
+        "storage_options": parse_storage_options(args.storage_options),
+        "keep_originals": args.keep_originals,
+        "resume": args.resume,
+        "batch_size": _positive("--batch-size", args.batch_size),
+        "window": args.window,
+        "report": args.report,
+        "progress": not args.no_progress and sys.stderr.isatty(),
+    }
+    return Job(
+        options,
+        urls=args.urls,
         count=args.count,
         latency=args.latency,
-        batch_size=_positive("--batch-size", args.batch_size),
-        window=args.window,
-        report=args.report,
-        progress=not args.no_progress,
-        log_level=args.log_level,
-        resume=args.resume,
         demo_port=args.demo_port,
         imgur=imgur,
         imgur_count=args.imgur or 0,
+        log_level=args.log_level,
+        result_json=args.result_json,
     )
 
 
@@ -331,341 +308,42 @@ def _positive(name: str, value: int) -> int:
     return value
 
 
-# --- the graph -------------------------------------------------------------------------
+# --- the source ------------------------------------------------------------------------
 
 
-def batch_graph(
-    batch: UrlBatch, wiring: Wiring, previous: Mapping[int, Record] | None = None
-) -> Delayed:
-    """One download node feeding one thumbnail node; keys named after the stage."""
-    with _annotate(wiring.route, clusters.IO_RESOURCE):
-        downloaded = dask.delayed(download_batch, pure=False)(
-            batch, wiring.download, dask_key_name=f"download-{wiring.token}-{batch.batch_id}"
-        )
-    with _annotate(wiring.route, clusters.CPU_RESOURCE):
-        return dask.delayed(thumbnail_batch, pure=False)(
-            downloaded,
-            wiring.job,
-            previous or None,
-            dask_key_name=f"thumbnail-{wiring.token}-{batch.batch_id}",
-        )
-
-
-@dataclass(frozen=True)
-class Wiring:
-    """What every batch's graph shares."""
-
-    download: DownloadSettings
-    job: JobSettings
-    token: str  # makes this run's task keys unique on a shared cluster
-    route: bool  # send stages to the io/cpu pools by resources
-    done: Mapping[str, Record] = field(default_factory=dict, hash=False)  # --resume
-
-    def graph(self, batch: UrlBatch) -> Delayed:
-        batch, previous = resume_batch(batch, self.done)
-        return batch_graph(batch, self, previous)
-
-    def failed(self, batch: UrlBatch, exc: BaseException) -> BatchReport | None:
-        """The client writes the rows of a batch whose node failed on every retry."""
-        error = f"{type(exc).__name__}: {exc}"
-        log.error("batch %d failed: %s", batch.batch_id, error)
-        batch, previous = resume_batch(batch, self.done)
+@contextlib.contextmanager
+def url_source(job: Job) -> Iterator[Any]:
+    """What to pass as ``urls``: the list's path, Imgur's links, or the demo server's URLs
+    (the server running until the job ends)."""
+    if job.urls is not None:
+        yield job.urls
+    elif job.imgur is not None:
+        yield imgur_urls(job)
+    else:
+        server = start_demo_server(job)
         try:
-            return record_failed_batch(batch, error, self.job, previous)
-        except Exception as write_exc:  # the store refuses the client too: nothing left to do
-            log.error("batch %d: its rows could not be written: %s", batch.batch_id, write_exc)
-            return None
+            yield demo_urls(job, server)
+        finally:
+            server.stop()
 
 
-def _annotate(route: bool, resource: str) -> contextlib.AbstractContextManager:
-    # retries: for infrastructure faults only (a lost worker); HTTP retries live in download.
-    if not route:
-        return dask.annotate(retries=2)
-    return dask.annotate(resources={resource: 1}, retries=2)
+def imgur_urls(job: Job) -> list[str]:
+    assert job.imgur is not None
+    print(f"imgur: up to {job.imgur_count} image links from {job.imgur.api_base}", flush=True)
+    # At most max_pages x ~60 items: small enough to list before the cluster starts, so an
+    # Imgur error stops the run before any work and the total is known.
+    stats = ImgurStats()
+    links = list(imgur_links(job.imgur, job.imgur_count, stats))
+    albums_skipped = stats.albums_skipped + stats.albums_without_images
+    print(
+        f"imgur: {len(links)} links from {stats.pages} pages; albums expanded "
+        f"{stats.albums_expanded}, skipped {albums_skipped}; videos skipped "
+        f"{stats.videos_skipped}; duplicates {stats.duplicates}"
+    )
+    return links
 
 
-@dataclass
-class Tally:
-    """What the client has heard back so far."""
-
-    total: int | None = None
-    started: float = field(default_factory=time.perf_counter)
-    counts: Counter = field(default_factory=Counter)
-    entries: int = 0
-    download_s: float = 0.0
-    thumbnail_s: float = 0.0
-    downloaded: int = 0
-    resumed: int = 0
-    ready: float = 0.0  # seconds until the cluster was up and the first batch went out
-    failed_batches: list[str] = field(default_factory=list)
-
-    def add(self, report: BatchReport) -> None:
-        self.resumed += report.resumed
-        self.counts.update(report.counts)
-        self.entries += report.entries
-        self.download_s += report.download_s
-        self.thumbnail_s += report.thumbnail_s
-        fetched = sum(n for s, n in report.counts.items() if s not in NOT_FETCHED)
-        self.downloaded += fetched - report.resumed
-
-    @property
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.started
-
-
-NOT_FETCHED = ("invalid_url", "duplicate", BATCH_FAILED)
-
-
-def stream_batches(
-    client: Client,
-    batches: Iterable[UrlBatch],
-    wiring: Wiring,
-    window: int,
-    tally: Tally,
-    progress: Progress,
-) -> None:
-    """Keep ``window`` batches in flight; submit the next as each one finishes."""
-    pending = iter(batches)
-    futures = as_completed()
-    in_flight: dict[str, UrlBatch] = {}
-
-    def submit(n: int) -> None:
-        for batch in _take(pending, n):
-            future = client.compute(wiring.graph(batch))
-            in_flight[future.key] = batch
-            futures.add(future)
-
-    submit(window)
-    for future in futures:
-        batch = in_flight.pop(future.key)
-        try:
-            report = future.result()
-        except Exception as exc:  # failed on every retry: infrastructure, not data
-            report = wiring.failed(batch, exc)
-            tally.failed_batches.append(str(future.key))
-        if report is not None:
-            tally.add(report)
-            progress.batch_done(report)
-        future.release()
-        progress.show(tally)
-        submit(1)
-
-
-def run_sync(batches: Iterable[UrlBatch], wiring: Wiring, tally: Tally, progress: Progress) -> None:
-    for batch in batches:
-        try:
-            (report,) = dask.compute(wiring.graph(batch), scheduler="sync")
-        except Exception as exc:
-            report = wiring.failed(batch, exc)
-            tally.failed_batches.append(f"batch-{batch.batch_id}")
-        if report is not None:
-            tally.add(report)
-            progress.batch_done(report)
-        progress.show(tally)
-
-
-def _take(items: Iterator[UrlBatch], n: int) -> list[UrlBatch]:
-    return list(itertools.islice(items, n))
-
-
-def default_window(client: Client, batch_size: int) -> int:
-    """Enough batches in flight to keep every CPU slot busy, and not many more."""
-    info = client.scheduler_info(n_workers=-1)["workers"].values()
-    slots = sum(w.get("nthreads", 1) for w in info if "io" not in (w.get("resources") or {}))
-    # Measured on 2 cores, 1000 demo images at 100 ms latency: a window of 6 batches left
-    # the CPU workers waiting on downloads (24 images/s), 16 kept them busy (52 images/s),
-    # 32 gained nothing more. Each CPU slot needs ~4 batches: its own, and three downloading.
-    return max(8, 4 * min(slots, 512) + 8)
-
-
-class Progress:
-    """images done / total and images per second, on one refreshed line; a log line per batch."""
-
-    def __init__(self, enabled: bool, batch_log: BatchLog | None) -> None:
-        self.enabled = enabled and sys.stderr.isatty()
-        self.batch_log = batch_log
-        self.last = 0.0
-
-    def batch_done(self, report: BatchReport) -> None:
-        if self.batch_log is not None:
-            self.batch_log.write(report)
-
-    def show(self, tally: Tally, final: bool = False) -> None:
-        now = time.perf_counter()
-        if not self.enabled or (now - self.last < 0.2 and not final):
-            return
-        self.last = now
-        total = f"/{tally.total}" if tally.total else ""
-        rate = tally.entries / max(tally.elapsed, 1e-9)
-        ok = tally.counts.get("ok", 0)
-        line = f"\r{tally.entries}{total} done, {ok} ok, {rate:.1f} images/s"
-        print(line, end="\n" if final else "", file=sys.stderr, flush=True)
-
-
-class BatchLog:
-    """``<out>/run.log``: one line per finished batch (counts and seconds)."""
-
-    def __init__(self, output: OutputSettings) -> None:
-        self.output = output
-        self.lines: list[str] = []
-        self.file = None
-        fs, root = filesystem(output)
-        if is_local(fs):  # append as we go; remote outputs get the log at the end
-            os.makedirs(root, exist_ok=True)
-            self.file = open(os.path.join(root, "run.log"), "a", encoding="utf-8")  # noqa: SIM115
-
-    def __enter__(self) -> BatchLog:
-        self.line(f"run started, output {self.output.root}")
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.line("run ended" if exc[0] is None else f"run stopped: {exc[0].__name__}")  # type: ignore[union-attr]
-        if self.file is not None:
-            self.file.close()
-        else:
-            write_file(self.output, "run.log", "".join(self.lines).encode())
-
-    def write(self, report: BatchReport) -> None:
-        counts = " ".join(f"{k}={v}" for k, v in sorted(report.counts.items()))
-        self.line(
-            f"batch {report.batch_id} entries={report.entries} {counts} "
-            f"download_s={report.download_wall_s:.3f} thumbnail_s={report.thumbnail_wall_s:.3f}"
-        )
-
-    def line(self, text: str) -> None:
-        text = f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {text}\n"
-        if self.file is not None:
-            self.file.write(text)
-            self.file.flush()
-        else:
-            self.lines.append(text)
-
-
-def summary(tally: Tally, job: Job) -> str:
-    wall = tally.elapsed
-    lines = ["", f"{'status':<22}{'count':>10}"]
-    for status, n in sorted(tally.counts.items(), key=lambda kv: (-kv[1], kv[0])):
-        lines.append(f"{status:<22}{n:>10}")
-    lines.append(f"{'total':<22}{tally.entries:>10}")
-    per = max(tally.downloaded, 1)
-    if tally.resumed:
-        lines.append(f"({tally.resumed} ok rows resumed from an earlier run, not fetched again)")
-    lines += [
-        "",
-        f"wall time        {wall:.2f} s (cluster start-up {tally.ready:.2f} s)",
-        f"images/s         {tally.entries / max(wall, 1e-9):.1f}",
-        f"download / image {1000 * tally.download_s / per:.1f} ms (per URL, queueing excluded)",
-        f"thumbnail / image {1000 * tally.thumbnail_s / max(tally.counts.get('ok', 0), 1):.1f} ms",
-        f"thumbnails       {job.output.root}",
-        f"manifest         {manifest_dir(job)}",
-        f"run log          {job.output.root.rstrip('/')}/run.log",
-    ]
-    if job.report:
-        lines.append(f"report           {job.report}")
-    if tally.failed_batches:
-        lines.append(
-            f"FAILED batches   {len(tally.failed_batches)}: {', '.join(tally.failed_batches[:5])}"
-        )
-    return "\n".join(lines)
-
-
-# --- the run ---------------------------------------------------------------------------
-
-
-def new_run_id() -> str:
-    """UTC to the microsecond: manifest parts sort by run, and the latest row of a URL wins."""
-    now = time.time_ns()
-    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now // 10**9))
-    return f"{stamp}.{now // 1000 % 10**6:06d}Z-{uuid.uuid4().hex[:6]}"
-
-
-def run(job: Job, tally: Tally) -> None:
-    """Run the whole job, counting what happens in ``tally`` (kept if interrupted)."""
-    with contextlib.ExitStack() as stack:
-        batches, tally.total = open_source(job, stack)
-        run_id = new_run_id()
-        done = resumable(job)
-        wiring = Wiring(
-            job.download,
-            JobSettings(job.thumb, job.output, run_id, job.originals),
-            token=uuid.uuid4().hex[:8],
-            route=False,
-            done=done,
-        )
-        batch_log = stack.enter_context(BatchLog(job.output))
-        print(f"outputs: {job.output.root}  (manifest: {manifest_dir(job)})")
-        tally.started = time.perf_counter()
-        if job.cluster.kind == "sync" and not job.cluster.is_remote:
-            run_sync(batches, wiring, tally, Progress(job.progress, batch_log))
-        else:
-            client = start_client(job, stack)
-            wiring = replace(wiring, route=clusters.has_routing(client))
-            if job.cluster.is_remote and not wiring.route:
-                print("note: the cluster's workers have no io/cpu resources: stages run anywhere")
-            window = job.window or default_window(client, job.batch_size)
-            tally.ready = tally.elapsed
-            if job.report:
-                stack.enter_context(performance_report(filename=job.report, mode="inline"))
-            progress = Progress(job.progress, batch_log)
-            stream_batches(client, batches, wiring, window, tally, progress)
-        Progress(job.progress, None).show(tally, final=True)
-        if not tally.failed_batches:
-            keep_only_run(job.output, run_id)
-        sheet = contact_sheet(job, run_id)
-        if sheet:
-            print(f"contact sheet: {sheet}")
-
-
-def contact_sheet(job: Job, run_id: str) -> str | None:
-    """Write <out>/contact_sheet.jpg; never fails the run."""
-    try:
-        relpath = write_contact_sheet(job.output, run_id=run_id)
-    except Exception as exc:
-        log.warning("contact sheet not written: %s", exc)
-        return None
-    return None if relpath is None else f"{job.output.root.rstrip('/')}/{relpath}"
-
-
-def start_client(job: Job, stack: contextlib.ExitStack) -> Client:
-    client, cluster = clusters.connect(job.cluster)
-    stack.callback(_close, client, cluster)
-    print(f"dashboard: {client.dashboard_link}", flush=True)
-    return client
-
-
-def resumable(job: Job) -> dict[str, Record]:
-    """--resume: the URLs an earlier run into the same output already finished."""
-    if not job.resume:
-        return {}
-    done = finished_rows(job.output)
-    swept = sweep_temporaries(job.output)
-    print(f"resume: {len(done)} URLs already done in {job.output.root}", end="")
-    print(f"; {swept} stale temporary files removed" if swept else "")
-    return done
-
-
-def manifest_dir(job: Job) -> str:
-    return f"{job.output.root.rstrip('/')}/{MANIFEST_DIR}/"
-
-
-def open_source(job: Job, stack: contextlib.ExitStack) -> tuple[Iterator[UrlBatch], int | None]:
-    if job.source is not None:
-        return url_batches(job.source), None
-    if job.imgur is not None:
-        print(f"imgur: up to {job.imgur_count} image links from {job.imgur.api_base}", flush=True)
-        # At most max_pages x ~60 items: small enough to list before the cluster starts,
-        # so an Imgur error stops the run before any work and the total is known.
-        stats = ImgurStats()
-        links = list(imgur_links(job.imgur, job.imgur_count, stats))
-        albums_skipped = stats.albums_skipped + stats.albums_without_images
-        print(
-            f"imgur: {len(links)} links from {stats.pages} pages; albums expanded "
-            f"{stats.albums_expanded}, skipped {albums_skipped}; videos skipped "
-            f"{stats.videos_skipped}; duplicates {stats.duplicates}"
-        )
-        return batched(classify(links), job.batch_size), len(links)
-    server = start_demo_server(job)
-    stack.callback(server.stop)
+def demo_urls(job: Job, server: DemoServer) -> list[str]:
     if job.cluster.is_remote:
         print(
             f"note: the demo server listens on {server.base_url} of this machine only; "
@@ -675,8 +353,7 @@ def open_source(job: Job, stack: contextlib.ExitStack) -> tuple[Iterator[UrlBatc
     print(
         f"demo server: {server.base_url} ({job.count} images, {job.latency * 1000:.0f} ms latency)"
     )
-    urls = server.urls(job.count)
-    return batched(classify(urls), job.batch_size), len(urls)
+    return server.urls(job.count)
 
 
 def start_demo_server(job: Job) -> DemoServer:
@@ -690,10 +367,18 @@ def start_demo_server(job: Job) -> DemoServer:
     raise RuntimeError("the demo server could not start")
 
 
-def _close(client: Client, cluster: object) -> None:
-    client.close()
-    if cluster is not None:
-        cluster.close()  # type: ignore[attr-defined]
+# --- main --------------------------------------------------------------------------------
+
+
+def show_progress_messages() -> None:
+    """The library says where outputs go, the dashboard link and what resume found on the
+    ``imgtasks.run`` logger; a command line prints them, whatever the log level."""
+    said = logging.getLogger("imgtasks.run")
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    said.addHandler(handler)
+    said.setLevel(logging.INFO)
+    said.propagate = False
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -705,13 +390,17 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=job.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    tally = Tally()
+    show_progress_messages()
     try:
-        run(job, tally)
-    except KeyboardInterrupt:
+        with url_source(job) as urls:
+            result = imgtasks.thumbnails(urls, **job.options)
+    except imgtasks.Interrupted as stop:
         # finished batches' manifest parts stay; writes are atomic, so nothing is partial
         print("\ninterrupted: finished batches are kept; rerun with --resume", file=sys.stderr)
-        print(summary(tally, job))
+        print(stop.result.summary())
+        return 130
+    except KeyboardInterrupt:  # before any batch went out
+        print("\ninterrupted before the run started", file=sys.stderr)
         return 130
     except ImgurError as exc:
         print(f"run.py: error: {exc}", file=sys.stderr)
@@ -720,8 +409,10 @@ def main(argv: list[str] | None = None) -> int:
         log.exception("run failed")
         print(f"run.py: internal error: {exc}", file=sys.stderr)
         return 1
-    print(summary(tally, job))
-    return 1 if tally.failed_batches else 0
+    print(result.summary())
+    if job.result_json:
+        Path(job.result_json).write_text(json.dumps(result.to_dict(), indent=1) + "\n")
+    return 1 if result.failed_batches else 0
 
 
 if __name__ == "__main__":

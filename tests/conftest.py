@@ -25,8 +25,6 @@ SLOW_RUN = (
 )
 # Files the flow writes under --out besides thumbnails and the manifest.
 RUN_FILES = frozenset({"run.log", "contact_sheet.jpg"})
-if str(FLOWS) not in sys.path:  # flows/ are scripts; tests import them as modules
-    sys.path.insert(0, str(FLOWS))
 
 
 def free_port() -> int:

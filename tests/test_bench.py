@@ -1,4 +1,4 @@
-"""flows/bench.py: rows are checked, ratios and the CPU floor computed from the rows, and a
+"""benchmarks/bench.py: rows are checked, ratios and the CPU floor computed from the rows, and a
 small real run on the demo server produces every row it asks for."""
 
 from __future__ import annotations
@@ -7,9 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import bench  # flows/bench.py
 import pytest
 from conftest import ROOT, subprocess_environment
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import bench
 
 CFG = bench.parse_config(["--count", "100", "--processes", "2"])
 
@@ -72,7 +74,7 @@ def test_small_real_run_measures_every_method_it_can(tmp_path: Path) -> None:
     methods = "john,threads,pool,dask-threads,img2dataset"
     proc = subprocess.run(
         [
-            *(sys.executable, str(ROOT / "flows" / "bench.py"), "--count", "12"),
+            *(sys.executable, str(ROOT / "benchmarks" / "bench.py"), "--count", "12"),
             *("--latency", "0", "--methods", methods, "--processes", "1", "--html", str(html)),
         ],
         env=env,

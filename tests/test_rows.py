@@ -228,18 +228,17 @@ def test_the_rows_of_a_failed_batch_are_written_by_the_client(tmp_path: Path, de
 
 
 def test_a_node_failing_every_attempt_still_gives_every_url_a_row_and_resume_retries_it(
-    tmp_path: Path, demo_server, monkeypatch: pytest.MonkeyPatch, capsys
+    tmp_path: Path, demo_server, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A real distributed run (one CPU worker process): batch 1's thumbnail node raises on
+    """A real distributed run (one worker process): batch 1's thumbnail node raises on
     every attempt; Dask's retries run out; the client writes the batch's rows."""
-    import run as flow  # flows/run.py
+    import imgtasks
+    from imgtasks import flow
+    from imgtasks.cluster import ClusterSettings
 
     urls = demo_server.urls(20)
-    listing = tmp_path / "urls.txt"
-    listing.write_text("\n".join(urls) + "\n")
     out = tmp_path / "out"
-    argv = ["--urls", str(listing), "--out", str(out), "--batch-size", "5", "--no-progress"]
-    argv += ["--scheduler", "processes", "--cpu-workers", "1", "--dashboard-address", "127.0.0.1:0"]
+    cluster = ClusterSettings("processes", cpu_workers=1, dashboard_address="127.0.0.1:0")
     real = flow.thumbnail_batch
 
     def poisoned(downloaded, job_settings, previous=None):
@@ -248,9 +247,9 @@ def test_a_node_failing_every_attempt_still_gives_every_url_a_row_and_resume_ret
         return real(downloaded, job_settings, previous)
 
     monkeypatch.setattr(flow, "thumbnail_batch", poisoned)  # pickled by value to the worker
-    assert flow.main(argv) == 1
-    captured = capsys.readouterr()
-    assert "FAILED batches   1" in captured.out
+    result = imgtasks.thumbnails(urls, out, cluster=cluster, batch_size=5, progress=False)
+    assert len(result.failed_batches) == 1 and "FAILED batches   1" in result.summary()
+    assert result.counts == {"ok": 15, "batch_failed": 5}
     df = rows(out)
     assert sorted(df["url"]) == sorted(urls)
     failed = df[df["status"] == "batch_failed"]
@@ -259,7 +258,8 @@ def test_a_node_failing_every_attempt_still_gives_every_url_a_row_and_resume_ret
     assert (df[df["status"] != "batch_failed"]["status"] == "ok").all()
 
     monkeypatch.setattr(flow, "thumbnail_batch", real)
-    assert flow.main([*argv, "--resume"]) == 0
+    again = imgtasks.thumbnails(urls, out, cluster=cluster, resume=True, progress=False)
+    assert again.counts == {"ok": 20} and again.resumed == 15 and not again.failed_batches
     df = rows(out)
     assert sorted(df["url"]) == sorted(urls)
     assert (df["status"] == "ok").all()

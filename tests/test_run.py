@@ -269,8 +269,8 @@ def test_imgur_rejecting_the_client_id_stops_before_any_work(
 
 
 def test_run_ids_sort_in_time_order_within_a_second() -> None:
-    import run as flow  # flows/run.py
+    from imgtasks.flow import new_run_id
 
-    ids = [flow.new_run_id() for _ in range(200)]
+    ids = [new_run_id() for _ in range(200)]
     assert ids == sorted(ids) and len(set(ids)) == len(ids)
     assert all(len(i) == len(ids[0]) for i in ids)

@@ -1,9 +1,9 @@
 """Benchmark: John's serial download + resize against threads, a Pool, our Dask flow and
 img2dataset — the same demo server, the same N URLs, the same latency, the same cores.
 
-    python flows/bench.py                                   # 1000 images, 100 ms, every method
-    python flows/bench.py --count 200 --methods threads,pool,dask-hybrid
-    python flows/bench.py --skip-john --img2dataset ~/.venvs/img2dataset/bin/img2dataset
+    python benchmarks/bench.py                                   # 1000 images, 100 ms, every method
+    python benchmarks/bench.py --count 200 --methods threads,pool,dask-hybrid
+    python benchmarks/bench.py --skip-john --img2dataset ~/.venvs/img2dataset/bin/img2dataset
 
 The demo server runs as a separate process (``python -m imgtasks.demo_server``) so its CPU
 cost lands on no measured process; its CPU seconds are reported per row. The Dask flow
@@ -39,7 +39,7 @@ from PIL import Image
 
 from imgtasks.demo_server import server_process
 
-FLOWS_DIR = Path(__file__).resolve().parent
+FLOWS_DIR = Path(__file__).resolve().parents[1] / "flows"
 RUN_PY = FLOWS_DIR / "run.py"
 THREAD_COUNTS = (4, 8, 16, 32)
 DASK_MODES = ("hybrid", "processes", "threads")

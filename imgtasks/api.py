@@ -1,0 +1,475 @@
+"""The public API: :func:`thumbnails` runs the whole job and returns a :class:`Result`.
+
+``flows/run.py`` is a command line over this function; a notebook calls it directly,
+with its own Dask client or without one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sized
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+from distributed import default_client, performance_report
+
+from imgtasks import cluster as clusters
+from imgtasks.contact_sheet import write_contact_sheet
+from imgtasks.download import DownloadSettings
+from imgtasks.flow import (
+    Progress,
+    Tally,
+    Wiring,
+    default_window,
+    new_run_id,
+    run_sync,
+    stream_batches,
+)
+from imgtasks.manifest import (
+    MANIFEST_DIR,
+    MANIFEST_SCHEMA,
+    finished_rows,
+    keep_only_run,
+    manifest_parts,
+    read_manifest,
+)
+from imgtasks.nodes import JobSettings
+from imgtasks.runlog import RUN_LOG, BatchLog
+from imgtasks.sinks import OutputSettings, sweep_temporaries
+from imgtasks.sources import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_COLUMN,
+    SourceSettings,
+    UrlBatch,
+    batched,
+    classify,
+    url_batches,
+)
+from imgtasks.thumbnail import ThumbSettings
+
+log = logging.getLogger(__name__)
+# What a person running the job wants to see (where outputs go, the dashboard link, what
+# resume found): INFO on this logger. flows/run.py prints it on stdout.
+say = logging.getLogger("imgtasks.run").info
+
+URLs = Any  # a path or fsspec URL, an iterable of str, a pandas or dask DataFrame/Series
+
+
+@dataclass(frozen=True)
+class Result:
+    """What one call of :func:`thumbnails` did."""
+
+    counts: Mapping[str, int]  # manifest rows per status, e.g. {"ok": 998, "http_4xx": 2}
+    entries: int  # input lines handled (one manifest row each)
+    wall_s: float  # from the call to the last batch, cluster start-up included
+    startup_s: float  # until the cluster was up and the first batch went out
+    output: OutputSettings
+    run_id: str
+    failed_batches: tuple[str, ...] = ()  # nodes that failed every retry (rows: batch_failed)
+    resumed: int = 0  # ok rows carried over from an earlier run (resume=True)
+    downloaded: int = 0  # URLs fetched by this run
+    download_s: float = 0.0  # summed over URLs, waits for a per-host slot excluded
+    thumbnail_s: float = 0.0  # summed over URLs
+    dashboard_link: str | None = None
+    report: str | None = None  # Dask's performance report, when asked for
+    contact_sheet: str | None = None
+    interrupted: bool = False
+    total: int | None = field(default=None, repr=False)  # input lines, when known up front
+
+    @property
+    def ok(self) -> int:
+        return self.counts.get("ok", 0)
+
+    @property
+    def images_per_s(self) -> float:
+        return self.entries / max(self.wall_s, 1e-9)
+
+    @property
+    def out(self) -> str:
+        return self.output.root
+
+    @property
+    def manifest_dir(self) -> str:
+        return f"{self.output.root.rstrip('/')}/{MANIFEST_DIR}/"
+
+    @property
+    def run_log(self) -> str:
+        return f"{self.output.root.rstrip('/')}/{RUN_LOG}"
+
+    def manifest(self, lazy: bool = False) -> Any:
+        """The manifest: one current row per input line (the latest run's row wins).
+
+        A pandas DataFrame; ``lazy=True``: a dask DataFrame over every part, unread (it
+        holds earlier runs' rows too when a run failed or resumed part-way).
+        """
+        if lazy:
+            import dask.dataframe as dd
+
+            return dd.read_parquet(
+                self.manifest_dir, storage_options=dict(self.output.storage_options) or None
+            )
+        table = read_manifest(self.output, manifest_parts(self.output))
+        frame = table.to_pandas() if table.num_rows else MANIFEST_SCHEMA.empty_table().to_pandas()
+        # Parts sort by run: an input line's latest row wins (earlier runs' parts remain
+        # after a failed or interrupted run). Repeated URLs are lines of their own.
+        return frame.drop_duplicates(["index", "url"], keep="last").reset_index(drop=True)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The figures as plain JSON-able values (``flows/run.py --result-json``)."""
+        figures = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "output"}
+        return {
+            **figures,
+            "counts": dict(self.counts),
+            "failed_batches": list(self.failed_batches),
+            "out": self.out,
+            "manifest_dir": self.manifest_dir,
+            "ok": self.ok,
+            "images_per_s": self.images_per_s,
+        }
+
+    def summary(self) -> str:
+        """The end-of-run table that ``flows/run.py`` prints."""
+        lines = ["", f"{'status':<22}{'count':>10}"]
+        for status, n in sorted(self.counts.items(), key=lambda kv: (-kv[1], kv[0])):
+            lines.append(f"{status:<22}{n:>10}")
+        lines.append(f"{'total':<22}{self.entries:>10}")
+        if self.resumed:
+            lines.append(f"({self.resumed} ok rows resumed from an earlier run, not fetched again)")
+        per_thumb = max(self.ok, 1)
+        lines += [
+            "",
+            f"wall time        {self.wall_s:.2f} s (cluster start-up {self.startup_s:.2f} s)",
+            f"images/s         {self.images_per_s:.1f}",
+            f"download / image {1000 * self.download_s / max(self.downloaded, 1):.1f} ms "
+            "(per URL, queueing excluded)",
+            f"thumbnail / image {1000 * self.thumbnail_s / per_thumb:.1f} ms",
+            f"thumbnails       {self.out}",
+            f"manifest         {self.manifest_dir}",
+            f"run log          {self.run_log}",
+        ]
+        if self.report:
+            lines.append(f"report           {self.report}")
+        if self.failed_batches:
+            shown = ", ".join(self.failed_batches[:5])
+            lines.append(f"FAILED batches   {len(self.failed_batches)}: {shown}")
+        return "\n".join(lines)
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (or a notebook's stop button) during :func:`thumbnails`. Finished batches
+    are kept (their manifest parts are whole); ``result`` says what was done, and a call
+    with ``resume=True`` does the rest."""
+
+    def __init__(self, result: Result) -> None:
+        super().__init__("interrupted: finished batches are kept; run again with resume")
+        self.result = result
+
+
+def thumbnails(
+    urls: URLs,
+    out: str | os.PathLike[str] = "thumbnails",
+    *,
+    client: Any = None,
+    cluster: clusters.ClusterSettings | str | None = None,
+    url_column: str = DEFAULT_COLUMN,
+    size: tuple[int, int] | None = None,
+    mode: str | None = None,
+    format: str | None = None,
+    quality: int | None = None,
+    thumb: ThumbSettings | None = None,
+    download: DownloadSettings | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+    keep_originals: str | os.PathLike[str] | None = None,
+    resume: bool = False,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    window: int = 0,
+    report: str | None = None,
+    progress: bool = True,
+) -> Result:
+    """Download every URL, write a thumbnail of each image and a manifest row per URL.
+
+    Args:
+        urls: the URLs. A path or fsspec URL of a list (.txt/.csv/.tsv/.parquet/.jsonl,
+            optionally .gz; read lazily), any iterable of URL strings, a pandas DataFrame
+            or Series, or a dask DataFrame or Series (read one partition at a time, never
+            collected whole on the client). Each item is one input line: invalid and
+            repeated URLs get rows too (``invalid_url``, ``duplicate``).
+        out: where thumbnails (``ab/cd/<sha256 of the URL>.jpg``), the manifest
+            (``manifest/part-*.parquet``), ``run.log`` and ``contact_sheet.jpg`` go: a local
+            directory or an fsspec URL (``s3://bucket/thumbs``).
+        client: a ``distributed.Client`` to run on; it is never closed. None: the current
+            default client if there is one, else the cluster ``cluster`` names is started
+            and closed at the end.
+        cluster: used when no client is given (or to override a default client): a
+            ``ClusterSettings``, or its kind as a string: ``"hybrid"`` (default: one I/O
+            worker with threads + single-threaded CPU worker processes), ``"processes"``,
+            ``"threads"``, ``"sync"`` (no cluster, for debugging) or a scheduler address
+            like ``"tcp://host:8786"``.
+        url_column: the column or key holding the URL (csv/tsv/parquet/jsonl, DataFrames).
+        size: thumbnail box (width, height); default (128, 128).
+        mode: ``"fit"`` (default: inside the box, never upscaled), ``"crop"`` or ``"pad"``.
+        format: ``"jpeg"`` (default), ``"png"`` or ``"webp"``.
+        quality: JPEG/WebP quality 1-100; default 90.
+        thumb: all thumbnail settings at once (instead of size/mode/format/quality), e.g.
+            to widen the decoded formats or the pixel limit.
+        download: ``DownloadSettings``: deadline, retries, size cap, User-Agent, per-host
+            concurrency. Default: ``DownloadSettings()``.
+        storage_options: fsspec options for ``out``, ``keep_originals`` and a ``urls`` path.
+        keep_originals: also keep the downloaded files there (directory or fsspec URL).
+        resume: skip the URLs an earlier run into the same ``out`` finished (``ok`` row,
+            thumbnail present); their rows are carried over.
+        batch_size: URLs per download node and thumbnail node.
+        window: batches in flight; 0: from the cluster's size.
+        report: write Dask's performance report (HTML) to this file.
+        progress: show a progress bar (a terminal line, or a widget in Jupyter).
+
+    Returns:
+        A :class:`Result`: counts per status, wall time, images/s, where the outputs are,
+        failed batches; ``result.manifest()`` reads the manifest.
+
+    Raises:
+        ValueError: a bad argument, before any work.
+        Interrupted: on KeyboardInterrupt, after finished batches are kept; its
+            ``result`` holds what was done.
+    """
+    output = OutputSettings(os.fspath(out), dict(storage_options or {}))
+    job = JobSettings(
+        _thumb_settings(thumb, size, mode, format, quality),
+        output,
+        run_id=new_run_id(),
+        originals=OutputSettings(os.fspath(keep_originals), output.storage_options)
+        if keep_originals is not None
+        else None,
+    )
+    batches, total = url_source(urls, url_column, _positive("batch_size", batch_size), output)
+    if window < 0:
+        raise ValueError(f"window must be >= 0, got {window}")
+    return _run(
+        batches,
+        total,
+        job,
+        download or DownloadSettings(),
+        _Execution(client, _cluster_settings(cluster), window, report, progress, resume),
+    )
+
+
+@dataclass(frozen=True)
+class _Execution:
+    client: Any
+    cluster: clusters.ClusterSettings | None
+    window: int
+    report: str | None
+    progress: bool
+    resume: bool
+
+
+def _run(
+    batches: Iterator[UrlBatch],
+    total: int | None,
+    job: JobSettings,
+    download: DownloadSettings,
+    how: _Execution,
+) -> Result:
+    tally = Tally(total=total)
+    links: dict[str, str | None] = {"dashboard": None, "sheet": None}
+    try:
+        with contextlib.ExitStack() as stack:
+            wiring = Wiring(download, job, done=_resumable(job.output, how.resume))
+            batch_log = stack.enter_context(BatchLog(job.output))
+            say("outputs: %s  (manifest: %s/%s/)", job.output.root, job.output.root, MANIFEST_DIR)
+            tally.started = time.perf_counter()
+            client = _client(how, stack)
+            progress = Progress(how.progress, total, batch_log)
+            stack.callback(progress.close)
+            if client is None:
+                run_sync(batches, wiring, tally, progress)
+            else:
+                links["dashboard"] = client.dashboard_link
+                wiring = _routed(wiring, client, how)
+                window = how.window or default_window(client)
+                tally.ready = tally.elapsed
+                if how.report:
+                    stack.enter_context(performance_report(filename=how.report, mode="inline"))
+                stream_batches(client, batches, wiring, window, tally, progress)
+    except KeyboardInterrupt:
+        raise Interrupted(_result(tally, job, how, links, interrupted=True)) from None
+    if not tally.failed_batches:
+        keep_only_run(job.output, job.run_id)
+    links["sheet"] = _contact_sheet(job)
+    return _result(tally, job, how, links)
+
+
+def _result(
+    tally: Tally,
+    job: JobSettings,
+    how: _Execution,
+    links: Mapping[str, str | None],
+    interrupted: bool = False,
+) -> Result:
+    return Result(
+        counts=dict(tally.counts),
+        entries=tally.entries,
+        wall_s=tally.elapsed,
+        startup_s=tally.ready,
+        output=job.output,
+        run_id=job.run_id,
+        failed_batches=tuple(tally.failed_batches),
+        resumed=tally.resumed,
+        downloaded=tally.downloaded,
+        download_s=tally.download_s,
+        thumbnail_s=tally.thumbnail_s,
+        dashboard_link=links["dashboard"],
+        report=how.report,
+        contact_sheet=links["sheet"],
+        interrupted=interrupted,
+        total=tally.total,
+    )
+
+
+def _client(how: _Execution, stack: contextlib.ExitStack) -> Any:
+    """The client to run on (None: Dask's synchronous scheduler in this thread)."""
+    if how.client is not None:
+        return how.client  # the caller's: never closed here
+    settings = how.cluster
+    if settings is None:
+        with contextlib.suppress(ValueError):  # no default client
+            return default_client()
+        settings = clusters.ClusterSettings()
+    if settings.kind == "sync" and not settings.is_remote:
+        return None
+    client, cluster = clusters.connect(settings)
+    stack.callback(_close, client, cluster)
+    say("dashboard: %s", client.dashboard_link)
+    return client
+
+
+def _routed(wiring: Wiring, client: Any, how: _Execution) -> Wiring:
+    route = clusters.has_routing(client)
+    if not route and (how.client is not None or how.cluster is None or how.cluster.is_remote):
+        say("note: the cluster's workers have no io/cpu resources: stages run anywhere")
+    return replace(wiring, route=route)
+
+
+def _close(client: Any, cluster: Any) -> None:
+    client.close()
+    if cluster is not None:
+        cluster.close()
+
+
+def _resumable(output: OutputSettings, resume: bool) -> dict:
+    """resume: the URLs an earlier run into the same output already finished."""
+    if not resume:
+        return {}
+    done = finished_rows(output)
+    swept = sweep_temporaries(output)
+    tail = f"; {swept} stale temporary files removed" if swept else ""
+    say("resume: %d URLs already done in %s%s", len(done), output.root, tail)
+    return done
+
+
+def _contact_sheet(job: JobSettings) -> str | None:
+    """Write <out>/contact_sheet.jpg; never fails the run."""
+    try:
+        relpath = write_contact_sheet(job.output, run_id=job.run_id)
+    except Exception as exc:
+        log.warning("contact sheet not written: %s", exc)
+        return None
+    if relpath is None:
+        return None
+    where = f"{job.output.root.rstrip('/')}/{relpath}"
+    say("contact sheet: %s", where)
+    return where
+
+
+# --- arguments ----------------------------------------------------------------------------
+
+
+def url_source(
+    urls: URLs, column: str, batch_size: int, output: OutputSettings
+) -> tuple[Iterator[UrlBatch], int | None]:
+    """The batches of any accepted ``urls``, lazily, and the count when known up front."""
+    if isinstance(urls, str | os.PathLike):
+        path = os.fspath(urls)
+        if "://" not in path and not os.path.exists(path):
+            raise ValueError(f"no such URL list: {path}")
+        settings = SourceSettings(
+            path, column=column, batch_size=batch_size, storage_options=output.storage_options
+        )
+        return url_batches(settings), None
+    values = _url_values(urls, column)
+    total = len(values) if isinstance(values, Sized) else None
+    return batched(classify(_strings(values)), batch_size), total
+
+
+def _url_values(urls: Any, column: str) -> Iterable[Any]:
+    if _is_dask_collection(urls):
+        return _dask_partitions(_column(urls, column))
+    if hasattr(urls, "columns") or hasattr(urls, "to_numpy"):  # pandas DataFrame / Series
+        return _column(urls, column).tolist()
+    if isinstance(urls, bytes | Mapping) or not isinstance(urls, Iterable):
+        raise ValueError(
+            "urls must be a path, an iterable of URL strings, or a pandas/dask DataFrame; "
+            f"got {type(urls).__name__}"
+        )
+    return urls
+
+
+def _column(frame: Any, column: str) -> Any:
+    if not hasattr(frame, "columns"):
+        return frame  # a Series
+    if column not in frame.columns:
+        raise ValueError(f"column {column!r} not in the DataFrame's {list(frame.columns)}")
+    return frame[column]
+
+
+def _is_dask_collection(value: Any) -> bool:
+    return hasattr(value, "npartitions") and hasattr(value, "to_delayed")
+
+
+def _dask_partitions(series: Any) -> Iterator[Any]:
+    """One partition at a time: computed where the collection lives (the default client's
+    cluster), so only one partition of URLs is ever on the client."""
+    for part in series.to_delayed():
+        yield from part.compute().tolist()
+
+
+def _strings(values: Iterable[Any]) -> Iterator[str]:
+    # A missing value (None, NaN) is an input line too: an empty URL, so an invalid_url row.
+    for value in values:
+        yield value.strip() if isinstance(value, str) else ""
+
+
+def _thumb_settings(
+    thumb: ThumbSettings | None,
+    size: tuple[int, int] | None,
+    mode: str | None,
+    format: str | None,
+    quality: int | None,
+) -> ThumbSettings:
+    given = {
+        k: v
+        for k, v in {"size": size, "mode": mode, "format": format, "quality": quality}.items()
+        if v is not None
+    }
+    if thumb is not None:
+        if given:
+            raise ValueError(f"give thumb= or {', '.join(given)}, not both")
+        return thumb
+    return ThumbSettings(**given)
+
+
+def _cluster_settings(
+    cluster: clusters.ClusterSettings | str | None,
+) -> clusters.ClusterSettings | None:
+    if cluster is None or isinstance(cluster, clusters.ClusterSettings):
+        return cluster
+    return clusters.ClusterSettings(kind=cluster)
+
+
+def _positive(name: str, value: int) -> int:
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return value

@@ -1,0 +1,215 @@
+"""Orchestration: the Dask graph of each batch, the bounded window, the tally.
+
+For each batch of URLs one download node feeds one thumbnail node (``dask.delayed`` over
+the plain functions of :mod:`imgtasks.nodes`). With an I/O pool and a CPU pool in the
+cluster the nodes are routed to them by resources. Batches go out through a window of a
+few dozen at a time, so memory stays flat however long the URL list is: Dask's own
+queuing does not hold back tasks with resource restrictions (see ``shared/notes/dask.md``).
+
+With :mod:`imgtasks.cluster`, the only module that imports dask.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+
+import dask
+from dask.delayed import Delayed
+from distributed import Client, Future, as_completed
+
+from imgtasks import cluster as clusters
+from imgtasks.download import DownloadSettings
+from imgtasks.manifest import Record
+from imgtasks.nodes import (
+    BATCH_FAILED,
+    BatchReport,
+    JobSettings,
+    download_batch,
+    record_failed_batch,
+    resume_batch,
+    thumbnail_batch,
+)
+from imgtasks.runlog import BatchLog
+from imgtasks.sources import UrlBatch
+
+log = logging.getLogger(__name__)
+
+NOT_FETCHED = ("invalid_url", "duplicate", BATCH_FAILED)
+RETRIES = 2  # Dask's, for infrastructure faults (a lost worker); HTTP retries live in download
+
+
+def new_run_id() -> str:
+    """UTC to the microsecond: manifest parts sort by run, and the latest row of a URL wins."""
+    now = time.time_ns()
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now // 10**9))
+    return f"{stamp}.{now // 1000 % 10**6:06d}Z-{uuid.uuid4().hex[:6]}"
+
+
+@dataclass(frozen=True)
+class Wiring:
+    """What every batch's graph shares."""
+
+    download: DownloadSettings
+    job: JobSettings
+    token: str = field(default_factory=lambda: uuid.uuid4().hex[:8])  # unique task keys
+    route: bool = False  # send stages to the io/cpu pools by resources
+    done: Mapping[str, Record] = field(default_factory=dict, hash=False)  # --resume
+
+    def graph(self, batch: UrlBatch) -> Delayed:
+        """One download node feeding one thumbnail node; keys named after the stage."""
+        batch, previous = resume_batch(batch, self.done)
+        with _annotate(self.route, clusters.IO_RESOURCE):
+            downloaded = dask.delayed(download_batch, pure=False)(
+                batch, self.download, dask_key_name=f"download-{self.token}-{batch.batch_id}"
+            )
+        with _annotate(self.route, clusters.CPU_RESOURCE):
+            return dask.delayed(thumbnail_batch, pure=False)(
+                downloaded,
+                self.job,
+                previous or None,
+                dask_key_name=f"thumbnail-{self.token}-{batch.batch_id}",
+            )
+
+    def failed(self, batch: UrlBatch, exc: BaseException) -> BatchReport | None:
+        """The client writes the rows of a batch whose node failed on every retry."""
+        error = f"{type(exc).__name__}: {exc}"
+        log.error("batch %d failed: %s", batch.batch_id, error)
+        batch, previous = resume_batch(batch, self.done)
+        try:
+            return record_failed_batch(batch, error, self.job, previous)
+        except Exception as write_exc:  # the store refuses the client too: nothing left to do
+            log.error("batch %d: its rows could not be written: %s", batch.batch_id, write_exc)
+            return None
+
+
+def _annotate(route: bool, resource: str) -> contextlib.AbstractContextManager:
+    if not route:
+        return dask.annotate(retries=RETRIES)
+    return dask.annotate(resources={resource: 1}, retries=RETRIES)
+
+
+@dataclass
+class Tally:
+    """What the client has heard back so far."""
+
+    total: int | None = None
+    started: float = field(default_factory=time.perf_counter)
+    counts: Counter = field(default_factory=Counter)
+    entries: int = 0
+    download_s: float = 0.0
+    thumbnail_s: float = 0.0
+    downloaded: int = 0
+    resumed: int = 0
+    ready: float = 0.0  # seconds until the cluster was up and the first batch went out
+    failed_batches: list[str] = field(default_factory=list)
+
+    def add(self, report: BatchReport) -> None:
+        self.resumed += report.resumed
+        self.counts.update(report.counts)
+        self.entries += report.entries
+        self.download_s += report.download_s
+        self.thumbnail_s += report.thumbnail_s
+        fetched = sum(n for s, n in report.counts.items() if s not in NOT_FETCHED)
+        self.downloaded += fetched - report.resumed
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+
+class Progress:
+    """A progress bar (``tqdm.auto``: a terminal line, or a widget in Jupyter) and the run
+    log's line per finished batch."""
+
+    def __init__(self, enabled: bool, total: int | None, batch_log: BatchLog | None) -> None:
+        self.batch_log = batch_log
+        self.bar = None
+        if enabled:
+            from tqdm.auto import tqdm  # imported only when a bar is wanted
+
+            self.bar = tqdm(total=total, unit="img", smoothing=0.05, dynamic_ncols=True)
+
+    def batch_done(self, report: BatchReport, tally: Tally) -> None:
+        if self.batch_log is not None:
+            self.batch_log.write(report)
+        if self.bar is not None:
+            self.bar.update(report.entries)
+            self.bar.set_postfix(ok=tally.counts.get("ok", 0), refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def stream_batches(
+    client: Client,
+    batches: Iterable[UrlBatch],
+    wiring: Wiring,
+    window: int,
+    tally: Tally,
+    progress: Progress,
+) -> None:
+    """Keep ``window`` batches in flight; submit the next as each one finishes."""
+    pending = iter(batches)
+    futures = as_completed()
+    in_flight: dict[str, tuple[Future, UrlBatch]] = {}
+
+    def submit(n: int) -> None:
+        for batch in _take(pending, n):
+            future = client.compute(wiring.graph(batch))
+            in_flight[future.key] = (future, batch)
+            futures.add(future)
+
+    try:
+        submit(window)
+        for future in futures:
+            _, batch = in_flight.pop(future.key)
+            try:
+                report = future.result()
+            except Exception as exc:  # failed on every retry: infrastructure, not data
+                report = wiring.failed(batch, exc)
+                tally.failed_batches.append(str(future.key))
+            _finished(report, tally, progress)
+            future.release()
+            submit(1)
+    finally:  # interrupted: on a shared cluster, nothing of ours keeps running
+        if in_flight:
+            client.cancel([f for f, _ in in_flight.values()], force=True)
+
+
+def run_sync(batches: Iterable[UrlBatch], wiring: Wiring, tally: Tally, progress: Progress) -> None:
+    """Dask's synchronous scheduler, batch after batch in this thread (for debugging)."""
+    for batch in batches:
+        try:
+            (report,) = dask.compute(wiring.graph(batch), scheduler="sync")
+        except Exception as exc:
+            report = wiring.failed(batch, exc)
+            tally.failed_batches.append(f"batch-{batch.batch_id}")
+        _finished(report, tally, progress)
+
+
+def _finished(report: BatchReport | None, tally: Tally, progress: Progress) -> None:
+    if report is not None:
+        tally.add(report)
+        progress.batch_done(report, tally)
+
+
+def _take(items: Iterator[UrlBatch], n: int) -> list[UrlBatch]:
+    return list(itertools.islice(items, n))
+
+
+def default_window(client: Client) -> int:
+    """Enough batches in flight to keep every CPU slot busy, and not many more."""
+    info = client.scheduler_info(n_workers=-1)["workers"].values()
+    slots = sum(w.get("nthreads", 1) for w in info if "io" not in (w.get("resources") or {}))
+    # Measured on 2 cores, 1000 demo images at 100 ms latency: a window of 6 batches left
+    # the CPU workers waiting on downloads (24 images/s), 16 kept them busy (52 images/s),
+    # 32 gained nothing more. Each CPU slot needs ~4 batches: its own, and three downloading.
+    return max(8, 4 * min(slots, 512) + 8)
