@@ -32,6 +32,7 @@ from dask.delayed import Delayed
 from distributed import Client, as_completed, performance_report
 
 from imgtasks import cluster as clusters
+from imgtasks import preflight
 from imgtasks.contact_sheet import write_contact_sheet
 from imgtasks.demo_server import DemoServer, ServerSettings
 from imgtasks.download import DownloadSettings
@@ -70,6 +71,11 @@ DEFAULT_COUNT = 1000
 DEFAULT_BATCH_SIZE = 16
 DEFAULT_OUT = "thumbnails"
 DEMO_PORT = 8765
+EXIT_CODES = (
+    "exit codes: 0 done; 1 some batches failed, the scheduler or the storage is unavailable, "
+    "or a bug; 2 a bad setting (the one-line message says what to fix or install); "
+    "130 interrupted"
+)
 
 
 class ArgumentError(Exception):
@@ -87,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Download image URLs concurrently and save a thumbnail of each, with a "
         "per-URL manifest, on a local hybrid Dask cluster or a remote one.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog=EXIT_CODES,
     )
     src = p.add_argument_group("source (default: the embedded demo image server)")
     which = src.add_mutually_exclusive_group()
@@ -570,6 +577,7 @@ def new_run_id() -> str:
 
 def run(job: Job, tally: Tally) -> None:
     """Run the whole job, counting what happens in ``tally`` (kept if interrupted)."""
+    preflight.check(job.output, originals=job.originals, source=job.source, cluster=job.cluster)
     with contextlib.ExitStack() as stack:
         batches, tally.total = open_source(job, stack)
         run_id = new_run_id()
@@ -685,6 +693,18 @@ def _close(client: Client, cluster: object) -> None:
         cluster.close()  # type: ignore[attr-defined]
 
 
+def error_exit(exc: Exception) -> int:
+    """One line on stderr and the exit code: a setup problem says what to do (2: a bad
+    setting, 1: something unavailable), anything else is a bug. Tracebacks at DEBUG only."""
+    log.debug("run failed", exc_info=exc)
+    setup = preflight.explain(exc)
+    if setup is not None:
+        print(f"run.py: error: {setup}", file=sys.stderr)
+        return setup.exit_code
+    print(f"run.py: internal error: {exc} (--log-level DEBUG shows where)", file=sys.stderr)
+    return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         job = parse_job(argv)
@@ -706,9 +726,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"run.py: error: {exc}", file=sys.stderr)
         return 1
     except Exception as exc:
-        log.exception("run failed")
-        print(f"run.py: internal error: {exc}", file=sys.stderr)
-        return 1
+        return error_exit(exc)
     print(summary(tally, job))
     return 1 if tally.failed_batches else 0
 

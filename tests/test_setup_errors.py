@@ -1,26 +1,181 @@
-"""imgtasks.preflight: the checks that make a setup problem one line that says what to do."""
+"""A problem with a setting or the environment is one line on stderr that says what to do,
+found before anything starts; tracebacks only at --log-level DEBUG.
+
+The CLI cases run flows/run.py as a user would (a subprocess). "Before anything starts" is
+checked by what the flow did not print (no demo server, no dashboard), not by the clock.
+The unit tests below them call ``imgtasks.preflight`` in-process.
+"""
 
 from __future__ import annotations
 
 import errno
 import importlib.util
 import json
+import logging
 import os
 import socket
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import fsspec
 import pytest
-from conftest import free_port, subprocess_environment
+from conftest import free_port, run_flow, subprocess_environment
 
 from imgtasks import preflight
 from imgtasks.preflight import BAD_SETTING, UNAVAILABLE, SetupError
 from imgtasks.sinks import OutputSettings
 from imgtasks.sources import SourceSettings
+
+CLI_TIMEOUT = 90  # generous: the checks take seconds, the scheduler wait 10 s
+
+
+def one_line_error(proc: subprocess.CompletedProcess) -> str:
+    """The single stderr line of a run stopped by a setup check, after the common asserts."""
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert lines[0].startswith("run.py: error: "), lines[0]
+    assert "internal error" not in lines[0]
+    # stopped before the source or the cluster started
+    assert "demo server:" not in proc.stdout and "dashboard:" not in proc.stdout, proc.stdout
+    return lines[0]
+
+
+def hidden_package_env(tmp_path: Path, package: str) -> dict[str, str]:
+    """An environment where ``import package`` fails as it does when it is not installed:
+    a package of that name, first on PYTHONPATH, that raises ModuleNotFoundError."""
+    shadow = tmp_path / "hidden" / package
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text(
+        f"raise ModuleNotFoundError(\"No module named '{package}'\", name={package!r})\n"
+    )
+    env = subprocess_environment()
+    env["PYTHONPATH"] = os.pathsep.join([str(shadow.parent), env["PYTHONPATH"]])
+    return env
+
+
+@pytest.fixture
+def a_file(tmp_path: Path) -> Path:
+    path = tmp_path / "a-file"
+    path.write_text("not a directory\n")
+    return path
+
+
+# --- the CLI -------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+@pytest.mark.parametrize("option", ["--out", "--keep-originals"])
+def test_output_that_cannot_be_created(option: str) -> None:
+    proc = run_flow([option, "/proc/nope"], timeout=CLI_TIMEOUT)
+    line = one_line_error(proc)
+    assert proc.returncode == BAD_SETTING
+    assert f"{option} /proc/nope" in line and "you can write to" in line
+
+
+def test_output_that_is_a_file(a_file: Path) -> None:
+    proc = run_flow(["--out", str(a_file)], timeout=CLI_TIMEOUT)
+    line = one_line_error(proc)
+    assert proc.returncode == BAD_SETTING
+    assert "existing file" in line and "give a directory" in line
+    assert a_file.read_text() == "not a directory\n"
+
+
+def test_unknown_protocol() -> None:
+    proc = run_flow(["--out", "nosuch://x"], timeout=CLI_TIMEOUT)
+    line = one_line_error(proc)
+    assert proc.returncode == BAD_SETTING
+    assert "'nosuch'" in line and "s3://" in line
+
+
+def test_urls_that_is_a_directory(tmp_path: Path) -> None:
+    proc = run_flow(["--urls", str(tmp_path), "--out", str(tmp_path / "out")], timeout=90)
+    line = one_line_error(proc)
+    assert proc.returncode == BAD_SETTING
+    assert "is a directory" in line and ".txt" in line
+
+
+def test_s3_without_s3fs(tmp_path: Path) -> None:
+    # s3fs is installed here (the S3 tests use it); hide it the way a missing one fails
+    env = hidden_package_env(tmp_path, "s3fs")
+    proc = run_flow(["--out", "s3://bucket/x"], env=env, timeout=CLI_TIMEOUT)
+    line = one_line_error(proc)
+    assert proc.returncode == BAD_SETTING
+    assert "s3fs" in line and "pip install 'imgtasks[s3]'" in line
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gcsfs") is not None, reason="gcsfs is installed")
+def test_gcs_without_gcsfs() -> None:
+    proc = run_flow(["--out", "gs://bucket/x"], timeout=CLI_TIMEOUT)
+    line = one_line_error(proc)
+    assert proc.returncode == BAD_SETTING
+    assert "gcsfs" in line and "pip install 'imgtasks[gcs]'" in line
+
+
+def test_unreachable_scheduler() -> None:
+    address = f"tcp://127.0.0.1:{free_port()}"  # nothing listens there
+    proc = run_flow(["--scheduler", address], timeout=CLI_TIMEOUT)
+    line = one_line_error(proc)
+    assert proc.returncode == UNAVAILABLE
+    assert address in line and "no scheduler answers" in line and "dask scheduler" in line
+
+
+def test_scheduler_file_naming_a_dead_scheduler(tmp_path: Path) -> None:
+    scheduler_file = tmp_path / "scheduler.json"
+    scheduler_file.write_text(json.dumps({"address": f"tcp://127.0.0.1:{free_port()}"}))
+    proc = run_flow(["--scheduler-file", str(scheduler_file)], timeout=CLI_TIMEOUT)
+    line = one_line_error(proc)
+    assert proc.returncode == UNAVAILABLE
+    assert str(scheduler_file) in line and "no scheduler answers" in line
+
+
+def test_debug_log_level_adds_the_traceback(a_file: Path) -> None:
+    proc = run_flow(["--out", str(a_file), "--log-level", "DEBUG"], timeout=CLI_TIMEOUT)
+    assert proc.returncode == BAD_SETTING
+    assert "Traceback" in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("run.py: error: ")
+
+
+# --- flows/run.py's error_exit, in-process ---------------------------------------------------
+
+
+@pytest.fixture
+def run_module() -> Iterator[object]:
+    import run  # flows/run.py
+
+    yield run
+
+
+def test_a_bug_is_one_line_without_debug(run_module, capsys, caplog) -> None:
+    caplog.set_level(logging.WARNING)
+    assert run_module.error_exit(RuntimeError("boom")) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["run.py: internal error: boom (--log-level DEBUG shows where)"]
+    assert not caplog.records
+
+
+def test_a_bug_logs_its_traceback_at_debug(run_module, capsys, caplog) -> None:
+    caplog.set_level(logging.DEBUG)
+    try:
+        raise RuntimeError("boom")
+    except RuntimeError as exc:
+        assert run_module.error_exit(exc) == 1
+    assert any(r.exc_info and "boom" in str(r.exc_info[1]) for r in caplog.records)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gcsfs") is not None, reason="gcsfs is installed")
+def test_a_missing_backend_met_during_the_run_is_one_line(run_module, capsys) -> None:
+    with pytest.raises(ImportError) as missing:  # as when fsspec first meets gs:// mid-run
+        fsspec.get_filesystem_class("gcs")
+    assert run_module.error_exit(missing.value) == BAD_SETTING
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("run.py: error: Please install gcsfs")
+    assert line.endswith("pip install 'imgtasks[gcs]'")
+
 
 # --- preflight, in-process -----------------------------------------------------------------
 
