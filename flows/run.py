@@ -24,6 +24,7 @@ from typing import Any
 
 import imgtasks
 from imgtasks import cluster as clusters
+from imgtasks import preflight
 from imgtasks.demo_server import DemoServer, ServerSettings
 from imgtasks.download import DownloadSettings
 from imgtasks.imgur import (
@@ -34,7 +35,8 @@ from imgtasks.imgur import (
     client_id_from_env,
     imgur_links,
 )
-from imgtasks.sources import DEFAULT_BATCH_SIZE
+from imgtasks.sinks import OutputSettings
+from imgtasks.sources import DEFAULT_BATCH_SIZE, SourceSettings
 from imgtasks.thumbnail import ThumbSettings, parse_size
 
 log = logging.getLogger("imgtasks.cli")
@@ -42,6 +44,11 @@ log = logging.getLogger("imgtasks.cli")
 DEFAULT_COUNT = 1000
 DEFAULT_OUT = "thumbnails"
 DEMO_PORT = 8765
+EXIT_CODES = (
+    "exit codes: 0 done; 1 some batches failed, the scheduler or the storage is unavailable, "
+    "or a bug; 2 a bad setting (the one-line message says what to fix or install); "
+    "130 interrupted"
+)
 
 
 class ArgumentError(Exception):
@@ -59,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Download image URLs concurrently and save a thumbnail of each, with a "
         "per-URL manifest, on a local hybrid Dask cluster or a remote one.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog=EXIT_CODES,
     )
     src = p.add_argument_group("source (default: the embedded demo image server)")
     which = src.add_mutually_exclusive_group()
@@ -367,6 +375,17 @@ def start_demo_server(job: Job) -> DemoServer:
     raise RuntimeError("the demo server could not start")
 
 
+def check_setup(job: Job) -> None:
+    storage = job.options["storage_options"]
+    originals = job.options["keep_originals"]
+    preflight.check(
+        OutputSettings(job.options["out"], storage),
+        originals=OutputSettings(originals, storage) if originals else None,
+        source=SourceSettings(job.urls, storage_options=storage) if job.urls else None,
+        cluster=job.cluster,
+    )
+
+
 # --- main --------------------------------------------------------------------------------
 
 
@@ -381,6 +400,14 @@ def show_progress_messages() -> None:
     said.propagate = False
 
 
+def error_exit(exc: Exception) -> int:
+    """One line on stderr; the traceback only at --log-level DEBUG."""
+    log.debug("run failed", exc_info=exc)
+    line, code = preflight.failure_line(exc)
+    print(f"run.py: {line}", file=sys.stderr)
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         job = parse_job(argv)
@@ -392,6 +419,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     show_progress_messages()
     try:
+        # Also checked inside thumbnails(); here first, so a bad --out or an unreachable
+        # scheduler stops the run before the demo server or Imgur is even asked.
+        check_setup(job)
         with url_source(job) as urls:
             result = imgtasks.thumbnails(urls, **job.options)
     except imgtasks.Interrupted as stop:
@@ -406,9 +436,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"run.py: error: {exc}", file=sys.stderr)
         return 1
     except Exception as exc:
-        log.exception("run failed")
-        print(f"run.py: internal error: {exc}", file=sys.stderr)
-        return 1
+        return error_exit(exc)
     print(result.summary())
     if job.result_json:
         Path(job.result_json).write_text(json.dumps(result.to_dict(), indent=1) + "\n")

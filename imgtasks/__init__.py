@@ -18,6 +18,7 @@ __all__ = [
     "Interrupted",
     "OutputSettings",
     "Result",
+    "SetupError",
     "ThumbSettings",
     "thumbnails",
 ]
@@ -26,6 +27,7 @@ _WHERE = {
     "thumbnails": "imgtasks.api",
     "Result": "imgtasks.api",
     "Interrupted": "imgtasks.api",
+    "SetupError": "imgtasks.preflight",
     "ClusterSettings": "imgtasks.cluster",
     "DownloadSettings": "imgtasks.download",
     "ThumbSettings": "imgtasks.thumbnail",

@@ -17,6 +17,7 @@ from typing import Any
 from distributed import default_client, performance_report
 
 from imgtasks import cluster as clusters
+from imgtasks import preflight
 from imgtasks.contact_sheet import write_contact_sheet
 from imgtasks.download import DownloadSettings
 from imgtasks.flow import (
@@ -232,6 +233,9 @@ def thumbnails(
 
     Raises:
         ValueError: a bad argument, before any work.
+        SetupError: the output cannot be written, the URL list or the scheduler is not
+            there, a filesystem package is missing: one line saying what to do, before
+            any work (``exit_code``: 2 for a setting to fix, 1 for something unavailable).
         Interrupted: on KeyboardInterrupt, after finished batches are kept; its
             ``result`` holds what was done.
     """
@@ -244,16 +248,23 @@ def thumbnails(
         if keep_originals is not None
         else None,
     )
-    batches, total = url_source(urls, url_column, _positive("batch_size", batch_size), output)
     if window < 0:
         raise ValueError(f"window must be >= 0, got {window}")
-    return _run(
-        batches,
-        total,
-        job,
-        download or DownloadSettings(),
-        _Execution(client, _cluster_settings(cluster), window, report, progress, resume),
+    listing = url_list(urls, url_column, _positive("batch_size", batch_size), output)
+    how = _Execution(client, _cluster_settings(cluster), window, report, progress, resume)
+    # Before anything starts: an unwritable output or a scheduler that does not answer is a
+    # one-line SetupError in seconds, not a traceback after the cluster's start-up.
+    preflight.check(
+        output,
+        originals=job.originals,
+        source=listing,
+        cluster=how.cluster if client is None else None,
     )
+    if listing is not None:
+        batches, total = url_batches(listing), None
+    else:
+        batches, total = url_values(urls, url_column, batch_size)
+    return _run(batches, total, job, download or DownloadSettings(), how)
 
 
 @dataclass(frozen=True)
@@ -387,18 +398,22 @@ def _contact_sheet(job: JobSettings) -> str | None:
 # --- arguments ----------------------------------------------------------------------------
 
 
-def url_source(
+def url_list(
     urls: URLs, column: str, batch_size: int, output: OutputSettings
-) -> tuple[Iterator[UrlBatch], int | None]:
-    """The batches of any accepted ``urls``, lazily, and the count when known up front."""
-    if isinstance(urls, str | os.PathLike):
-        path = os.fspath(urls)
-        if "://" not in path and not os.path.exists(path):
-            raise ValueError(f"no such URL list: {path}")
-        settings = SourceSettings(
-            path, column=column, batch_size=batch_size, storage_options=output.storage_options
-        )
-        return url_batches(settings), None
+) -> SourceSettings | None:
+    """The settings of a URL list file, when ``urls`` names one (a path or fsspec URL)."""
+    if not isinstance(urls, str | os.PathLike):
+        return None
+    return SourceSettings(
+        os.fspath(urls),
+        column=column,
+        batch_size=batch_size,
+        storage_options=output.storage_options,
+    )
+
+
+def url_values(urls: URLs, column: str, batch_size: int) -> tuple[Iterator[UrlBatch], int | None]:
+    """The batches of in-memory URLs, lazily, and their count when known up front."""
     values = _url_values(urls, column)
     total = len(values) if isinstance(values, Sized) else None
     return batched(classify(_strings(values)), batch_size), total

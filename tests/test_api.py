@@ -186,7 +186,6 @@ def test_a_progress_bar_counts_every_line(tmp_path: Path, demo_server, client: C
         ({"mode": "stretch"}, "mode must be one of"),
         ({"thumb": imgtasks.ThumbSettings(), "size": (5, 5)}, "give thumb= or size, not both"),
         ({"cluster": "nonsense"}, "scheduler must be one of"),
-        ({"urls": "/nonexistent/urls.txt"}, "no such URL list"),
     ],
 )
 def test_bad_arguments_raise_before_any_work(tmp_path: Path, kwargs: dict, message: str) -> None:
@@ -194,6 +193,15 @@ def test_bad_arguments_raise_before_any_work(tmp_path: Path, kwargs: dict, messa
     with pytest.raises(ValueError, match=message):
         imgtasks.thumbnails(out=tmp_path / "out", progress=False, **kwargs)
     assert not (tmp_path / "out" / "manifest").exists()
+
+
+def test_setup_problems_are_one_line_setup_errors_before_any_work(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    with pytest.raises(imgtasks.SetupError, match="no such file") as missing:
+        imgtasks.thumbnails(tmp_path / "nonexistent.txt", tmp_path / "out", progress=False)
+    assert missing.value.exit_code == 2
+    with pytest.raises(imgtasks.SetupError, match="is an existing file"):
+        imgtasks.thumbnails(["http://127.0.0.1:9/x"], tmp_path / "file", progress=False)
 
 
 def test_interrupting_keeps_finished_batches_and_resume_finishes(

@@ -1,0 +1,327 @@
+"""A problem with a setting or the environment is one line on stderr that says what to do,
+found before anything starts; tracebacks only at --log-level DEBUG.
+
+The CLI cases run flows/run.py as a user would (a subprocess). "Before anything starts" is
+checked by what the flow did not print (no demo server, no dashboard), not by the clock.
+The unit tests below them call ``imgtasks.preflight`` in-process.
+"""
+
+from __future__ import annotations
+
+import errno
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import fsspec
+import pytest
+from conftest import free_port, run_flow, subprocess_environment
+
+from imgtasks import preflight
+from imgtasks.preflight import BAD_SETTING, UNAVAILABLE, SetupError
+from imgtasks.sinks import OutputSettings
+from imgtasks.sources import SourceSettings
+
+CLI_TIMEOUT = 90  # generous: the checks take seconds, the scheduler wait 10 s
+
+
+def one_line_error(proc: subprocess.CompletedProcess) -> str:
+    """The single stderr line of a run stopped by a setup check, after the common asserts."""
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert lines[0].startswith("run.py: error: "), lines[0]
+    assert "internal error" not in lines[0]
+    # stopped before the source or the cluster started
+    assert "demo server:" not in proc.stdout and "dashboard:" not in proc.stdout, proc.stdout
+    return lines[0]
+
+
+def hidden_package_env(tmp_path: Path, package: str) -> dict[str, str]:
+    """An environment where ``import package`` fails as it does when it is not installed:
+    a package of that name, first on PYTHONPATH, that raises ModuleNotFoundError."""
+    shadow = tmp_path / "hidden" / package
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text(
+        f"raise ModuleNotFoundError(\"No module named '{package}'\", name={package!r})\n"
+    )
+    env = subprocess_environment()
+    env["PYTHONPATH"] = os.pathsep.join([str(shadow.parent), env["PYTHONPATH"]])
+    return env
+
+
+@pytest.fixture
+def a_file(tmp_path: Path) -> Path:
+    path = tmp_path / "a-file"
+    path.write_text("not a directory\n")
+    return path
+
+
+# --- the CLI -------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+@pytest.mark.parametrize("option", ["--out", "--keep-originals"])
+def test_output_that_cannot_be_created(option: str) -> None:
+    proc = run_flow([option, "/proc/nope"], timeout=CLI_TIMEOUT)
+    line = one_line_error(proc)
+    assert proc.returncode == BAD_SETTING
+    assert f"{option} /proc/nope" in line and "you can write to" in line
+
+
+def test_output_that_is_a_file(a_file: Path) -> None:
+    proc = run_flow(["--out", str(a_file)], timeout=CLI_TIMEOUT)
+    line = one_line_error(proc)
+    assert proc.returncode == BAD_SETTING
+    assert "existing file" in line and "give a directory" in line
+    assert a_file.read_text() == "not a directory\n"
+
+
+def test_unknown_protocol() -> None:
+    proc = run_flow(["--out", "nosuch://x"], timeout=CLI_TIMEOUT)
+    line = one_line_error(proc)
+    assert proc.returncode == BAD_SETTING
+    assert "'nosuch'" in line and "s3://" in line
+
+
+def test_urls_that_is_a_directory(tmp_path: Path) -> None:
+    proc = run_flow(["--urls", str(tmp_path), "--out", str(tmp_path / "out")], timeout=90)
+    line = one_line_error(proc)
+    assert proc.returncode == BAD_SETTING
+    assert "is a directory" in line and ".txt" in line
+
+
+def test_s3_without_s3fs(tmp_path: Path) -> None:
+    # s3fs is installed here (the S3 tests use it); hide it the way a missing one fails
+    env = hidden_package_env(tmp_path, "s3fs")
+    proc = run_flow(["--out", "s3://bucket/x"], env=env, timeout=CLI_TIMEOUT)
+    line = one_line_error(proc)
+    assert proc.returncode == BAD_SETTING
+    assert "s3fs" in line and "pip install 'imgtasks[s3]'" in line
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gcsfs") is not None, reason="gcsfs is installed")
+def test_gcs_without_gcsfs() -> None:
+    proc = run_flow(["--out", "gs://bucket/x"], timeout=CLI_TIMEOUT)
+    line = one_line_error(proc)
+    assert proc.returncode == BAD_SETTING
+    assert "gcsfs" in line and "pip install 'imgtasks[gcs]'" in line
+
+
+def test_unreachable_scheduler() -> None:
+    address = f"tcp://127.0.0.1:{free_port()}"  # nothing listens there
+    proc = run_flow(["--scheduler", address], timeout=CLI_TIMEOUT)
+    line = one_line_error(proc)
+    assert proc.returncode == UNAVAILABLE
+    assert address in line and "no scheduler answers" in line and "dask scheduler" in line
+
+
+def test_scheduler_file_naming_a_dead_scheduler(tmp_path: Path) -> None:
+    scheduler_file = tmp_path / "scheduler.json"
+    scheduler_file.write_text(json.dumps({"address": f"tcp://127.0.0.1:{free_port()}"}))
+    proc = run_flow(["--scheduler-file", str(scheduler_file)], timeout=CLI_TIMEOUT)
+    line = one_line_error(proc)
+    assert proc.returncode == UNAVAILABLE
+    assert str(scheduler_file) in line and "no scheduler answers" in line
+
+
+def test_debug_log_level_adds_the_traceback(a_file: Path) -> None:
+    proc = run_flow(["--out", str(a_file), "--log-level", "DEBUG"], timeout=CLI_TIMEOUT)
+    assert proc.returncode == BAD_SETTING
+    assert "Traceback" in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("run.py: error: ")
+
+
+# --- the one line a failure becomes (flows/run.py prints it after "run.py: ") --------------
+
+
+def test_a_bug_is_an_internal_error_line() -> None:
+    assert preflight.failure_line(RuntimeError("boom")) == (
+        "internal error: boom (--log-level DEBUG shows where)",
+        1,
+    )
+
+
+def test_a_setup_error_is_its_own_line() -> None:
+    line, code = preflight.failure_line(preflight.SetupError("fix it", 2))
+    assert (line, code) == ("error: fix it", 2)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gcsfs") is not None, reason="gcsfs is installed")
+def test_a_missing_backend_met_during_the_run_is_one_line() -> None:
+    with pytest.raises(ImportError) as missing:  # as when fsspec first meets gs:// mid-run
+        fsspec.get_filesystem_class("gcs")
+    line, code = preflight.failure_line(missing.value)
+    assert code == BAD_SETTING
+    assert line.startswith("error: Please install gcsfs")
+    assert line.endswith("pip install 'imgtasks[gcs]'")
+
+
+# --- preflight, in-process -----------------------------------------------------------------
+
+
+def test_preflight_imports_no_dask() -> None:
+    code = "import sys, imgtasks.preflight; print(sorted(m for m in sys.modules if 'dask' in m))"
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env=subprocess_environment(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    assert out.strip() == "[]"
+
+
+def test_output_root_is_created_and_the_probe_removed(tmp_path: Path) -> None:
+    root = tmp_path / "new" / "out"
+    preflight.check_output("--out", OutputSettings(str(root)))
+    assert root.is_dir() and list(root.iterdir()) == []
+
+
+def test_remote_output_probe_leaves_nothing() -> None:
+    fs = fsspec.filesystem("memory")
+    preflight.check_output("--out", OutputSettings("memory://preflight-test/out"))
+    assert not fs.exists("/preflight-test/out") or fs.ls("/preflight-test/out") == []
+
+
+def test_output_in_a_read_only_directory(tmp_path: Path) -> None:
+    if os.geteuid() == 0:
+        pytest.skip("root writes anywhere")
+    tmp_path.chmod(0o500)
+    try:
+        with pytest.raises(SetupError) as err:
+            preflight.check_output("--out", OutputSettings(str(tmp_path / "out")))
+    finally:
+        tmp_path.chmod(0o700)
+    assert err.value.exit_code == BAD_SETTING and "Permission denied" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("exc", "code"),
+    [
+        (PermissionError(errno.EACCES, "Permission denied"), BAD_SETTING),
+        (FileNotFoundError(errno.ENOENT, "No such file or directory"), BAD_SETTING),
+        (OSError(errno.ENOSPC, "No space left on device"), UNAVAILABLE),
+        (ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused"), UNAVAILABLE),
+        (TimeoutError("read timed out"), UNAVAILABLE),
+        (RuntimeError("Unable to locate credentials"), BAD_SETTING),
+    ],
+)
+def test_unwritable_exit_codes(exc: Exception, code: int) -> None:
+    error = preflight.unwritable("--out", "s3://b/x", exc)
+    assert error.exit_code == code
+    assert str(error).startswith("--out s3://b/x: cannot") and "\n" not in str(error)
+
+
+def test_source_checks(tmp_path: Path) -> None:
+    urls = tmp_path / "urls.txt"
+    urls.write_text("http://127.0.0.1/a.jpg\n")
+    preflight.check_source(SourceSettings(str(urls)))
+    for bad, message in [
+        (tmp_path, "is a directory"),
+        (tmp_path / "missing.txt", "no such file"),
+        ("memory://preflight-test/missing.txt", "no such file"),
+    ]:
+        with pytest.raises(SetupError, match=message) as err:
+            preflight.check_source(SourceSettings(str(bad)))
+        assert err.value.exit_code == BAD_SETTING
+
+
+@pytest.mark.parametrize(
+    ("address", "expected"),
+    [
+        ("tcp://10.0.0.1:8786", ("10.0.0.1", 8786)),
+        ("tls://sched.example:8786", ("sched.example", 8786)),
+        ("tcp://[::1]:8786", ("::1", 8786)),
+        ("inproc://10.0.0.1/1/2", None),
+    ],
+)
+def test_tcp_host_port(address: str, expected: tuple[str, int] | None) -> None:
+    assert preflight.tcp_host_port("--scheduler", address) == expected
+
+
+@pytest.mark.parametrize("address", ["tcp://host", "tcp://host:port", "tcp://:8786"])
+def test_scheduler_address_without_a_port(address: str) -> None:
+    with pytest.raises(SetupError, match="tcp://host:8786") as err:
+        preflight.tcp_host_port("--scheduler", address)
+    assert err.value.exit_code == BAD_SETTING
+
+
+def test_a_listening_scheduler_passes() -> None:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        preflight.check_scheduler(f"tcp://127.0.0.1:{port}", wait_s=5)
+
+
+def test_a_silent_scheduler_fails_after_the_wait() -> None:
+    with pytest.raises(SetupError, match="no scheduler answers") as err:
+        preflight.check_scheduler(f"tcp://127.0.0.1:{free_port()}", wait_s=0.5)
+    assert err.value.exit_code == UNAVAILABLE
+
+
+def test_local_kinds_have_no_scheduler_to_check() -> None:
+    for kind in ("hybrid", "processes", "threads", "sync"):
+        preflight.check_scheduler(kind, wait_s=0)
+
+
+def test_scheduler_file_that_never_appears(tmp_path: Path) -> None:
+    with pytest.raises(SetupError, match="does not exist") as err:
+        preflight.check_scheduler("hybrid", str(tmp_path / "s.json"), wait_s=0.3)
+    assert err.value.exit_code == UNAVAILABLE
+
+
+def test_scheduler_file_without_an_address(tmp_path: Path) -> None:
+    path = tmp_path / "s.json"
+    path.write_text('{"type": "Scheduler"}')
+    with pytest.raises(SetupError, match="no scheduler address") as err:
+        preflight.check_scheduler("hybrid", str(path), wait_s=0.3)
+    assert err.value.exit_code == BAD_SETTING
+
+
+def test_scheduler_file_written_while_we_wait(tmp_path: Path) -> None:
+    path = tmp_path / "s.json"
+
+    def write_later() -> None:
+        time.sleep(0.5)
+        path.write_text(json.dumps({"address": "tcp://127.0.0.1:8786"}))
+
+    writer = threading.Thread(target=write_later)
+    writer.start()
+    try:
+        assert preflight.address_in_file(str(path), time.monotonic() + 10) == (
+            "tcp://127.0.0.1:8786"
+        )
+    finally:
+        writer.join()
+
+
+def test_explain_fsspec_errors() -> None:
+    with pytest.raises(ValueError) as unknown:
+        fsspec.get_filesystem_class("nosuch")
+    error = preflight.explain(unknown.value)
+    assert error is not None and error.exit_code == BAD_SETTING and "'nosuch'" in str(error)
+
+    timed_out = OSError("Timed out trying to connect to tcp://10.0.0.1:8786 after 30 s")
+    error = preflight.explain(timed_out)
+    assert error is not None and error.exit_code == UNAVAILABLE
+
+    assert preflight.explain(RuntimeError("a bug")) is None
+    assert preflight.explain(ImportError("No module named 'foo'")) is None
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gcsfs") is not None, reason="gcsfs is installed")
+def test_explain_a_real_missing_backend() -> None:
+    with pytest.raises(ImportError) as missing:
+        fsspec.get_filesystem_class("gcs")
+    error = preflight.explain(missing.value)
+    assert error is not None and error.exit_code == BAD_SETTING
+    assert "gcsfs" in str(error) and "pip install 'imgtasks[gcs]'" in str(error)
