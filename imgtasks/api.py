@@ -49,6 +49,7 @@ from imgtasks.sources import (
     classify,
     url_batches,
 )
+from imgtasks.status import Status
 from imgtasks.thumbnail import ThumbSettings
 
 log = logging.getLogger(__name__)
@@ -82,7 +83,7 @@ class Result:
 
     @property
     def ok(self) -> int:
-        return self.counts.get("ok", 0)
+        return self.counts.get(Status.OK, 0)
 
     @property
     def images_per_s(self) -> float:
@@ -321,7 +322,7 @@ def _result(
     interrupted: bool = False,
 ) -> Result:
     return Result(
-        counts=dict(tally.counts),
+        counts={str(status): n for status, n in tally.counts.items()},
         entries=tally.entries,
         wall_s=tally.elapsed,
         startup_s=tally.ready,

@@ -38,6 +38,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from imgtasks.manifest import MANIFEST_DIR, manifest_parts, read_part
 from imgtasks.sinks import OutputSettings, filesystem, write_file
+from imgtasks.status import Status
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ FAILED_TEXT = (16, 16, 16)
 JPEG_QUALITY = 90
 UNREADABLE = "unreadable"
 MISSING = "missing"
-SHOWN_WITH_IMAGE = ("ok", "duplicate", "skipped", "resumed")  # statuses whose path is a file
+SHOWN_WITH_IMAGE = (Status.OK, Status.DUPLICATE)  # statuses whose path is a file
 MAX_TILE_BYTES = 8 * 1024 * 1024  # a thumbnail file larger than this is not read
 MAX_TILE_PIXELS = 16 * 1024 * 1024  # nor decoded beyond this (after JPEG draft reduction)
 MANIFEST_COLUMNS = ["index", "status", "path"]
@@ -142,7 +143,7 @@ def render_contact_sheet(
             x = box[0] + (tile_w - picture.width) // 2
             y = box[1] + (tile_h - picture.height) // 2
             sheet.paste(picture, (x, y))
-            label = f"#{tile.index}" if tile.status == "ok" else f"#{tile.index} {tile.status}"
+            label = f"#{tile.index}" if tile.status == Status.OK else f"#{tile.index} {tile.status}"
         else:
             if tile.image:
                 status = UNREADABLE

@@ -55,22 +55,11 @@ from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
 from imgtasks import __version__
+from imgtasks.status import DOWNLOAD, Status
 
 logger = logging.getLogger(__name__)
 
-STATUSES: tuple[str, ...] = (
-    "ok",
-    "invalid_url",
-    "http_4xx",
-    "http_5xx",
-    "http_error",
-    "timeout",
-    "connection_error",
-    "too_large",
-    "too_many_redirects",
-    "incomplete_body",
-    "empty_body",
-)
+STATUSES: tuple[Status, ...] = (Status.OK, *sorted(DOWNLOAD))
 
 RETRY_STATUSES: frozenset[int] = frozenset({408, 429, 500, 502, 503, 504})
 REDIRECT_STATUSES: frozenset[int] = frozenset({301, 302, 303, 307, 308})
@@ -151,8 +140,7 @@ class DownloadResult:
     """Outcome of downloading one URL; `content` is None unless `ok`."""
 
     url: str
-    ok: bool
-    status: str
+    status: Status
     http_status: int | None
     content: bytes | None
     elapsed_s: float  # wall clock of the whole fetch, waits for a per-host slot included
@@ -161,6 +149,10 @@ class DownloadResult:
     content_type: str
     attempts: int
     queued_s: float = 0.0  # of elapsed_s, waiting for a per-host slot (not the network)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == Status.OK
 
     @property
     def network_s(self) -> float:
@@ -303,7 +295,7 @@ def _host_semaphore(url: str, per_host: int) -> threading.BoundedSemaphore:
 class _Failure(Exception):
     """Internal: ends a fetch with a non-ok status."""
 
-    def __init__(self, status: str, message: str) -> None:
+    def __init__(self, status: Status, message: str) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
@@ -313,7 +305,7 @@ class _Failure(Exception):
 def _host_slot(url: str, per_host: int, timeout: float) -> Iterator[None]:
     sem = _host_semaphore(url, per_host)
     if not sem.acquire(timeout=max(timeout, 0.0)):
-        raise _Failure("timeout", "deadline passed while waiting for a per-host slot")
+        raise _Failure(Status.TIMEOUT, "deadline passed while waiting for a per-host slot")
     try:
         yield
     finally:
@@ -345,16 +337,17 @@ class _Progress:
     def check_deadline(self, what: str) -> float:
         remaining = self.remaining()
         if remaining <= 0:
-            raise _Failure("timeout", self.deadline_message(what))
+            raise _Failure(Status.TIMEOUT, self.deadline_message(what))
         return remaining
 
-    def result(self, status: str, error: str = "", content: bytes | None = None) -> DownloadResult:
+    def result(
+        self, status: Status, error: str = "", content: bytes | None = None
+    ) -> DownloadResult:
         return DownloadResult(
             url=self.url,
-            ok=status == "ok",
             status=status,
             http_status=self.http_status,
-            content=content if status == "ok" else None,
+            content=content if status == Status.OK else None,
             elapsed_s=time.monotonic() - self.started,
             error=error,
             final_url=self.current_url or self.url,
@@ -376,7 +369,7 @@ def fetch(url: str, settings: DownloadSettings = DEFAULT_DOWNLOAD) -> DownloadRe
         progress.attempts += _retries_before_error(exc, settings)
         logger.debug("fetch %s failed: %s: %r", url, status, exc)
         return progress.result(status, _describe(exc))
-    return progress.result("ok", content=content)
+    return progress.result(Status.OK, content=content)
 
 
 def _follow(progress: _Progress) -> bytes:
@@ -386,15 +379,15 @@ def _follow(progress: _Progress) -> bytes:
     for _hop in range(settings.max_redirects + 1):
         error = validate_url(progress.current_url, settings.max_url_length)
         if error is not None:
-            raise _Failure("invalid_url", _redirect_context(progress, error))
+            raise _Failure(Status.INVALID_URL, _redirect_context(progress, error))
         outcome = _request(progress)
         if isinstance(outcome, bytes):
             return outcome
         if outcome in seen:
-            raise _Failure("too_many_redirects", f"redirect loop back to {outcome}")
+            raise _Failure(Status.TOO_MANY_REDIRECTS, f"redirect loop back to {outcome}")
         seen.add(outcome)
         progress.current_url = outcome
-    raise _Failure("too_many_redirects", f"more than {settings.max_redirects} redirects")
+    raise _Failure(Status.TOO_MANY_REDIRECTS, f"more than {settings.max_redirects} redirects")
 
 
 def _redirect_context(progress: _Progress, error: str) -> str:
@@ -456,12 +449,12 @@ def _retries_used(resp: requests.Response) -> int:
     return len(history) if history else 0
 
 
-def _http_status_kind(code: int) -> str:
+def _http_status_kind(code: int) -> Status:
     if 400 <= code < 500:
-        return "http_4xx"
+        return Status.HTTP_4XX
     if 500 <= code < 600:
-        return "http_5xx"
-    return "http_error"
+        return Status.HTTP_5XX
+    return Status.HTTP_ERROR
 
 
 def _declared_length(resp: requests.Response) -> int | None:
@@ -480,7 +473,9 @@ def _read_body(progress: _Progress, resp: requests.Response) -> bytes:
     settings = progress.settings
     raw_length = resp.headers.get("Content-Length", "")
     if raw_length.isdigit() and int(raw_length) > settings.max_bytes:
-        raise _Failure("too_large", f"Content-Length {raw_length} > max_bytes {settings.max_bytes}")
+        raise _Failure(
+            Status.TOO_LARGE, f"Content-Length {raw_length} > max_bytes {settings.max_bytes}"
+        )
     declared = _declared_length(resp)
     try:
         body = _read_chunks(progress, resp)
@@ -490,11 +485,11 @@ def _read_body(progress: _Progress, resp: requests.Response) -> bytes:
         if declared is None and _classify(exc) != "incomplete_body":
             raise
         message = f"connection closed early while reading body: {exc}"
-        raise _Failure("incomplete_body", message) from exc
+        raise _Failure(Status.INCOMPLETE_BODY, message) from exc
     if declared is not None and len(body) < declared:
-        raise _Failure("incomplete_body", f"got {len(body)} of {declared} bytes")
+        raise _Failure(Status.INCOMPLETE_BODY, f"got {len(body)} of {declared} bytes")
     if not body:
-        raise _Failure("empty_body", f"HTTP {resp.status_code} with an empty body")
+        raise _Failure(Status.EMPTY_BODY, f"HTTP {resp.status_code} with an empty body")
     return body
 
 
@@ -514,13 +509,13 @@ def _read_chunks(progress: _Progress, resp: requests.Response) -> bytes:
             # The read was cut by the deadline rather than by read_timeout: say so.
             if progress.remaining() < _DEADLINE_SLACK:
                 message = progress.deadline_message("while reading the body")
-                raise _Failure("timeout", message) from exc
+                raise _Failure(Status.TIMEOUT, message) from exc
             raise
         if not chunk:
             return b"".join(chunks)
         total += len(chunk)
         if total > settings.max_bytes:
-            raise _Failure("too_large", f"body exceeded max_bytes {settings.max_bytes}")
+            raise _Failure(Status.TOO_LARGE, f"body exceeded max_bytes {settings.max_bytes}")
         chunks.append(chunk)
 
 
@@ -566,7 +561,7 @@ def _exception_chain(exc: BaseException) -> list[BaseException]:
     return found
 
 
-def _classify(exc: BaseException) -> str:
+def _classify(exc: BaseException) -> Status:
     chain = _exception_chain(exc)
 
     def has(types: tuple[type[BaseException], ...]) -> bool:
@@ -575,14 +570,14 @@ def _classify(exc: BaseException) -> str:
     # NewConnectionError subclasses ConnectTimeoutError in urllib3 2: a refused
     # connection or DNS failure is not a timeout.
     if has((urllib3.exceptions.NewConnectionError,)) and not has((TimeoutError,)):
-        return "connection_error"
+        return Status.CONNECTION_ERROR
     if has(_TIMEOUT_ERRORS):
-        return "timeout"
+        return Status.TIMEOUT
     if has(_INCOMPLETE_ERRORS):
-        return "incomplete_body"
+        return Status.INCOMPLETE_BODY
     if has(_INVALID_URL_ERRORS):
-        return "invalid_url"
-    return "connection_error"
+        return Status.INVALID_URL
+    return Status.CONNECTION_ERROR
 
 
 def _retries_before_error(exc: BaseException, settings: DownloadSettings) -> int:

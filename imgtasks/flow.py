@@ -28,7 +28,6 @@ from imgtasks import cluster as clusters
 from imgtasks.download import DownloadSettings
 from imgtasks.manifest import Record
 from imgtasks.nodes import (
-    BATCH_FAILED,
     BatchReport,
     JobSettings,
     download_batch,
@@ -38,10 +37,10 @@ from imgtasks.nodes import (
 )
 from imgtasks.runlog import BatchLog
 from imgtasks.sources import UrlBatch
+from imgtasks.status import NOT_FETCHED, Status
 
 log = logging.getLogger(__name__)
 
-NOT_FETCHED = ("invalid_url", "duplicate", BATCH_FAILED)
 RETRIES = 2  # Dask's, for infrastructure faults (a lost worker); HTTP retries live in download
 
 
@@ -141,7 +140,7 @@ class Progress:
             self.batch_log.write(report)
         if self.bar is not None:
             self.bar.update(report.entries)
-            self.bar.set_postfix(ok=tally.counts.get("ok", 0), refresh=False)
+            self.bar.set_postfix(ok=tally.counts.get(Status.OK, 0), refresh=False)
 
     def close(self) -> None:
         if self.bar is not None:

@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from imgtasks.sinks import OutputSettings, existing, filesystem, write_file
+from imgtasks.status import Status
 
 MANIFEST_DIR = "manifest"
 
@@ -182,6 +183,6 @@ def current_rows(settings: OutputSettings) -> dict[str, Record]:
 
 def finished_rows(settings: OutputSettings) -> dict[str, Record]:
     """URLs whose latest row is ``ok`` and whose thumbnail still exists: nothing to redo."""
-    ok = {url: r for url, r in current_rows(settings).items() if r.status == "ok" and r.path}
+    ok = {url: r for url, r in current_rows(settings).items() if r.status == Status.OK and r.path}
     present = existing(settings, [r.path for r in ok.values()])
     return {url: r for url, r in ok.items() if r.path in present}

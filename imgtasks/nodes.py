@@ -18,14 +18,13 @@ from imgtasks.download import DownloadResult, DownloadSettings, fetch_many
 from imgtasks.manifest import Record, manifest_relpath, read_part, write_manifest_part
 from imgtasks.sinks import OutputSettings, file_exists, output_relpath, write_file
 from imgtasks.sources import UrlBatch, UrlEntry
+from imgtasks.status import Status
 from imgtasks.thumbnail import Thumbnail, ThumbSettings, make_thumbnail
 
 log = logging.getLogger(__name__)
 
 ORIGINAL_EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "GIF": "gif", "WEBP": "webp", "MPO": "jpg"}
 RESUMED = "resumed"  # entry status: finished by an earlier run; its manifest row is kept
-INTERNAL_ERROR = "internal_error"  # an unexpected exception while handling one URL
-BATCH_FAILED = "batch_failed"  # the batch's node failed on every retry; the client wrote the row
 
 
 @dataclass(frozen=True)
@@ -54,7 +53,7 @@ class BatchReport:
 
     @property
     def ok(self) -> int:
-        return self.counts.get("ok", 0)
+        return self.counts.get(Status.OK, 0)
 
 
 @dataclass(frozen=True)
@@ -119,7 +118,7 @@ def batch_report(
     return BatchReport(
         batch_id=batch_id,
         manifest_path=manifest,
-        counts=dict(Counter(r.status for r in records)),
+        counts=dict(Counter(str(r.status) for r in records)),  # plain str: small to ship
         resumed=resumed,
         entries=len(records),
         bytes_in=sum(r.bytes for r in records),
@@ -151,7 +150,7 @@ def isolated_record(entry: UrlEntry, result: DownloadResult | None, job: JobSett
         return entry_record(entry, result, job)
     except Exception as exc:  # a bug, or a library failing in a way nobody classified
         log.exception("internal error on %s", entry.url)
-        return Record(entry.index, entry.url, INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")
+        return Record(entry.index, entry.url, Status.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")
 
 
 def failed_batch_records(
@@ -163,7 +162,7 @@ def failed_batch_records(
     return [
         replace(previous[e.index], index=e.index)
         if e.index in previous
-        else Record(e.index, e.url, BATCH_FAILED, error)
+        else Record(e.index, e.url, Status.BATCH_FAILED, error)
         if e.pending or e.status == RESUMED
         else entry_record(e, None, job)
         for e in batch.entries
@@ -173,7 +172,7 @@ def failed_batch_records(
 def entry_record(entry: UrlEntry, result: DownloadResult | None, job: JobSettings) -> Record:
     """The manifest row of one entry, writing its thumbnail when there is one."""
     if result is None:  # invalid or duplicate: nothing fetched
-        path = output_relpath(entry.url, job.thumb.ext) if entry.status == "duplicate" else ""
+        path = output_relpath(entry.url, job.thumb.ext) if entry.status == Status.DUPLICATE else ""
         return Record(entry.index, entry.url, entry.status, entry.error, path=path)
     if not result.ok or result.content is None:
         return Record(
@@ -219,8 +218,8 @@ def _write_thumbnail(url: str, thumb: Thumbnail, job: JobSettings) -> tuple[str,
         write_file(job.output, path, thumb.data or b"")
     except OSError as exc:  # disk full, permissions, object store refusing
         log.warning("cannot write %s: %s", path, exc)
-        return "write_error", f"cannot write thumbnail: {exc}", ""
-    return "ok", "", path
+        return Status.WRITE_ERROR, f"cannot write thumbnail: {exc}", ""
+    return Status.OK, "", path
 
 
 def _keep_original(

@@ -28,6 +28,7 @@ import fsspec
 import numpy as np
 
 from imgtasks.download import validate_url
+from imgtasks.status import Status
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +37,9 @@ DEFAULT_COLUMN = "url"
 DEFAULT_BATCH_SIZE = 16
 DEFAULT_MAX_URL_LENGTH = 2048
 
-PENDING = "pending"
-INVALID_URL = "invalid_url"
-DUPLICATE = "duplicate"
+PENDING = "pending"  # an entry's state before its fetch; not a manifest status
+INVALID_URL = Status.INVALID_URL
+DUPLICATE = Status.DUPLICATE
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,7 @@ class UrlEntry:
 
     index: int
     url: str
-    status: str = PENDING  # pending | invalid_url | duplicate
+    status: str = PENDING  # PENDING, INVALID_URL or DUPLICATE
     error: str = ""
 
     @property
