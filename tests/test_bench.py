@@ -5,16 +5,19 @@ crash), and a small real run on the demo server produces every row it asks for."
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pandas as pd
+import psutil
 import pytest
 from conftest import ROOT, subprocess_environment
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import bench
+import scale_bench
 
 CFG = bench.parse_config(["--count", "100", "--processes", "2"])
 
@@ -112,6 +115,14 @@ def test_a_flow_without_usable_figures_is_invalid_with_its_last_stderr_line(
     assert not row.valid and row.flow_s is None
     assert bench.status(row) == f"INVALID: exit 1: {why}; run.py: storage unavailable: disk full"
     assert bench.speedup(row, row) == "-"
+
+
+@pytest.mark.timeout(120)
+def test_scale_bench_marks_a_failed_run_invalid_instead_of_crashing(tmp_path: Path) -> None:
+    me = psutil.Process(os.getpid())
+    result = scale_bench.run_flow(tmp_path / "missing.txt", 10, 16, 0.2, me)
+    assert not result.valid
+    assert result.problem.startswith("exit 2: no result JSON; run.py: error: --urls")
 
 
 REAL_RUN_ROWS = (
