@@ -8,8 +8,10 @@ img2dataset — the same demo server, the same N URLs, the same latency, the sam
 The demo server runs as a separate process (``python -m imgtasks.demo_server``) so its CPU
 cost lands on no measured process; its CPU seconds are reported per row. The Dask flow
 (``flows/run.py``) and img2dataset run as subprocesses, timed from launch to exit, so
-interpreter and cluster start-up count. Every row checks that it produced all N outputs;
-a row that did not is INVALID and gets no speed-up. See ``benchmarks/README.md``.
+interpreter and cluster start-up count. The flow's own figures (wall time, start-up, ok
+rows) come from its ``--result-json`` file and its manifest, never from its printed text.
+Every row checks that it produced all N outputs; a row that did not, or a flow that left
+no figures, is INVALID and gets no speed-up. See ``benchmarks/README.md``.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ import contextlib
 import math
 import multiprocessing
 import os
-import re
 import resource
 import shutil
 import subprocess
@@ -35,12 +36,11 @@ from typing import Any
 
 import psutil
 import requests
+from flow_figures import NoFigures, failure, flow_command, manifest_count, read_figures
 from PIL import Image
 
 from imgtasks.demo_server import server_process
 
-FLOWS_DIR = Path(__file__).resolve().parents[1] / "flows"
-RUN_PY = FLOWS_DIR / "run.py"
 THREAD_COUNTS = (4, 8, 16, 32)
 DASK_MODES = ("hybrid", "processes", "threads")
 METHODS = (
@@ -183,10 +183,13 @@ class Row:
     cpu_s: float | None = None
     server_cpu_s: float | None = None
     path: Path | None = field(default=None, repr=False)  # the row's outputs
+    flow_s: float | None = None  # the flow's own wall time (its result JSON)
+    startup_s: float | None = None  # the flow's cluster start-up (its result JSON)
+    problem: str = ""  # why the row cannot count, whatever its outputs
 
     @property
     def valid(self) -> bool:
-        return self.seconds is not None and self.outputs == self.expected
+        return self.seconds is not None and not self.problem and self.outputs == self.expected
 
 
 @dataclass(frozen=True)
@@ -293,75 +296,55 @@ def resize_pool(files: Sequence[Path], dest: Path, processes: int) -> None:
 @dataclass(frozen=True)
 class Finished:
     returncode: int | None  # None: timed out
-    stdout: str
-    stderr: str
+    stderr: str  # to say why a run failed; figures never come from printed text
 
 
 def run_command(cmd: Sequence[str], log: Path, timeout: float, env: dict | None = None) -> Finished:
+    """Run to exit; everything it printed goes to ``log`` for a person to read."""
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired as exc:
-        out = exc.stdout or ""
-        return Finished(None, out if isinstance(out, str) else out.decode(), "timed out")
+        log.write_text(f"$ {' '.join(cmd)}\n{_text(exc.stdout)}\n--- stderr\n{_text(exc.stderr)}")
+        return Finished(None, "")
     log.write_text(f"$ {' '.join(cmd)}\n{done.stdout}\n--- stderr\n{done.stderr}")
-    return Finished(done.returncode, done.stdout, done.stderr)
+    return Finished(done.returncode, done.stderr)
 
 
-def failure_note(done: Finished) -> str:
-    if done.returncode is None:
-        return "timed out"
-    lines = done.stderr.strip().splitlines()
-    return f"exit {done.returncode}: {lines[-1][:80] if lines else ''}"
-
-
-def flow_command(mode: str, urls_file: Path, out: Path, cfg: Config) -> list[str]:
-    return [
-        sys.executable,
-        str(RUN_PY),
-        "--urls",
-        str(urls_file),
-        "--out",
-        str(out),
-        "--no-progress",
-        "--scheduler",
-        mode,
-        "--cpu-workers",
-        str(cfg.processes),
-        "--io-threads",
-        str(cfg.io_threads),
-    ]
-
-
-def manifest_ok(out: Path) -> int:
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
-    manifest = out / "manifest"
-    if not manifest.exists():
-        return 0
-    status = pq.read_table(str(manifest), columns=["status"]).column("status")
-    return int(pc.sum(pc.equal(status, "ok")).as_py() or 0)
+def _text(output: str | bytes | None) -> str:
+    return output.decode(errors="replace") if isinstance(output, bytes) else output or ""
 
 
 def run_flow(mode: str, urls_file: Path, work: Path, cfg: Config, server: psutil.Process) -> Row:
-    out = work / f"dask-{mode}"
-    cmd = flow_command(mode, urls_file, out, cfg)
+    out, figures_file = work / f"dask-{mode}", work / f"dask-{mode}.json"
+    options = ["--scheduler", mode, "--cpu-workers", str(cfg.processes)]
+    cmd = flow_command(
+        urls_file, out, figures_file, [*options, "--io-threads", str(cfg.io_threads)]
+    )
     timeout = 600 + 2 * cfg.count * cfg.latency
     done, cost = timed(lambda: run_command(cmd, work / f"dask-{mode}.log", timeout), server)
-    # Both must hold: N manifest rows with status ok and N thumbnail files.
-    outputs = min(manifest_ok(out), count_files(out, "*.jpg"))
-    match = re.search(r"wall time\s+([\d.]+) s", done.stdout)
+    return flow_row(f"dask {mode}", done, cost, out, figures_file, cfg.count)
+
+
+def flow_row(
+    method: str, done: Finished, cost: Cost, out: Path, figures_file: Path, expected: int
+) -> Row:
+    """The flow's row: timed launch to exit here; its own wall time and start-up from its
+    result JSON; outputs both ok in that JSON and ok rows in the manifest with the file."""
+    row = make_row(method, "total", cost, manifest_count(out).ok, expected)
+    try:
+        figures = read_figures(figures_file)
+    except NoFigures as exc:
+        row.problem = failure(done.returncode, done.stderr, str(exc))
+        return row
+    row.flow_s, row.startup_s = float(figures["wall_s"]), float(figures["startup_s"])
+    row.outputs = min(row.outputs, int(figures["ok"]))
+    row.note = (
+        f"flow says {row.flow_s:.1f} s; +{cost.wall - row.flow_s:.1f} s outside it; "
+        f"cluster start-up {row.startup_s:.1f} s inside"
+    )
     if done.returncode != 0:
-        note = failure_note(done)
-    elif match:
-        flow_wall = float(match.group(1))
-        note = f"flow says {flow_wall:.1f} s; +{cost.wall - flow_wall:.1f} s outside it"
-        startup = re.search(r"cluster start-up ([\d.]+) s", done.stdout)
-        if startup:
-            note += f"; cluster start-up {float(startup.group(1)):.1f} s inside"
-    else:
-        note = "no 'wall time' in the flow's output"
-    return make_row(f"dask {mode}", "total", cost, outputs, cfg.count, note)
+        row.note = f"{failure(done.returncode, done.stderr)}; {row.note}"
+    return row
 
 
 def find_img2dataset(cfg: Config) -> str | None:
@@ -402,7 +385,7 @@ def run_img2dataset(urls_file: Path, work: Path, cfg: Config, server: psutil.Pro
     cmd = img2dataset_command(exe, urls_file, out, cfg)
     timeout = 600 + 2 * cfg.count * cfg.latency
     done, cost = timed(lambda: run_command(cmd, work / "img2dataset.log", timeout, env), server)
-    note = "" if done.returncode == 0 else failure_note(done)
+    note = "" if done.returncode == 0 else failure(done.returncode, done.stderr)
     return make_row("img2dataset", "total", cost, count_files(out, "*.jpg"), cfg.count, note)
 
 
@@ -534,6 +517,8 @@ def fmt_seconds(seconds: float | None) -> str:
 def status(row: Row) -> str:
     if row.seconds is None:
         return row.note
+    if row.problem:
+        return f"INVALID: {row.problem}"
     if row.outputs < 0:
         return "INVALID (a part is invalid)"
     if not row.valid:

@@ -6,10 +6,13 @@
 
 (after ``pip install -e .``). The demo image server runs as a SEPARATE process
 (``python -m imgtasks.demo_server``) so its CPU is not inside any measured process. Each
-run writes the URL list to a file and runs ``flows/run.py --urls FILE --scheduler hybrid``
-as a subprocess, sampling with psutil every ``--interval`` seconds the RSS and CPU time
-of the flow (client) process and of each Dask worker process (its children). Workers are
-labelled by thread count: the one with the most threads is the I/O worker.
+run writes the URL list to a file and runs ``flows/run.py --urls FILE --scheduler hybrid
+--result-json FILE`` as a subprocess, sampling with psutil every ``--interval`` seconds the
+RSS and CPU time of the flow (client) process and of each Dask worker process (its
+children). Workers are labelled by thread count: the one with the most threads is the I/O
+worker. The flow's wall time and cluster start-up come from its result JSON, the rows and
+ok rows from its manifest; nothing is read from its printed text. A run that failed or left
+no result JSON is INVALID (with the flow's last stderr line) and the bench exits 1.
 
 Reported per run:
 
@@ -32,7 +35,6 @@ import argparse
 import contextlib
 import math
 import os
-import re
 import shutil
 import socket
 import subprocess
@@ -44,13 +46,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
-import pyarrow.parquet as pq
 import requests
+from flow_figures import NoFigures, failure, flow_command, manifest_count, read_figures
 
 from imgtasks.demo_server import server_process
 
 ROOT = Path(__file__).resolve().parents[1]
-RUN_PY = ROOT / "flows" / "run.py"
 MIB = 2**20
 RSS_GOAL = 0.20
 
@@ -93,19 +94,24 @@ class Result:
     count: int
     batch_size: int
     wall: float  # end to end, interpreter start to exit
-    flow_wall: float
-    startup: float
-    rows: int
-    ok: int
+    flow_wall: float  # the flow's wall_s (its result JSON), cluster start-up included
+    startup: float  # the flow's startup_s (its result JSON)
+    rows: int  # manifest rows
+    ok: int  # manifest rows with status ok and the thumbnail file present
     client: Sample
     workers: list[Sample] = field(default_factory=list)
     server_cpu_s: float = 0.0
     expected_workers: int = 0
-    warnings: list[str] = field(default_factory=list)  # the flow's stderr WARNING/ERROR lines
+    warnings: list[str] = field(default_factory=list)  # the flow's stderr (WARNING and up)
+    problem: str = ""  # why the run is INVALID
+
+    @property
+    def valid(self) -> bool:
+        return not self.problem
 
     @property
     def images_per_s(self) -> float:
-        return self.count / self.flow_wall
+        return self.count / max(self.flow_wall, 1e-9)
 
     @property
     def tasks_per_s(self) -> float:
@@ -142,65 +148,62 @@ def sample(proc: psutil.Process, into: dict[int, Sample]) -> None:
 def run_flow(
     urls: Path, count: int, batch_size: int, interval: float, server: psutil.Process
 ) -> Result:
-    out = Path(tempfile.mkdtemp(prefix="scale-bench-out-"))
+    work = Path(tempfile.mkdtemp(prefix="scale-bench-out-"))
+    out, figures_file = work / "out", work / "result.json"
     server_cpu = sum(server.cpu_times()[:2])
-    cmd = [
-        sys.executable,
-        str(RUN_PY),
-        "--urls",
-        str(urls),
-        "--out",
-        str(out),
-        "--scheduler",
-        "hybrid",
-        "--batch-size",
-        str(batch_size),
-        "--no-progress",
-        "--dashboard-address",
-        f"127.0.0.1:{free_port()}",
-    ]
+    options = ["--scheduler", "hybrid", "--batch-size", str(batch_size)]
+    cmd = flow_command(
+        urls, out, figures_file, [*options, "--dashboard-address", f"127.0.0.1:{free_port()}"]
+    )
     samples: dict[int, Sample] = {}
     started = time.perf_counter()
-    proc = subprocess.Popen(
-        cmd, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+    # stdout (the summary a person reads) is not kept: figures come from the result JSON.
+    # stderr goes to a file: a pipe nobody reads while the flow runs could fill and stall it.
+    with open(work / "stderr.txt", "w", encoding="utf-8") as err:
+        proc = subprocess.Popen(cmd, env=environment(), stdout=subprocess.DEVNULL, stderr=err)
     try:
         flow = psutil.Process(proc.pid)
         while proc.poll() is None:
             with contextlib.suppress(psutil.Error):
                 sample(flow, samples)
             time.sleep(interval)
-        stdout, stderr = proc.communicate(timeout=60)
         wall = time.perf_counter() - started
-        if proc.returncode != 0:
-            raise RuntimeError(f"flow exited with {proc.returncode}:\n{stderr[-3000:]}")
-        status = pq.read_table(out / "manifest", columns=["status"]).column("status").to_pylist()
+        stderr = (work / "stderr.txt").read_text(encoding="utf-8", errors="replace")
+        manifest = manifest_count(out)
+        try:
+            figures, problem = read_figures(figures_file), ""
+        except NoFigures as exc:
+            figures, problem = {}, failure(proc.returncode, stderr, str(exc))
     finally:
         if proc.poll() is None:
             proc.kill()
-            proc.communicate(timeout=60)
-        shutil.rmtree(out, ignore_errors=True)
-    timing = re.search(r"wall time\s+([\d.]+) s \(cluster start-up ([\d.]+) s\)", stdout)
-    if timing is None:
-        raise RuntimeError(f"no wall time in the flow's output:\n{stdout[-2000:]}")
-    client = samples.pop(proc.pid)
+            proc.wait(timeout=60)
+        shutil.rmtree(work, ignore_errors=True)
+    if proc.returncode != 0 and not problem:
+        problem = failure(proc.returncode, stderr)
+    client = samples.pop(proc.pid, Sample())
     # the I/O worker first (most threads); helpers such as multiprocessing's resource
     # tracker (one thread, tiny) are not workers
     workers = sorted((s for s in samples.values() if s.threads > 2), key=lambda s: -s.threads)
-    return Result(
+    result = Result(
         count=count,
         batch_size=batch_size,
         wall=wall,
-        flow_wall=float(timing.group(1)),
-        startup=float(timing.group(2)),
-        rows=len(status),
-        ok=status.count("ok"),
+        flow_wall=float(figures.get("wall_s", 0.0)),
+        startup=float(figures.get("startup_s", 0.0)),
+        rows=manifest.rows,
+        ok=manifest.ok,
         client=client,
         workers=workers,
         server_cpu_s=sum(server.cpu_times()[:2]) - server_cpu,
         expected_workers=1 + (os.cpu_count() or 1),  # the flow's hybrid default
-        warnings=[line for line in stderr.splitlines() if re.search(r"WARNING|ERROR", line)],
+        # at the flow's default --log-level WARNING, stderr holds only warnings and errors
+        warnings=[line for line in stderr.splitlines() if line.strip()],
+        problem=problem,
     )
+    if result.valid and (result.rows != count or result.ok != count):
+        result.problem = f"{count} URLs gave {result.rows} manifest rows, {result.ok} ok"
+    return result
 
 
 def mib(n: int) -> str:
@@ -213,6 +216,9 @@ def print_scale(results: Sequence[Result]) -> None:
         f"{'tasks/s':>8} {'client MiB':>10} {'io MiB':>7} {'cpu MiB':>11} {'sched share':>11}"
     )
     for r in results:
+        if not r.valid:
+            print(f"{r.count:>8} INVALID: {r.problem}")
+            continue
         cpus = "/".join(mib(w.peak_rss) for w in r.cpu_workers)
         print(
             f"{r.count:>8} {r.ok:>9} {r.flow_wall:>7.1f} {r.images_per_s:>7.0f} "
@@ -220,23 +226,27 @@ def print_scale(results: Sequence[Result]) -> None:
             f"{mib(r.io_worker.peak_rss):>7} {cpus:>11} {r.sched_share:>10.0%}"
         )
     for r in results:
-        print(
-            f"  {r.count} URLs: client CPU {r.client.cpu_s:.1f} s, I/O worker CPU "
-            f"{r.io_worker.cpu_s:.1f} s, CPU workers "
-            + ", ".join(f"{w.cpu_s:.1f} s" for w in r.cpu_workers)
-            + f", demo server CPU {r.server_cpu_s:.1f} s (not in the flow), "
-            f"wall end to end {r.wall:.1f} s, cluster start-up {r.startup:.1f} s"
-        )
-        if len(r.workers) != r.expected_workers:
+        if r.valid:
+            print(
+                f"  {r.count} URLs: client CPU {r.client.cpu_s:.1f} s, I/O worker CPU "
+                f"{r.io_worker.cpu_s:.1f} s, CPU workers "
+                + ", ".join(f"{w.cpu_s:.1f} s" for w in r.cpu_workers)
+                + f", demo server CPU {r.server_cpu_s:.1f} s (not in the flow), "
+                f"wall end to end {r.wall:.1f} s, cluster start-up {r.startup:.1f} s"
+            )
+        if r.valid and len(r.workers) != r.expected_workers:
             print(
                 f"  {r.count} URLs: {len(r.workers)} worker processes seen, "
                 f"{r.expected_workers} expected: a worker was restarted (its peaks are split)"
             )
         for line in r.warnings[:5]:
             print(f"  {r.count} URLs, flow stderr: {line[:160]}")
-    if len(results) < 2:
+    valid = [r for r in results if r.valid]
+    if len(valid) < 2:
+        if len(results) >= 2:
+            print("\npeak RSS ratio: n/a (fewer than two valid runs)")
         return
-    small, big = results[0], results[-1]
+    small, big = valid[0], valid[-1]
     pairs = [("client", small.client, big.client), ("io worker", small.io_worker, big.io_worker)]
     pairs += [
         (f"cpu worker {i}", a, b)
@@ -256,14 +266,13 @@ def print_scale(results: Sequence[Result]) -> None:
     )
 
 
-def check(result: Result) -> None:
-    if result.rows != result.count or result.ok != result.count:
-        raise RuntimeError(
-            f"{result.count} URLs gave {result.rows} manifest rows, {result.ok} ok: INVALID run"
-        )
+def progress_line(what: str, result: Result) -> str:
+    verdict = "" if result.valid else f", INVALID: {result.problem}"
+    return f"[{what}: {result.wall:.1f} s{verdict}]"
 
 
-def scale(counts: Sequence[int], batch_size: int, interval: float, workdir: Path) -> None:
+def scale(counts: Sequence[int], batch_size: int, interval: float, workdir: Path) -> bool:
+    """Print the scale table; False if a run was INVALID."""
     results = []
     with server_process(0.0, 0.0) as (base, pid):
         server = psutil.Process(pid)
@@ -271,14 +280,15 @@ def scale(counts: Sequence[int], batch_size: int, interval: float, workdir: Path
             urls = workdir / f"tiny-{count}.txt"
             write_url_list(base, count, "tiny", urls)
             result = run_flow(urls, count, batch_size, interval, server)
-            check(result)
             results.append(result)
-            print(f"[{count} tiny URLs, batch {batch_size}: {result.wall:.1f} s]", flush=True)
+            print(progress_line(f"{count} tiny URLs, batch {batch_size}", result), flush=True)
     print(f"\nscale: tiny images, no latency, --scheduler hybrid, --batch-size {batch_size}")
     print_scale(results)
+    return all(r.valid for r in results)
 
 
-def batch_sizes(sizes: Sequence[int], interval: float, workdir: Path, tiny_count: int) -> None:
+def batch_sizes(sizes: Sequence[int], interval: float, workdir: Path, tiny_count: int) -> bool:
+    """Print images/s and tasks/s per batch size; False if a run was INVALID."""
     cases = [
         ("1000 photos, 100 ms", 0.1, "photos", 1000),
         ("tiny, no latency", 0.0, "tiny", tiny_count),
@@ -291,21 +301,27 @@ def batch_sizes(sizes: Sequence[int], interval: float, workdir: Path, tiny_count
             write_url_list(base, count, kind, urls)
             for size in sizes:
                 result = run_flow(urls, count, size, interval, server)
-                check(result)
                 table.setdefault(f"{name} ({count})", {})[size] = result
-                print(f"[{name}, batch {size}: {result.wall:.1f} s]", flush=True)
+                print(progress_line(f"{name}, batch {size}", result), flush=True)
     print("\nimages/s by --batch-size (flow wall, cluster start-up included; x = vs the first)")
     print(f"{'case':<28}" + "".join(f"{f'batch {s}':>18}" for s in sizes))
     for name, row in table.items():
-        first = row[sizes[0]].images_per_s
+        first = next((r.images_per_s for r in row.values() if r.valid), None)
         cells = "".join(
             f"{f'{row[s].images_per_s:.0f} (x{row[s].images_per_s / first:.2f})':>18}"
+            if row[s].valid and first
+            else f"{'INVALID':>18}"
             for s in sizes
         )
         print(f"{name:<28}{cells}")
     print(f"{'tasks/s':<28}" + "".join(f"{'':>18}" for _ in sizes))
     for name, row in table.items():
-        print(f"{'  ' + name:<28}" + "".join(f"{row[s].tasks_per_s:>18.0f}" for s in sizes))
+        cells = (f"{row[s].tasks_per_s:>18.0f}" if row[s].valid else f"{'-':>18}" for s in sizes)
+        print(f"{'  ' + name:<28}" + "".join(cells))
+    invalid = [(name, s, r) for name, row in table.items() for s, r in row.items() if not r.valid]
+    for name, size, r in invalid:
+        print(f"  {name}, batch {size}: INVALID: {r.problem}")
+    return not invalid
 
 
 def int_list(text: str) -> list[int]:
@@ -342,10 +358,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     with tempfile.TemporaryDirectory(prefix="scale-bench-") as tmp:
         if args.batch_sizes:
-            batch_sizes(args.batch_sizes, args.interval, Path(tmp), args.tiny_count)
+            valid = batch_sizes(args.batch_sizes, args.interval, Path(tmp), args.tiny_count)
         else:
-            scale(sorted(args.counts), args.batch_size, args.interval, Path(tmp))
-    return 0
+            valid = scale(sorted(args.counts), args.batch_size, args.interval, Path(tmp))
+    return 0 if valid else 1
 
 
 if __name__ == "__main__":

@@ -1,17 +1,23 @@
-"""benchmarks/bench.py: rows are checked, ratios and the CPU floor computed from the rows, and a
-small real run on the demo server produces every row it asks for."""
+"""benchmarks/bench.py: rows are checked, ratios and the CPU floor computed from the rows, the
+flow's figures come from its result JSON and manifest (a run without them is INVALID, not a
+crash), and a small real run on the demo server produces every row it asks for."""
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
+import psutil
 import pytest
 from conftest import ROOT, subprocess_environment
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import bench
+import scale_bench
 
 CFG = bench.parse_config(["--count", "100", "--processes", "2"])
 
@@ -55,6 +61,70 @@ def test_cpu_floor_uses_the_cheapest_download_and_resize() -> None:
     assert bench.floor_line(table[:2], CFG).endswith("n/a (needs a download row and a resize row)")
 
 
+FIGURES = {"wall_s": 3.25, "startup_s": 1.5, "ok": 3, "entries": 3, "counts": {"ok": 3}}
+COST = bench.Cost(wall=5.0, cpu=2.0, server_cpu=0.5)
+
+
+def write_manifest(out: Path, statuses: list[str]) -> None:
+    """A manifest whose ok rows point at thumbnail files that exist."""
+    (out / "manifest").mkdir(parents=True)
+    paths = [f"t/{i}.jpg" if s == "ok" else "" for i, s in enumerate(statuses)]
+    for path in filter(None, paths):
+        (out / path).parent.mkdir(exist_ok=True)
+        (out / path).write_bytes(b"jpeg")
+    frame = pd.DataFrame({"status": statuses, "path": paths})
+    frame.to_parquet(out / "manifest" / "part-0.parquet")
+
+
+def test_flow_row_takes_wall_and_startup_from_the_result_json(tmp_path: Path) -> None:
+    write_manifest(tmp_path / "out", ["ok", "ok", "ok"])
+    (tmp_path / "r.json").write_text(json.dumps(FIGURES))
+    done = bench.Finished(0, "")
+    row = bench.flow_row("dask hybrid", done, COST, tmp_path / "out", tmp_path / "r.json", 3)
+    assert row.valid and (row.seconds, row.outputs) == (5.0, 3)
+    assert (row.flow_s, row.startup_s) == (3.25, 1.5)
+    assert row.note == "flow says 3.2 s; +1.8 s outside it; cluster start-up 1.5 s inside"
+
+
+def test_flow_row_needs_both_the_json_and_the_manifest_to_count_an_output(tmp_path: Path) -> None:
+    write_manifest(tmp_path / "out", ["ok", "ok", "http_4xx"])
+    (tmp_path / "r.json").write_text(json.dumps(FIGURES))  # says 3 ok: the manifest has 2
+    row = bench.flow_row(
+        "dask hybrid", bench.Finished(0, ""), COST, tmp_path / "out", tmp_path / "r.json", 3
+    )
+    assert not row.valid and row.outputs == 2
+    assert bench.status(row).startswith("INVALID (2/3 outputs) flow says 3.2 s")
+
+
+@pytest.mark.parametrize(
+    ("content", "why"),
+    [
+        (None, "no result JSON"),
+        ("{not json", "unreadable result JSON (JSONDecodeError)"),
+        ('{"wall_s": 1.0, "ok": 3}', "result JSON lacks startup_s, entries"),
+    ],
+)
+def test_a_flow_without_usable_figures_is_invalid_with_its_last_stderr_line(
+    tmp_path: Path, content: str | None, why: str
+) -> None:
+    write_manifest(tmp_path / "out", ["ok", "ok", "ok"])  # whole outputs do not save it
+    if content is not None:
+        (tmp_path / "r.json").write_text(content)
+    done = bench.Finished(1, "a warning\nrun.py: storage unavailable: disk full\n")
+    row = bench.flow_row("dask hybrid", done, COST, tmp_path / "out", tmp_path / "r.json", 3)
+    assert not row.valid and row.flow_s is None
+    assert bench.status(row) == f"INVALID: exit 1: {why}; run.py: storage unavailable: disk full"
+    assert bench.speedup(row, row) == "-"
+
+
+@pytest.mark.timeout(120)
+def test_scale_bench_marks_a_failed_run_invalid_instead_of_crashing(tmp_path: Path) -> None:
+    me = psutil.Process(os.getpid())
+    result = scale_bench.run_flow(tmp_path / "missing.txt", 10, 16, 0.2, me)
+    assert not result.valid
+    assert result.problem.startswith("exit 2: no result JSON; run.py: error: --urls")
+
+
 REAL_RUN_ROWS = (
     "John serial download",
     "threads(32) download",
@@ -70,12 +140,13 @@ def test_small_real_run_measures_every_method_it_can(tmp_path: Path) -> None:
     env = subprocess_environment()
     env.pop(bench.I2D_ENV, None)
     env["PATH"] = str(Path(sys.executable).parent)  # no img2dataset on it
-    html = tmp_path / "bench.html"
+    html, work = tmp_path / "bench.html", tmp_path / "work"
     methods = "john,threads,pool,dask-threads,img2dataset"
     proc = subprocess.run(
         [
             *(sys.executable, str(ROOT / "benchmarks" / "bench.py"), "--count", "12"),
             *("--latency", "0", "--methods", methods, "--processes", "1", "--html", str(html)),
+            *("--out-dir", str(work)),
         ],
         env=env,
         capture_output=True,
@@ -91,6 +162,11 @@ def test_small_real_run_measures_every_method_it_can(tmp_path: Path) -> None:
         assert "  ok" in row and "INVALID" not in row, row
     i2d = next(x for x in table if x.startswith("img2dataset"))
     assert "SKIPPED: img2dataset not found" in i2d and "pip install img2dataset" in i2d
+    # the flow's row shows its result JSON's numbers
+    figures = json.loads((work / "dask-threads.json").read_text())
+    dask = next(x for x in table if x.startswith("dask threads"))
+    assert f"flow says {figures['wall_s']:.1f} s;" in dask, dask
+    assert f"cluster start-up {figures['startup_s']:.1f} s inside" in dask, dask
     assert "CPU floor: download" in proc.stdout
     assert html.stat().st_size > 10_000
 

@@ -1,0 +1,79 @@
+"""What a ``flows/run.py`` subprocess did, for the benchmarks: its figures from the
+``--result-json`` file it writes (``imgtasks.Result.to_dict()``) and its outputs from the
+manifest, never from its printed text. Its stderr only explains a run that left no figures.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+RUN_PY = Path(__file__).resolve().parents[1] / "flows" / "run.py"
+# The keys the benchmarks read; a file without them is as good as none.
+FIGURES = ("wall_s", "startup_s", "ok", "entries")
+
+
+class NoFigures(Exception):
+    """The run left no usable ``--result-json`` file; the message says what was wrong."""
+
+
+def flow_command(
+    urls: Path, out: Path, figures_file: Path, options: Sequence[str] = ()
+) -> list[str]:
+    """``python flows/run.py`` on a URL list, its figures written to ``figures_file``."""
+    return [
+        *(sys.executable, str(RUN_PY), "--urls", str(urls), "--out", str(out)),
+        *("--result-json", str(figures_file), "--no-progress", *options),
+    ]
+
+
+def read_figures(path: Path) -> dict[str, Any]:
+    """The run's ``Result.to_dict()``; NoFigures if the file is missing, unreadable or
+    lacks a number the benchmarks need."""
+    try:
+        figures = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise NoFigures("no result JSON") from None
+    except (OSError, ValueError) as exc:
+        raise NoFigures(f"unreadable result JSON ({type(exc).__name__})") from None
+    if not isinstance(figures, dict):
+        raise NoFigures("result JSON is not an object")
+    missing = [k for k in FIGURES if not isinstance(figures.get(k), int | float)]
+    if missing:
+        raise NoFigures(f"result JSON lacks {', '.join(missing)}")
+    return figures
+
+
+def last_line(text: str) -> str:
+    lines = text.strip().splitlines()
+    return lines[-1].strip()[:120] if lines else ""
+
+
+def failure(returncode: int | None, stderr: str, problem: str = "") -> str:
+    """One line on a run that failed: how it ended, what is missing, its last stderr line
+    (None: timed out)."""
+    how = "timed out" if returncode is None else f"exit {returncode}"
+    detail = "; ".join(filter(None, (problem, last_line(stderr))))
+    return f"{how}: {detail}" if detail else how
+
+
+@dataclass(frozen=True)
+class ManifestCount:
+    rows: int
+    ok: int  # status ok with the thumbnail file present
+
+
+def manifest_count(out: Path) -> ManifestCount:
+    """The manifest under a local ``out``: its rows, and its ok rows whose file exists."""
+    import pandas as pd
+
+    manifest = out / "manifest"
+    if not manifest.exists():
+        return ManifestCount(0, 0)
+    frame = pd.read_parquet(manifest, columns=["status", "path"])
+    ok_paths = frame.loc[frame["status"] == "ok", "path"]
+    return ManifestCount(len(frame), sum((out / p).is_file() for p in ok_paths))
