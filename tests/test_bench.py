@@ -10,14 +10,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import bench  # benchmarks/bench.py (on sys.path: conftest)
 import pandas as pd
 import psutil
 import pytest
-from conftest import ROOT, subprocess_environment
-
-sys.path.insert(0, str(ROOT / "benchmarks"))
-import bench
 import scale_bench
+from conftest import ROOT, subprocess_environment
 
 CFG = bench.parse_config(["--count", "100", "--processes", "2"])
 

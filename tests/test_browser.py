@@ -396,7 +396,7 @@ def stop(proc: subprocess.Popen) -> None:
 
 @pytest.mark.timeout(120)
 def test_bench_chart_renders(chromium: Chromium, tmp_path: Path) -> None:
-    import bench  # flows/bench.py
+    import bench  # benchmarks/bench.py (on sys.path: conftest)
 
     html = tmp_path / "bench.html"
     cfg = bench.parse_config(["--count", "100", "--latency", "0.1", "--html", str(html)])
