@@ -420,6 +420,10 @@ def _read_header(data: bytes, plugins: Iterable[str]) -> _Header:
         try:
             with factory(io.BytesIO(data), None) as im:
                 return _Header(im.size, im.format or name, magic)
+        except Image.DecompressionBombError:
+            # Some plugins (WebP, GIF, ICO) check the size themselves, inside the
+            # header parse: the format is known, the size is not.
+            return _Header(format=name, magic=magic)
         except Exception:  # not this format, or an unreadable header: try the next
             continue
     return _Header(magic=magic)
@@ -582,7 +586,7 @@ def _resizable(im: Image.Image) -> Image.Image:
     if mode in ("RGB", "RGBA", "L", "LA", "CMYK", "I", "F"):
         return im  # resampled as-is; converting here would cost a full-size pass
     if (mode == "P" and "transparency" in im.info) or mode == "PA":
-        return im.convert("RGBA")
+        return _with_alpha(im)
     if mode == "1":
         return im.convert("L")  # so LANCZOS yields grey levels, not nearest-neighbour
     if mode.startswith("I;16"):
@@ -590,6 +594,19 @@ def _resizable(im: Image.Image) -> Image.Image:
     if mode in ("La", "RGBa"):
         return im.convert(mode.upper())
     return im.convert("RGB")
+
+
+def _with_alpha(im: Image.Image) -> Image.Image:
+    """RGBA from a palette image with transparency.
+
+    A PNG tRNS chunk may list more alphas than a palette can hold (256); Pillow loads
+    it but refuses to convert ("palette index out of range"). Browsers ignore the
+    excess, and so do we.
+    """
+    alphas = im.info.get("transparency")
+    if isinstance(alphas, bytes) and len(alphas) > 256:
+        im.info["transparency"] = alphas[:256]
+    return im.convert("RGBA")
 
 
 def _to_8bit(im: Image.Image) -> Image.Image:

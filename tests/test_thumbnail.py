@@ -702,6 +702,34 @@ def test_bomb_check_parses_allowed_headers_only() -> None:
     assert (refused.orig_width, refused.orig_height) == (0, 0)
 
 
+def test_webp_bomb_keeps_its_format() -> None:
+    """WebP checks the pixel count inside its own header parse: still named WEBP."""
+    data = bytearray(encode(Image.new("RGB", (48, 32), RED), "WEBP"))
+    assert data[12:16] == b"VP8 "
+    struct.pack_into("<HH", data, 26, 16383, 16383)  # the frame header's 14-bit sizes
+    thumb = make_thumbnail(bytes(data))
+    assert (thumb.status, thumb.source_format) == ("too_many_pixels", "WEBP")
+
+
+def test_oversized_png_transparency_is_cut_to_the_palette() -> None:
+    """A tRNS chunk with more alphas than a palette holds: Pillow loads it but refuses to
+    convert it; browsers ignore the excess (found by test_torture)."""
+    im = Image.new("P", (200, 100), 0)
+    im.putpalette([*RED, *GREEN] + [0, 0, 0] * 254)
+    im.paste(1, (100, 0, 200, 100))
+    png = encode(im, "PNG")
+    at = png.index(b"IDAT") - 4
+    # Index 0 almost transparent, then 299 alphas too many. No zero byte: Pillow reads a
+    # tRNS with one as "that index is transparent" and ignores the rest.
+    alphas = b"\x01" + b"\xff" * 299
+    trns = struct.pack(">I", len(alphas)) + b"tRNS" + alphas
+    trns += struct.pack(">I", zlib.crc32(b"tRNS" + alphas) & 0xFFFFFFFF)
+    thumb = make_thumbnail(png[:at] + trns + png[at:], ThumbSettings(format="png"))
+    out = decode(thumb)
+    assert patch_mean(out, (0, 0, 50, 64))[3] <= 1
+    assert_colour(patch_mean(out, (78, 0, 128, 64)), (*GREEN, 255), tol=0)
+
+
 def test_broken_header_of_an_allowed_format_is_decode_error() -> None:
     thumb = make_thumbnail(b"GIF89a" + b"\0" * 9)
     assert (thumb.status, thumb.source_format) == ("decode_error", "GIF")
