@@ -343,19 +343,25 @@ def _open(data: bytes, settings: ThumbSettings) -> ImageFile.ImageFile:
         raise _unidentified(data, allowed) from exc
     except Exception as exc:
         raise _classify(exc, (0, 0), "") from exc
-    fmt = im.format or ""
-    if fmt not in allowed:  # a plugin that names its result otherwise (JPEG -> MPO)
+    try:
+        _check_opened(im, settings)
+    except ThumbnailError:
         im.close()
-        raise _unsupported(fmt, allowed)
+        raise
+    return im
+
+
+def _check_opened(im: ImageFile.ImageFile, settings: ThumbSettings) -> None:
+    """Refuse, from the header alone, what must not be decoded."""
+    fmt = im.format or ""
+    if fmt not in settings.source_formats:  # a plugin naming its result otherwise (MPO)
+        raise _unsupported(fmt, settings.source_formats)
     width, height = im.size
     if width * height > settings.max_pixels:
-        im.close()
         msg = f"{width}x{height} = {width * height} pixels exceeds max_pixels={settings.max_pixels}"
         raise ThumbnailError("too_many_pixels", msg, (width, height), fmt)
     if width < 1 or height < 1:
-        im.close()
         raise ThumbnailError("decode_error", f"empty image {width}x{height}", (0, 0), fmt)
-    return im
 
 
 @functools.lru_cache(maxsize=64)
