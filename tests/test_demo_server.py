@@ -770,20 +770,18 @@ def test_cli_module_serves_until_interrupted(http: requests.Session) -> None:
         timeout=60,
     )
     assert bad.returncode == 2
+    with _cli_server("--latency", "0", "--corpus", "tiny", "--count", "7") as (base, line):
+        assert "urls?count=7" in line
+        lines = _get(http, f"{base}/urls?count=7").text.splitlines()
+        assert len(lines) == 7
+
+
+@contextlib.contextmanager
+def _cli_server(*args: str) -> Iterator[tuple[str, str]]:
+    """``python -m imgtasks.demo_server --port 0 ARGS``: yields its base URL and startup
+    line, then stops it with Ctrl-C, which must exit 0."""
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "imgtasks.demo_server",
-            "--port",
-            "0",
-            "--latency",
-            "0",
-            "--corpus",
-            "tiny",
-            "--count",
-            "7",
-        ],
+        [sys.executable, "-m", "imgtasks.demo_server", "--port", "0", *args],
         env=_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -791,17 +789,14 @@ def test_cli_module_serves_until_interrupted(http: requests.Session) -> None:
     )
     try:
         assert proc.stdout is not None
-        base = None
-        deadline = time.monotonic() + 60
-        while base is None and time.monotonic() < deadline:
+        match, deadline = None, time.monotonic() + 60
+        while match is None and time.monotonic() < deadline:
             line = proc.stdout.readline()
             if not line:
                 break
-            if "urls?count=7" in line:
-                base = re.search(r"http://127\.0\.0\.1:\d+", line)
-        assert base is not None, "no startup line"
-        lines = _get(http, f"{base.group(0)}/urls?count=7").text.splitlines()
-        assert len(lines) == 7
+            match = re.search(r"serving (http://127\.0\.0\.1:\d+)", line)
+        assert match is not None, "no startup line"
+        yield match.group(1), line
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=15) == 0
     finally:
@@ -911,24 +906,6 @@ def test_files_dir_must_exist(tmp_path: Path) -> None:
 
 def test_cli_files_dir_serves_files(tmp_path: Path, http: requests.Session) -> None:
     (tmp_path / "f.bin").write_bytes(b"from the cli")
-    cmd = [sys.executable, "-m", "imgtasks.demo_server", "--port", "0", "--latency", "0"]
-    proc = subprocess.Popen(
-        [*cmd, "--corpus", "tiny", "--files-dir", str(tmp_path)],
-        env=_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        match = None
-        while match is None and (line := proc.stdout.readline()):
-            match = re.search(r"serving (http://127\.0\.0\.1:\d+)", line)
-        assert match is not None, "no startup line"
-        assert _get(http, f"{match.group(1)}/files/f.bin").content == b"from the cli"
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=15) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    args = ("--latency", "0", "--corpus", "tiny", "--files-dir", str(tmp_path))
+    with _cli_server(*args) as (base, _startup_line):
+        assert _get(http, f"{base}/files/f.bin").content == b"from the cli"
