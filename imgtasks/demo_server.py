@@ -19,6 +19,7 @@ import http
 import json
 import logging
 import math
+import os
 import random
 import re
 import signal
@@ -30,6 +31,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from tornado.httpserver import HTTPServer
@@ -57,6 +59,8 @@ FLAKY_503_FAILURES = 2
 RATE_LIMITED_FAILURES = 1
 _HUGE_CHUNK = 64 * 1024
 _STOP_TIMEOUT = 5.0
+# /files/ names: one plain file name, no path separators, no leading dot (so no "..").
+_FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")
 _HTML_PAGE = (
     b"<!doctype html>\n<html><head><title>Not an image</title></head>"
     b"<body><h1>Hello</h1><p>This page is HTML, not an image.</p></body></html>\n"
@@ -77,6 +81,8 @@ GET /redirect/{n}/{i}.jpg  /loop  /redirect-to?url=X
 GET /bomb.png                   decompression bomb (20000x20000 PNG)
 GET /huge?bytes=N[&length=0]    N streamed bytes (chunked if length=0)
 GET /corrupt/{i}.jpg            JPEG that fails to decode
+GET /files/{name}               bytes of file {name} in --files-dir (names [A-Za-z0-9._-],
+                                no leading dot, no subdirectories; else 404)
 GET /any/{anything}             an image chosen by a hash of the raw path
 GET /stats                      JSON request counts
 GET /imgur[/OPTS]/3/gallery/{section}/{sort}/{window}/{page}
@@ -146,7 +152,10 @@ NO_FAULTS = Faults()
 
 @dataclass(frozen=True)
 class ServerSettings:
-    """Where to listen and how slow to be.  ``bandwidth`` is bytes/s per response."""
+    """Where to listen and how slow to be.  ``bandwidth`` is bytes/s per response.
+
+    ``files_dir``: a directory whose plain files ``/files/{name}`` serves as they are.
+    """
 
     host: str = "127.0.0.1"
     port: int = 0
@@ -155,6 +164,7 @@ class ServerSettings:
     bandwidth: float | None = None
     faults: Faults = field(default_factory=Faults)
     corpus: str = "photos"
+    files_dir: str | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -167,6 +177,8 @@ class ServerSettings:
             raise ValueError("bandwidth must be positive or None")
         if self.corpus not in URL_KINDS:
             raise ValueError(f"corpus must be one of {tuple(URL_KINDS)}")
+        if self.files_dir is not None and not os.path.isdir(self.files_dir):
+            raise ValueError(f"files_dir must be an existing directory; got {self.files_dir!r}")
 
 
 DEFAULT_SETTINGS = ServerSettings()
@@ -516,6 +528,36 @@ class _CorruptHandler(_Base):
         await self.send(self.state.corrupted(int(index)), "image/jpeg")
 
 
+class _FilesHandler(_Base):
+    def decode_argument(self, value: bytes, name: str | None = None) -> str:
+        # Not UTF-8 is just a name that matches no file: 404 like any other, not 400.
+        return value.decode("utf-8", "replace")
+
+    async def get(self, name: str) -> None:
+        path = _served_file(self.state.settings.files_dir, name)
+        if path is None:
+            self.text(404, "no such file\n")
+            return
+        try:
+            data = await asyncio.to_thread(path.read_bytes)  # off the loop: other requests go on
+        except OSError:
+            self.text(404, "no such file\n")
+            return
+        await self.send(data, "application/octet-stream")
+
+
+def _served_file(files_dir: str | None, name: str) -> Path | None:
+    """``files_dir/name`` when ``name`` is a safe plain name of a regular file, else None.
+
+    ``name`` arrives percent-decoded, so ``..%2F`` is ``../`` here: the pattern refuses
+    any separator or leading dot, and a symlink (which could point anywhere) is refused.
+    """
+    if files_dir is None or not _FILE_NAME.fullmatch(name):
+        return None
+    path = Path(files_dir, name)
+    return path if path.is_file() and not path.is_symlink() else None
+
+
 class _AnyHandler(_Base):
     async def get(self) -> None:
         # The raw (still percent-encoded) path: no decoding, so any bytes are fine.
@@ -722,6 +764,7 @@ def _make_app(state: _State) -> Application:
         (r"/huge", _HugeHandler, kw),
         (r"/corrupt/(\d{1,18})\.jpg", _CorruptHandler, kw),
         (r"/any/.*", _AnyHandler, kw),
+        (r"/files/(.*)", _FilesHandler, kw),
         (r"/stats", _StatsHandler, kw),
         (
             r"/imgur(?:/([\w=,.-]+))?/3/gallery/(\w+)/(\w+)/(\w+)/(\d{1,9})",
@@ -861,6 +904,10 @@ class DemoServer:
         base, images = self.base_url, self._require_state().images
         return [f"{base}{_url_path(images, kind, i)}" for i in range(count)]
 
+    def file_url(self, name: str) -> str:
+        """The URL of ``/files/{name}`` (a file in ``settings.files_dir``)."""
+        return f"{self.base_url}/files/{name}"
+
     def request_counts(self) -> dict[str, int]:
         """Requests received so far, keyed by path + query string."""
         return self._require_state().counts()
@@ -913,6 +960,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--corpus", choices=tuple(URL_KINDS), default="photos")
     parser.add_argument(
         "--count", type=int, default=1000, help="URL count shown in the startup hint"
+    )
+    parser.add_argument(
+        "--files-dir", default=None, metavar="DIR", help="serve DIR's files at /files/{name}"
     )
     parser.add_argument(
         "--fault",
@@ -979,6 +1029,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             bandwidth=args.bandwidth or None,
             faults=Faults(**dict(args.fault)),
             corpus=args.corpus,
+            files_dir=args.files_dir,
         )
     except ValueError as exc:
         parser.error(str(exc))

@@ -25,22 +25,28 @@ Size modes (``ThumbSettings.mode``):
   exactly the box size.
 - ``pad``: ``fit`` (never upscale), then centre on exactly the box, filling with
   ``background`` (or transparent for PNG/WebP output of images with alpha).
+
+Source formats (``ThumbSettings.source_formats``, default :data:`WEB_FORMATS`): only
+those plugins may open the bytes. Anything else Pillow recognises is refused as
+``unsupported_format``, named from its header, never decoded: each rare plugin's decoder
+(C code, rarely fuzzed) is attack surface that web images do not need.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import math
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, features
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +64,19 @@ REDUCING_GAP = 2.0  # resize(): integer reduce() stops at >= this many times the
 # measured: 1.5 instead of 2.0 is ~30% faster on sub-4 MP JPEGs, min PSNR 49 dB.
 DRAFT_GAP = 1.5
 RESAMPLE = Image.Resampling.LANCZOS
+
+# The formats browsers display and image hosts serve. AVIF only when this Pillow was built
+# with libavif (its plugin registers itself either way but cannot decode without it).
+_HAS_AVIF = "avif" in features.modules and bool(features.check_module("avif"))
+WEB_FORMATS: tuple[str, ...] = tuple(
+    sorted({"BMP", "GIF", "JPEG", "MPO", "PNG", "WEBP"} | ({"AVIF"} if _HAS_AVIF else set()))
+)
+# Plugins that run an external program: EPS (PostScript) loads through Ghostscript when it
+# is installed. "all" leaves them out; they open only when named.
+EXTERNAL_PROGRAM_FORMATS = frozenset({"EPS"})
+# Formats that no plugin registers under their own name: the JPEG plugin returns MPO
+# (JPEG plus extra frames; browsers show the first), so allowing JPEG allows MPO too.
+_OPENED_BY = {"MPO": "JPEG"}
 
 _EXIF_ORIENTATION = 0x0112
 _TRANSPOSE = {
@@ -94,9 +113,60 @@ def _check_size(size: tuple[int, int]) -> None:
         raise ValueError(f"thumbnail size must be two integers in 1..{MAX_SIDE}; got {size!r}")
 
 
+def available_formats() -> tuple[str, ...]:
+    """Every source format id this Pillow can open, sorted (``MPO`` included)."""
+    Image.init()
+    names = set(Image.OPEN) | set(_OPENED_BY)
+    if not _HAS_AVIF:
+        names.discard("AVIF")
+    return tuple(sorted(names))
+
+
+def parse_formats(text: str) -> tuple[str, ...]:
+    """``"jpeg,png"`` -> ``("JPEG", "MPO", "PNG")``, for ``--formats``; ValueError if bad.
+
+    Comma-separated Pillow format ids, any case, plus two words: ``web`` (the default,
+    :data:`WEB_FORMATS`) and ``all`` (everything Pillow opens except
+    :data:`EXTERNAL_PROGRAM_FORMATS`; write ``all,eps`` to add EPS).
+    """
+    names: list[str] = []
+    for word in (w.strip().upper() for w in text.split(",")):
+        if word == "ALL":
+            names += [f for f in available_formats() if f not in EXTERNAL_PROGRAM_FORMATS]
+        elif word == "WEB":
+            names += WEB_FORMATS
+        elif word:
+            names.append(word)
+    return _checked_formats(names)
+
+
+def _checked_formats(names: object) -> tuple[str, ...]:
+    """Upper-case, de-duplicated, sorted format ids; ValueError naming what Pillow has."""
+    if isinstance(names, str):
+        return parse_formats(names)
+    if not isinstance(names, list | tuple | set | frozenset):
+        raise ValueError(f"source_formats must be a list of format names; got {names!r}")
+    upper = {str(name).strip().upper() for name in names}
+    known = available_formats()
+    unknown = sorted(upper - set(known))
+    if unknown:
+        raise ValueError(
+            f"unknown source formats {', '.join(unknown)}; Pillow has: {', '.join(known)}"
+        )
+    if not upper:
+        raise ValueError(f"source_formats is empty; Pillow has: {', '.join(known)}")
+    if "JPEG" in upper:
+        upper.add("MPO")
+    return tuple(sorted(upper))
+
+
 @dataclass(frozen=True)
 class ThumbSettings:
-    """How to make thumbnails. Invalid values raise ValueError at construction."""
+    """How to make thumbnails. Invalid values raise ValueError at construction.
+
+    ``source_formats`` are the Pillow format ids allowed to be decoded (a list, a
+    tuple, or a string for :func:`parse_formats`); stored as a sorted tuple.
+    """
 
     size: tuple[int, int] = (128, 128)
     mode: str = "fit"
@@ -104,11 +174,13 @@ class ThumbSettings:
     quality: int = 90
     background: tuple[int, int, int] = (255, 255, 255)
     max_pixels: int = 100_000_000
+    source_formats: tuple[str, ...] = WEB_FORMATS
 
     def __post_init__(self) -> None:
         # Settings often come from JSON/CLI as lists; store tuples so they stay hashable.
         object.__setattr__(self, "size", tuple(self.size))
         object.__setattr__(self, "background", tuple(self.background))
+        object.__setattr__(self, "source_formats", _checked_formats(self.source_formats))
         _check_size(self.size)
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}; got {self.mode!r}")
@@ -240,7 +312,7 @@ def render_thumbnail(data: bytes, settings: ThumbSettings = DEFAULT_THUMB) -> Re
     """
     if not data:
         raise ThumbnailError("empty_body", "no image bytes")
-    im = _open(data, settings.max_pixels)
+    im = _open(data, settings)
     file_size, file_format = im.size, im.format or ""  # before draft() shrinks im.size
     try:
         return _render_open(im, settings)
@@ -252,50 +324,123 @@ def render_thumbnail(data: bytes, settings: ThumbSettings = DEFAULT_THUMB) -> Re
         im.close()
 
 
-def _open(data: bytes, max_pixels: int) -> ImageFile.ImageFile:
-    """Identify the image from its header only and refuse bombs before any decoding."""
+def _open(data: bytes, settings: ThumbSettings) -> ImageFile.ImageFile:
+    """Identify the image from its header only and refuse bombs before any decoding.
+
+    Only the plugins of ``settings.source_formats`` see the bytes; when none of them
+    recognises them, :func:`detected_format` names the format from its header.
+    """
+    allowed, plugins = settings.source_formats, _plugins(settings.source_formats)
     try:
         with _bomb_warnings_silenced():
-            im = Image.open(io.BytesIO(data))
+            im = Image.open(io.BytesIO(data), formats=plugins)
     except Image.DecompressionBombError as exc:
         # Pillow refuses more than 2 x MAX_IMAGE_PIXELS inside open(), before we see the
         # size: read it from the header alone so the manifest still records it.
-        size, fmt = _header_size(data)
-        raise _classify(exc, size, fmt) from exc
+        header = _read_header(data, plugins)  # only allowed plugins parse anything
+        raise _classify(exc, header.size, header.format) from exc
+    except Image.UnidentifiedImageError as exc:
+        raise _unidentified(data, allowed) from exc
     except Exception as exc:
         raise _classify(exc, (0, 0), "") from exc
-    width, height = im.size
-    if width * height > max_pixels:
+    try:
+        _check_opened(im, settings)
+    except ThumbnailError:
         im.close()
-        msg = f"{width}x{height} = {width * height} pixels exceeds max_pixels={max_pixels}"
-        raise ThumbnailError("too_many_pixels", msg, (width, height), im.format or "")
-    if width < 1 or height < 1:
-        im.close()
-        raise ThumbnailError(
-            "decode_error", f"empty image {width}x{height}", (0, 0), im.format or ""
-        )
+        raise
     return im
 
 
-def _header_size(data: bytes) -> tuple[tuple[int, int], str]:
-    """Size and format from the header, without Pillow's bomb check; ``(0, 0)`` if unknown.
+def _check_opened(im: ImageFile.ImageFile, settings: ThumbSettings) -> None:
+    """Refuse, from the header alone, what must not be decoded."""
+    fmt = im.format or ""
+    if fmt not in settings.source_formats:  # a plugin naming its result otherwise (MPO)
+        raise _unsupported(fmt, settings.source_formats)
+    width, height = im.size
+    if width * height > settings.max_pixels:
+        msg = f"{width}x{height} = {width * height} pixels exceeds max_pixels={settings.max_pixels}"
+        raise ThumbnailError("too_many_pixels", msg, (width, height), fmt)
+    if width < 1 or height < 1:
+        raise ThumbnailError("decode_error", f"empty image {width}x{height}", (0, 0), fmt)
 
-    The same identification as ``Image.open`` (each plugin's ``accept`` on the first
-    16 bytes, then its factory, which parses the header only), minus the size check.
+
+@functools.lru_cache(maxsize=64)
+def _plugins(allowed: tuple[str, ...]) -> tuple[str, ...]:
+    """Pillow plugin ids that open ``allowed``, in Pillow's own order of trying them."""
+    Image.init()
+    wanted = set(allowed) | {_OPENED_BY[f] for f in allowed if f in _OPENED_BY}
+    return tuple(name for name in Image.ID if name in wanted)
+
+
+def _unidentified(data: bytes, allowed: tuple[str, ...]) -> ThumbnailError:
+    """Why no allowed plugin opened ``data``: another format, a broken header, or junk."""
+    fmt = detected_format(data)
+    if not fmt:
+        return ThumbnailError("decode_error", "not a recognised image format")
+    if fmt in allowed or fmt in _plugins(allowed):
+        return ThumbnailError("decode_error", f"unreadable {fmt} header", source_format=fmt)
+    return _unsupported(fmt, allowed)
+
+
+def _unsupported(fmt: str, allowed: tuple[str, ...]) -> ThumbnailError:
+    return ThumbnailError(
+        "unsupported_format",
+        f"format {fmt} is not in the allowed formats ({', '.join(allowed)})",
+        source_format=fmt,
+    )
+
+
+def detected_format(data: bytes) -> str:
+    """The Pillow format id of ``data`` from its header alone; ``""`` if none claims it.
+
+    Pillow's own identification minus the pixels: see :func:`_read_header`. When no
+    header parses, the first plugin whose magic number matched names the format.
+    Magic numbers alone are not enough: an uncompressed TGA starts with the 4 bytes of
+    the CUR magic, and TGA has no magic of its own.
     """
     Image.init()
-    prefix = data[:16]
-    for name in Image.ID:
+    header = _read_header(data, Image.ID)
+    return header.format or header.magic
+
+
+@dataclass(frozen=True)
+class _Header:
+    size: tuple[int, int] = (0, 0)
+    format: str = ""  # of the first header that parsed
+    magic: str = ""  # the first plugin whose magic number matched
+
+
+def _read_header(data: bytes, plugins: Iterable[str]) -> _Header:
+    """The first of ``plugins`` (in Pillow's order) whose header parses, as ``Image.open``
+    would find it but without its size check: each plugin's ``accept`` (a magic-number
+    test on the first 16 bytes; plugins without one always pass), then its factory,
+    which reads the header only. No pixel is decoded.
+    """
+    prefix, magic = data[:16], ""
+    for name in plugins:
         factory, accept = Image.OPEN[name]
-        try:
-            accepted = accept(prefix) if accept else True
-            if not accepted or isinstance(accepted, str):  # a str is a reason for refusal
+        if accept is not None:
+            if not _accepts(accept, prefix):
                 continue
+            magic = magic or name
+        try:
             with factory(io.BytesIO(data), None) as im:
-                return im.size, im.format or ""
+                return _Header(im.size, im.format or name, magic)
+        except Image.DecompressionBombError:
+            # Some plugins (WebP, GIF, ICO) check the size themselves, inside the
+            # header parse: the format is known, the size is not.
+            return _Header(format=name, magic=magic)
         except Exception:  # not this format, or an unreadable header: try the next
             continue
-    return (0, 0), ""
+    return _Header(magic=magic)
+
+
+def _accepts(accept: Callable[[bytes], bool | str], prefix: bytes) -> bool:
+    try:
+        result = accept(prefix)
+    except Exception:  # a plugin's magic test tripping over short input is a "no"
+        return False
+    return bool(result) and not isinstance(result, str)  # a str is a reason for refusal
 
 
 @contextmanager
@@ -447,7 +592,7 @@ def _resizable(im: Image.Image) -> Image.Image:
     if mode in ("RGB", "RGBA", "L", "LA", "CMYK", "I", "F"):
         return im  # resampled as-is; converting here would cost a full-size pass
     if (mode == "P" and "transparency" in im.info) or mode == "PA":
-        return im.convert("RGBA")
+        return _with_alpha(im)
     if mode == "1":
         return im.convert("L")  # so LANCZOS yields grey levels, not nearest-neighbour
     if mode.startswith("I;16"):
@@ -455,6 +600,19 @@ def _resizable(im: Image.Image) -> Image.Image:
     if mode in ("La", "RGBa"):
         return im.convert(mode.upper())
     return im.convert("RGB")
+
+
+def _with_alpha(im: Image.Image) -> Image.Image:
+    """RGBA from a palette image with transparency.
+
+    A PNG tRNS chunk may list more alphas than a palette can hold (256); Pillow loads
+    it but refuses to convert ("palette index out of range"). Browsers ignore the
+    excess, and so do we.
+    """
+    alphas = im.info.get("transparency")
+    if isinstance(alphas, bytes) and len(alphas) > 256:
+        im.info["transparency"] = alphas[:256]
+    return im.convert("RGBA")
 
 
 def _to_8bit(im: Image.Image) -> Image.Image:

@@ -770,20 +770,18 @@ def test_cli_module_serves_until_interrupted(http: requests.Session) -> None:
         timeout=60,
     )
     assert bad.returncode == 2
+    with _cli_server("--latency", "0", "--corpus", "tiny", "--count", "7") as (base, line):
+        assert "urls?count=7" in line
+        lines = _get(http, f"{base}/urls?count=7").text.splitlines()
+        assert len(lines) == 7
+
+
+@contextlib.contextmanager
+def _cli_server(*args: str) -> Iterator[tuple[str, str]]:
+    """``python -m imgtasks.demo_server --port 0 ARGS``: yields its base URL and startup
+    line, then stops it with Ctrl-C, which must exit 0."""
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "imgtasks.demo_server",
-            "--port",
-            "0",
-            "--latency",
-            "0",
-            "--corpus",
-            "tiny",
-            "--count",
-            "7",
-        ],
+        [sys.executable, "-m", "imgtasks.demo_server", "--port", "0", *args],
         env=_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -791,17 +789,14 @@ def test_cli_module_serves_until_interrupted(http: requests.Session) -> None:
     )
     try:
         assert proc.stdout is not None
-        base = None
-        deadline = time.monotonic() + 60
-        while base is None and time.monotonic() < deadline:
+        match, deadline = None, time.monotonic() + 60
+        while match is None and time.monotonic() < deadline:
             line = proc.stdout.readline()
             if not line:
                 break
-            if "urls?count=7" in line:
-                base = re.search(r"http://127\.0\.0\.1:\d+", line)
-        assert base is not None, "no startup line"
-        lines = _get(http, f"{base.group(0)}/urls?count=7").text.splitlines()
-        assert len(lines) == 7
+            match = re.search(r"serving (http://127\.0\.0\.1:\d+)", line)
+        assert match is not None, "no startup line"
+        yield match.group(1), line
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=15) == 0
     finally:
@@ -826,3 +821,91 @@ def test_server_process_serves_then_stops() -> None:
         assert requests.get(urls[0], timeout=10).content[:2] == b"\xff\xd8"
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)  # stopped and reaped
+
+
+# --------------------------------------------------------------------------- /files/
+
+
+@pytest.fixture(scope="module")
+def files_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoServer]:
+    """A server over a directory with two files, a subdirectory, a dotfile and a symlink;
+    a secret sits next to the directory, where traversal would find it."""
+    root = tmp_path_factory.mktemp("files")
+    served = root / "served"
+    (served / "sub").mkdir(parents=True)
+    (served / "a.bin").write_bytes(b"\x00\x01binary\xff")
+    (served / "Photo_2-x.jpg").write_bytes(b"\xff\xd8jpeg")
+    (served / "sub" / "inner.bin").write_bytes(b"inner")
+    (served / ".hidden").write_bytes(b"hidden")
+    (root / "secret.txt").write_bytes(b"secret")
+    (served / "link.txt").symlink_to(root / "secret.txt")
+    with DemoServer(ServerSettings(latency=0.0, jitter=0.0, files_dir=str(served))) as srv:
+        yield srv
+
+
+def test_files_route_serves_the_bytes(files_server: DemoServer, http: requests.Session) -> None:
+    for name, body in (("a.bin", b"\x00\x01binary\xff"), ("Photo_2-x.jpg", b"\xff\xd8jpeg")):
+        r = _get(http, files_server.file_url(name))
+        assert (r.status_code, r.content) == (200, body), name
+        assert r.headers["Content-Type"] == "application/octet-stream"
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        b"/files/../secret.txt",
+        b"/files/..%2Fsecret.txt",
+        b"/files/%2E%2E%2Fsecret.txt",
+        b"/files/..",
+        b"/files/.",
+        b"/files/",
+        b"/files",
+        b"/files/sub/inner.bin",
+        b"/files/sub%2Finner.bin",
+        b"/files/sub",
+        b"/files/.hidden",
+        b"/files/link.txt",
+        b"/files/missing.bin",
+        b"/files/%2Fetc%2Fpasswd",
+        b"/files//etc/passwd",
+        b"/files/a.bin%00",
+        b"/files/%FF%FE",
+        b"/files/a.bin/",
+        b"/files/..%5Csecret.txt",
+    ],
+)
+def test_files_route_refuses_everything_else(files_server: DemoServer, target: bytes) -> None:
+    status, _, body = _split_response(_raw_get(files_server.port, target))
+    assert status == 404, target
+    assert b"secret" not in body and b"inner" not in body and b"hidden" not in body
+
+
+def test_files_route_is_404_without_a_directory(server: DemoServer, http: requests.Session) -> None:
+    assert _get(http, f"{server.base_url}/files/a.bin").status_code == 404
+
+
+def test_files_route_has_the_usual_latency(tmp_path: Path, http: requests.Session) -> None:
+    (tmp_path / "x.bin").write_bytes(b"x")
+    settings = ServerSettings(latency=0.3, jitter=0.0, files_dir=str(tmp_path))
+    with DemoServer(settings) as srv:
+        start = time.monotonic()
+        assert _get(http, srv.file_url("x.bin")).content == b"x"
+        assert time.monotonic() - start >= 0.3
+
+
+def test_files_dir_must_exist(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="files_dir"):
+        ServerSettings(files_dir=str(tmp_path / "nope"))
+    (tmp_path / "file").write_bytes(b"")
+    with pytest.raises(ValueError, match="files_dir"):
+        ServerSettings(files_dir=str(tmp_path / "file"))
+    with pytest.raises(SystemExit) as exc:
+        main(["--files-dir", str(tmp_path / "nope")])
+    assert exc.value.code == 2
+
+
+def test_cli_files_dir_serves_files(tmp_path: Path, http: requests.Session) -> None:
+    (tmp_path / "f.bin").write_bytes(b"from the cli")
+    args = ("--latency", "0", "--corpus", "tiny", "--files-dir", str(tmp_path))
+    with _cli_server(*args) as (base, _startup_line):
+        assert _get(http, f"{base}/files/f.bin").content == b"from the cli"

@@ -31,6 +31,7 @@ THUMBNAIL_STATUSES = {
     "too_many_pixels",
     "encode_error",
     "empty_body",
+    "unsupported_format",
 }
 
 

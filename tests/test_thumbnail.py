@@ -13,17 +13,21 @@ import zlib
 
 import numpy as np
 import pytest
-from PIL import Image, ImageFile, ImageOps, JpegImagePlugin
+from PIL import Image, ImageFile, ImageOps, JpegImagePlugin, features
 
 from imgtasks.imagecheck import encode, photo_like, pillow_thumbnail_size, psnr, reference_resize
 from imgtasks.thumbnail import (
     DEFAULT_THUMB,
     FORMATS,
     MODES,
+    WEB_FORMATS,
     Thumbnail,
     ThumbSettings,
+    available_formats,
+    detected_format,
     fit_size,
     make_thumbnail,
+    parse_formats,
     parse_size,
     render_thumbnail,
 )
@@ -35,6 +39,7 @@ STATUSES = {
     "too_many_pixels",
     "encode_error",
     "empty_body",
+    "unsupported_format",
 }
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
 MIN_PSNR_DB = 35.0
@@ -356,8 +361,8 @@ def test_16bit_png_is_scaled_not_clipped() -> None:
 
 def test_32bit_int_image() -> None:
     pixels = np.full((100, 100), 1000, dtype=np.int32)
-    data = encode(Image.fromarray(pixels, "I"), "TIFF")
-    out = decode(make_thumbnail(data, ThumbSettings(format="png")))
+    data = encode(Image.fromarray(pixels, "I"), "TIFF")  # PNG cannot hold 32-bit grey
+    out = decode(make_thumbnail(data, ThumbSettings(format="png", source_formats=["TIFF"])))
     assert_colour(patch_mean(out, (0, 0, 100, 100)), (4, 4, 4), tol=1)
 
 
@@ -448,7 +453,7 @@ def test_progressive_jpeg(photo_1080: Image.Image) -> None:
 
 
 def test_content_decoded_whatever_its_origin(small_photo: Image.Image) -> None:
-    for fmt in ("PNG", "WEBP", "GIF", "BMP", "TIFF"):
+    for fmt in ("PNG", "WEBP", "GIF", "BMP"):
         thumb = make_thumbnail(encode(small_photo, fmt))
         assert thumb.ok and thumb.source_format == fmt, (fmt, thumb.error)
 
@@ -542,6 +547,198 @@ def test_never_raises_on_corrupted_images(small_photo: Image.Image) -> None:
         assert thumb.ok == (thumb.status == "ok") and (thumb.data is not None) == thumb.ok
         seen.add(thumb.status)
     assert "ok" in seen and len(seen) >= 2
+
+
+# --------------------------------------------------------------------------- source formats
+
+# Formats a browser would not show, each with how to write a small sample of it.
+REFUSED = ("TGA", "PCX", "SGI", "DDS", "ICNS", "PSD", "TIFF", "JPEG2000", "QOI", "PPM", "IM")
+
+
+def psd(width: int, height: int, rgb: tuple[int, int, int] = RED) -> bytes:
+    """A minimal RGB Photoshop file (Pillow reads PSD but cannot write it)."""
+    header = b"8BPS" + struct.pack(">H6xHIIHH", 1, 3, height, width, 8, 3)
+    sections = struct.pack(">III", 0, 0, 0)  # colour mode data, resources, layers
+    planes = b"".join(bytes([value]) * (width * height) for value in rgb)
+    return header + sections + struct.pack(">H", 0) + planes  # compression 0: raw
+
+
+def sample(fmt: str) -> bytes:
+    """A small red image in ``fmt``."""
+    if fmt == "PSD":
+        return psd(48, 32)
+    im = Image.new("RGB", (48, 32), RED)
+    if fmt == "MPO":  # a JPEG with a second frame
+        return encode(im, "MPO", save_all=True, append_images=[Image.new("RGB", (48, 32))])
+    return encode(im, fmt)
+
+
+def widened(*extra: str) -> ThumbSettings:
+    return ThumbSettings(source_formats=(*WEB_FORMATS, *extra))
+
+
+def test_default_formats_are_the_web_ones() -> None:
+    assert DEFAULT_THUMB.source_formats == WEB_FORMATS
+    assert {"JPEG", "MPO", "PNG", "GIF", "WEBP", "BMP"} <= set(WEB_FORMATS)
+    # AVIF only when this Pillow can decode it.
+    assert ("AVIF" in WEB_FORMATS) == features.check_module("avif")
+
+
+@pytest.mark.parametrize("fmt", [*sorted(set(WEB_FORMATS) - {"AVIF"}), "AVIF"])
+def test_web_formats_decode_by_default(fmt: str) -> None:
+    if fmt not in WEB_FORMATS:
+        pytest.skip("this Pillow has no AVIF support")
+    thumb = make_thumbnail(sample(fmt))
+    assert (thumb.status, thumb.source_format) == ("ok", fmt), thumb.error
+    assert_colour(patch_mean(decode(thumb), (4, 4, 40, 24)), RED, tol=20)
+
+
+@pytest.mark.parametrize("fmt", REFUSED)
+def test_other_formats_are_refused_by_default(fmt: str) -> None:
+    thumb = make_thumbnail(sample(fmt))
+    assert (thumb.ok, thumb.status, thumb.source_format) == (False, "unsupported_format", fmt)
+    assert f"format {fmt} is not in the allowed formats" in thumb.error
+    assert (thumb.orig_width, thumb.orig_height, thumb.data) == (0, 0, None)
+    assert detected_format(sample(fmt)) == fmt
+
+
+@pytest.mark.parametrize("fmt", REFUSED)
+def test_widened_formats_decode(fmt: str) -> None:
+    for settings in (widened(fmt), ThumbSettings(source_formats=parse_formats("all"))):
+        thumb = make_thumbnail(sample(fmt), settings)
+        assert (thumb.status, thumb.source_format) == ("ok", fmt), thumb.error
+        assert_colour(patch_mean(decode(thumb), (4, 4, 30, 20)), RED, tol=20)
+
+
+def test_eps_only_when_named() -> None:
+    """EPS loads through Ghostscript: never part of "all", opened only when named."""
+    data = sample("EPS")
+    assert "EPS" not in parse_formats("all") and "EPS" in available_formats()
+    for settings in (DEFAULT_THUMB, ThumbSettings(source_formats="all")):
+        thumb = make_thumbnail(data, settings)
+        assert (thumb.status, thumb.source_format) == ("unsupported_format", "EPS")
+    for text in ("eps", "all,eps", "web,EPS"):
+        thumb = make_thumbnail(data, ThumbSettings(source_formats=parse_formats(text)))
+        # ok with Ghostscript installed; without it the open works and the load fails
+        assert thumb.status != "unsupported_format" and thumb.source_format == "EPS"
+
+
+def test_only_jpeg_refuses_other_web_formats() -> None:
+    jpeg_only = ThumbSettings(source_formats=["jpeg"])
+    assert jpeg_only.source_formats == ("JPEG", "MPO")  # an MPO is a JPEG with extra frames
+    assert make_thumbnail(sample("MPO"), jpeg_only).ok
+    thumb = make_thumbnail(sample("PNG"), jpeg_only)
+    assert (thumb.status, thumb.source_format) == ("unsupported_format", "PNG")
+    thumb = make_thumbnail(sample("JPEG"), ThumbSettings(source_formats=["MPO"]))
+    assert (thumb.status, thumb.source_format) == ("unsupported_format", "JPEG")
+
+
+@pytest.mark.parametrize(
+    ("given", "stored"),
+    [
+        (["png", " Gif "], ("GIF", "PNG")),
+        (("TIFF", "tiff"), ("TIFF",)),
+        ("bmp,jpeg", ("BMP", "JPEG", "MPO")),
+        ("web", WEB_FORMATS),
+    ],
+)
+def test_source_formats_normalised(given: object, stored: tuple[str, ...]) -> None:
+    settings = ThumbSettings(source_formats=given)  # type: ignore[arg-type]
+    assert settings.source_formats == stored
+    hash(settings)
+
+
+def test_parse_formats() -> None:
+    assert parse_formats("PNG, jpeg,,") == ("JPEG", "MPO", "PNG")
+    everything = parse_formats("all")
+    assert set(everything) == set(available_formats()) - {"EPS"}
+    assert {"TGA", "TIFF", "PSD", "JPEG", "MPO"} <= set(everything)
+    assert parse_formats("all,eps") == available_formats()
+
+
+@pytest.mark.parametrize("given", [["JPEG", "NOPE"], [], "", " , ", "jpeg,pdf", 5, ["PALM"]])
+def test_bad_source_formats_raise(given: object) -> None:
+    with pytest.raises(ValueError) as caught:
+        ThumbSettings(source_formats=given)  # type: ignore[arg-type]
+    if given and not isinstance(given, int):
+        assert "Pillow has: " in str(caught.value) and "JPEG" in str(caught.value)
+
+
+def test_refused_format_is_never_decoded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No pixel of a refused file is read: no load(), no decoder. A PCX cut inside its
+    pixels would otherwise be truncated_image."""
+    loaded: list[str | None] = []
+    decoders: list[str] = []
+    real_load, real_decoder = ImageFile.ImageFile.load, Image._getdecoder
+
+    def spy_load(self: ImageFile.ImageFile) -> object:
+        loaded.append(self.format)
+        return real_load(self)
+
+    def spy_decoder(mode: str, decoder_name: str, *args: object) -> object:
+        decoders.append(decoder_name)
+        return real_decoder(mode, decoder_name, *args)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", spy_load)
+    monkeypatch.setattr(Image, "_getdecoder", spy_decoder)
+    cut_pcx = sample("PCX")[:140]
+    for data in (cut_pcx, sample("TGA"), sample("TIFF"), psd(8, 8), sample("DDS")):
+        assert make_thumbnail(data).status == "unsupported_format"
+    assert (loaded, decoders) == ([], [])
+    assert make_thumbnail(cut_pcx, widened("PCX")).status == "truncated_image"
+    assert loaded == ["PCX"] and decoders
+
+
+def test_bomb_check_parses_allowed_headers_only() -> None:
+    bomb = png_bomb(20000, 20000)  # past Pillow's error threshold: sized from the header
+    thumb = make_thumbnail(bomb)
+    assert (thumb.status, thumb.orig_width, thumb.source_format) == (
+        "too_many_pixels",
+        20000,
+        "PNG",
+    )
+    refused = make_thumbnail(bomb, ThumbSettings(source_formats=["tiff"]))
+    assert (refused.status, refused.source_format) == ("unsupported_format", "PNG")
+    assert (refused.orig_width, refused.orig_height) == (0, 0)
+
+
+def test_webp_bomb_keeps_its_format() -> None:
+    """WebP checks the pixel count inside its own header parse: still named WEBP."""
+    data = bytearray(encode(Image.new("RGB", (48, 32), RED), "WEBP"))
+    assert data[12:16] == b"VP8 "
+    struct.pack_into("<HH", data, 26, 16383, 16383)  # the frame header's 14-bit sizes
+    thumb = make_thumbnail(bytes(data))
+    assert (thumb.status, thumb.source_format) == ("too_many_pixels", "WEBP")
+
+
+def test_oversized_png_transparency_is_cut_to_the_palette() -> None:
+    """A tRNS chunk with more alphas than a palette holds: Pillow loads it but refuses to
+    convert it; browsers ignore the excess (found by test_torture)."""
+    im = Image.new("P", (200, 100), 0)
+    im.putpalette([*RED, *GREEN] + [0, 0, 0] * 254)
+    im.paste(1, (100, 0, 200, 100))
+    png = encode(im, "PNG")
+    at = png.index(b"IDAT") - 4
+    # Index 0 almost transparent, then 299 alphas too many. No zero byte: Pillow reads a
+    # tRNS with one as "that index is transparent" and ignores the rest.
+    alphas = b"\x01" + b"\xff" * 299
+    trns = struct.pack(">I", len(alphas)) + b"tRNS" + alphas
+    trns += struct.pack(">I", zlib.crc32(b"tRNS" + alphas) & 0xFFFFFFFF)
+    thumb = make_thumbnail(png[:at] + trns + png[at:], ThumbSettings(format="png"))
+    out = decode(thumb)
+    assert patch_mean(out, (0, 0, 50, 64))[3] <= 1
+    assert_colour(patch_mean(out, (78, 0, 128, 64)), (*GREEN, 255), tol=0)
+
+
+def test_broken_header_of_an_allowed_format_is_decode_error() -> None:
+    thumb = make_thumbnail(b"GIF89a" + b"\0" * 9)
+    assert (thumb.status, thumb.source_format) == ("decode_error", "GIF")
+    thumb = make_thumbnail(b"<!doctype html><html><body>Not found</body></html>")
+    assert (thumb.status, thumb.source_format, thumb.error) == (
+        "decode_error",
+        "",
+        "not a recognised image format",
+    )
 
 
 # --------------------------------------------------------------------------- fast path quality
