@@ -37,7 +37,7 @@ from imgtasks.imgur import (
 )
 from imgtasks.sinks import OutputSettings
 from imgtasks.sources import DEFAULT_BATCH_SIZE, SourceSettings
-from imgtasks.thumbnail import ThumbSettings, parse_size
+from imgtasks.thumbnail import ThumbSettings, parse_formats, parse_size
 
 log = logging.getLogger("imgtasks.cli")
 
@@ -123,6 +123,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--format", default="jpeg", choices=("jpeg", "png", "webp"), help="thumbnail format"
     )
     out.add_argument("--quality", type=int, default=90, help="JPEG/WebP quality 1-100")
+    out.add_argument(
+        "--formats",
+        default="web",
+        metavar="LIST",
+        help="image formats decoded, others are recorded as unsupported_format: comma-separated "
+        "Pillow names, 'web' (JPEG, MPO, PNG, GIF, WebP, AVIF, BMP) or 'all' (every format "
+        "Pillow opens but EPS, which runs Ghostscript: name EPS to add it)",
+    )
     out.add_argument(
         "--resume",
         action="store_true",
@@ -270,7 +278,11 @@ def job_from_args(args: argparse.Namespace) -> Job:
         "cluster": cluster,
         "url_column": args.url_column,
         "thumb": ThumbSettings(
-            size=parse_size(args.size), mode=args.mode, format=args.format, quality=args.quality
+            size=parse_size(args.size),
+            mode=args.mode,
+            format=args.format,
+            quality=args.quality,
+            source_formats=parse_formats(args.formats),
         ),
         "download": DownloadSettings(
             deadline=args.timeout,

@@ -48,6 +48,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, ImageFile, features
 
+from imgtasks.status import Status
+
 logger = logging.getLogger(__name__)
 
 MODES = ("fit", "crop", "pad")
@@ -219,8 +221,7 @@ DEFAULT_THUMB = ThumbSettings()
 class Thumbnail:
     """Result for one image. ``data`` is the encoded thumbnail when ``ok``, else None."""
 
-    ok: bool
-    status: str
+    status: Status
     error: str = ""
     data: bytes | None = field(default=None, repr=False)
     width: int = 0
@@ -231,13 +232,17 @@ class Thumbnail:
     format: str = ""
     elapsed_s: float = 0.0
 
+    @property
+    def ok(self) -> bool:
+        return self.status == Status.OK
+
 
 class ThumbnailError(Exception):
     """A per-image failure with its manifest status; raised by :func:`render_thumbnail`."""
 
     def __init__(
         self,
-        status: str,
+        status: Status,
         message: str,
         orig_size: tuple[int, int] = (0, 0),
         source_format: str = "",
@@ -261,7 +266,7 @@ class Rendered:
 def make_thumbnail(data: bytes, settings: ThumbSettings = DEFAULT_THUMB) -> Thumbnail:
     """Decode ``data`` (by content, whatever its claimed type), resize and encode.
 
-    Never raises for any bytes: every failure is a Thumbnail with ``ok=False``.
+    Never raises for any bytes: every failure is a Thumbnail whose status says why.
     """
     start = time.perf_counter()
     try:
@@ -272,10 +277,9 @@ def make_thumbnail(data: bytes, settings: ThumbSettings = DEFAULT_THUMB) -> Thum
     except Exception as exc:  # MemoryError included; KeyboardInterrupt is not
         # The boundary: a bug or an exotic Pillow error must not kill a whole batch.
         logger.exception("unexpected error making a thumbnail")
-        return _failure(ThumbnailError("decode_error", _describe(exc)), settings, start)
+        return _failure(ThumbnailError(Status.DECODE_ERROR, _describe(exc)), settings, start)
     return Thumbnail(
-        ok=True,
-        status="ok",
+        status=Status.OK,
         data=encoded,
         width=rendered.image.width,
         height=rendered.image.height,
@@ -290,7 +294,6 @@ def make_thumbnail(data: bytes, settings: ThumbSettings = DEFAULT_THUMB) -> Thum
 def _failure(exc: ThumbnailError, settings: ThumbSettings, start: float) -> Thumbnail:
     logger.debug("thumbnail failed: %s: %s", exc.status, exc)
     return Thumbnail(
-        ok=False,
         status=exc.status,
         error=str(exc) or exc.status,
         orig_width=exc.orig_size[0],
@@ -359,9 +362,9 @@ def _check_opened(im: ImageFile.ImageFile, settings: ThumbSettings) -> None:
     width, height = im.size
     if width * height > settings.max_pixels:
         msg = f"{width}x{height} = {width * height} pixels exceeds max_pixels={settings.max_pixels}"
-        raise ThumbnailError("too_many_pixels", msg, (width, height), fmt)
+        raise ThumbnailError(Status.TOO_MANY_PIXELS, msg, (width, height), fmt)
     if width < 1 or height < 1:
-        raise ThumbnailError("decode_error", f"empty image {width}x{height}", (0, 0), fmt)
+        raise ThumbnailError(Status.DECODE_ERROR, f"empty image {width}x{height}", (0, 0), fmt)
 
 
 @functools.lru_cache(maxsize=64)
@@ -376,15 +379,15 @@ def _unidentified(data: bytes, allowed: tuple[str, ...]) -> ThumbnailError:
     """Why no allowed plugin opened ``data``: another format, a broken header, or junk."""
     fmt = detected_format(data)
     if not fmt:
-        return ThumbnailError("decode_error", "not a recognised image format")
+        return ThumbnailError(Status.DECODE_ERROR, "not a recognised image format")
     if fmt in allowed or fmt in _plugins(allowed):
-        return ThumbnailError("decode_error", f"unreadable {fmt} header", source_format=fmt)
+        return ThumbnailError(Status.DECODE_ERROR, f"unreadable {fmt} header", source_format=fmt)
     return _unsupported(fmt, allowed)
 
 
 def _unsupported(fmt: str, allowed: tuple[str, ...]) -> ThumbnailError:
     return ThumbnailError(
-        "unsupported_format",
+        Status.UNSUPPORTED_FORMAT,
         f"format {fmt} is not in the allowed formats ({', '.join(allowed)})",
         source_format=fmt,
     )
@@ -460,14 +463,14 @@ def _classify(exc: BaseException, size: tuple[int, int], fmt: str) -> ThumbnailE
     message = _describe(exc)
     # Running out of memory while decoding means the image is too big for this worker.
     if isinstance(exc, Image.DecompressionBombError | MemoryError):
-        return ThumbnailError("too_many_pixels", message, size, fmt)
+        return ThumbnailError(Status.TOO_MANY_PIXELS, message, size, fmt)
     if isinstance(exc, Image.UnidentifiedImageError):
         # Pillow's message names a BytesIO address: useless in a manifest.
-        return ThumbnailError("decode_error", "not a recognised image format", size, fmt)
+        return ThumbnailError(Status.DECODE_ERROR, "not a recognised image format", size, fmt)
     text = str(exc).lower()
     if isinstance(exc, EOFError) or any(hint in text for hint in _TRUNCATION_HINTS):
-        return ThumbnailError("truncated_image", message, size, fmt)
-    return ThumbnailError("decode_error", message, size, fmt)
+        return ThumbnailError(Status.TRUNCATED_IMAGE, message, size, fmt)
+    return ThumbnailError(Status.DECODE_ERROR, message, size, fmt)
 
 
 @dataclass(frozen=True)
@@ -661,5 +664,7 @@ def _encode(rendered: Rendered, settings: ThumbSettings) -> bytes:
             im.save(buf, "PNG", compress_level=6)
     except Exception as exc:  # MemoryError too: the input was fine, the output was not
         orig = (rendered.orig_width, rendered.orig_height)
-        raise ThumbnailError("encode_error", _describe(exc), orig, rendered.source_format) from exc
+        raise ThumbnailError(
+            Status.ENCODE_ERROR, _describe(exc), orig, rendered.source_format
+        ) from exc
     return buf.getvalue()

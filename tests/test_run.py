@@ -47,6 +47,7 @@ def manifest(out: Path) -> pd.DataFrame:
         (["--io-threads", "0"], "io-threads"),
         (["--scheduler", "sync", "--report", "r.html"], "report"),
         (["--no-such-flag"], "unrecognized"),
+        (["--formats", "jpeg,nosuch"], "unknown source formats NOSUCH"),
     ],
 )
 def test_bad_arguments_are_one_line_and_exit_2(
@@ -274,3 +275,29 @@ def test_run_ids_sort_in_time_order_within_a_second() -> None:
     ids = [new_run_id() for _ in range(200)]
     assert ids == sorted(ids) and len(set(ids)) == len(ids)
     assert all(len(i) == len(ids[0]) for i in ids)
+
+
+@pytest.mark.timeout(300)
+def test_formats_widens_what_is_decoded(tmp_path: Path, subprocess_env: dict[str, str]) -> None:
+    """A TGA is unsupported_format by default and decoded once --formats names it."""
+    from PIL import Image
+
+    from imgtasks.demo_server import DemoServer, ServerSettings
+
+    files = tmp_path / "files"
+    files.mkdir()
+    Image.new("RGB", (300, 200), (200, 30, 30)).save(files / "a.tga")
+    Image.new("RGB", (300, 200), (30, 200, 30)).save(files / "b.jpg")
+    with DemoServer(ServerSettings(latency=0.0, jitter=0.0, files_dir=str(files))) as server:
+        listing = tmp_path / "urls.txt"
+        listing.write_text(f"{server.base_url}/files/a.tga\n{server.base_url}/files/b.jpg\n")
+        statuses = {}
+        for formats in ("web", "jpeg,tga"):
+            out = tmp_path / formats.replace(",", "-")
+            args = ["--urls", str(listing), "--out", str(out), "--scheduler", "sync"]
+            proc = run_flow([*args, "--formats", formats], subprocess_env)
+            assert proc.returncode == 0, proc.stderr
+            df = manifest(out)
+            statuses[formats] = list(zip(df["status"], df["source_format"], strict=True))
+    assert statuses["web"] == [("unsupported_format", "TGA"), ("ok", "JPEG")]
+    assert statuses["jpeg,tga"] == [("ok", "TGA"), ("ok", "JPEG")]
