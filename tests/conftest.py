@@ -55,6 +55,17 @@ def subprocess_environment() -> dict[str, str]:
     return env
 
 
+def run_python(code: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    """``python -c CODE`` in a fresh interpreter with the project importable; output captured."""
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        env=subprocess_environment(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 @pytest.fixture
 def subprocess_env() -> dict[str, str]:
     return subprocess_environment()

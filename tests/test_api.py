@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import logging
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import dask.dataframe as dd
 import pandas as pd
 import pytest
-from conftest import subprocess_environment
+from conftest import run_python
 from distributed import Client, LocalCluster
 
 import imgtasks
@@ -131,13 +129,7 @@ try:
 except ValueError:
     print("CLIENT CLOSED")
 """
-    proc = subprocess.run(
-        [sys.executable, "-c", script],
-        env=subprocess_environment(),
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
+    proc = run_python(script, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "COUNTS [('duplicate', 1), ('http_4xx', 1), ('invalid_url', 2), ('ok', 12)]" in (
         proc.stdout
@@ -243,9 +235,7 @@ def test_every_argument_is_documented() -> None:
 
 def test_import_imgtasks_stays_light() -> None:
     code = "import sys, imgtasks; print('dask' in sys.modules, 'distributed' in sys.modules)"
-    proc = subprocess.run(
-        [sys.executable, "-c", code], env=subprocess_environment(), capture_output=True, text=True
-    )
+    proc = run_python(code)
     assert proc.stdout.split() == ["False", "False"], proc.stderr
 
 

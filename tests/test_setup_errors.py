@@ -14,14 +14,13 @@ import json
 import os
 import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import fsspec
 import pytest
-from conftest import free_port, run_flow, subprocess_environment
+from conftest import free_port, run_flow, run_python, subprocess_environment
 
 from imgtasks import preflight
 from imgtasks.preflight import BAD_SETTING, UNAVAILABLE, SetupError
@@ -168,15 +167,9 @@ def test_a_missing_backend_met_during_the_run_is_one_line() -> None:
 
 def test_preflight_imports_no_dask() -> None:
     code = "import sys, imgtasks.preflight; print(sorted(m for m in sys.modules if 'dask' in m))"
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        env=subprocess_environment(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    ).stdout
-    assert out.strip() == "[]"
+    proc = run_python(code)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
 
 
 def test_output_root_is_created_and_the_probe_removed(tmp_path: Path) -> None:
