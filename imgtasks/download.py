@@ -40,6 +40,7 @@ import http.client
 import http.cookiejar
 import logging
 import os
+import socket
 import threading
 import time
 import urllib.request
@@ -47,14 +48,26 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 import requests
+import urllib3.connection
+import urllib3.connectionpool
 import urllib3.exceptions
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
 from imgtasks import __version__
+from imgtasks.politeness import (
+    DEFAULT_TOKEN,
+    DISALLOWED_DIRECTIVES,
+    DnsCache,
+    RateLimiter,
+    RobotsAnswer,
+    RobotsCache,
+    opt_out,
+)
 from imgtasks.status import DOWNLOAD, Status
 
 logger = logging.getLogger(__name__)
@@ -95,8 +108,18 @@ class DownloadSettings:
     per_host: int = 16  # concurrent requests to one host from this process
     parallel: int = 16  # threads one fetch_many call uses
     max_url_length: int = 2048
+    # Politeness (imgtasks.politeness). The token is matched in X-Robots-Tag and robots.txt
+    # and sent in the User-Agent; an empty directive tuple turns the opt-out check off.
+    user_agent_token: str = DEFAULT_TOKEN
+    disallowed_header_directives: tuple[str, ...] = DISALLOWED_DIRECTIVES
+    respect_robots_txt: bool = False
+    per_host_rate: float | None = None  # requests per second to one host; None: no limit
+    dns_cache: bool = True  # resolve each host once per TTL in this process
 
     def __post_init__(self) -> None:
+        # JSON/CLI give lists; a tuple keeps the settings hashable (they key the sessions).
+        directives = tuple(d.strip().lower() for d in self.disallowed_header_directives)
+        object.__setattr__(self, "disallowed_header_directives", tuple(d for d in directives if d))
         positive = {
             "connect_timeout": self.connect_timeout,
             "read_timeout": self.read_timeout,
@@ -106,6 +129,8 @@ class DownloadSettings:
             "parallel": self.parallel,
             "max_url_length": self.max_url_length,
         }
+        if self.per_host_rate is not None:
+            positive["per_host_rate"] = self.per_host_rate
         for name, value in positive.items():
             if not value > 0:
                 raise ValueError(f"DownloadSettings.{name} must be > 0, got {value!r}")
@@ -130,6 +155,22 @@ class DownloadSettings:
             raise ValueError("DownloadSettings.user_agent must be a non-empty string")
         if any(_is_bad_char(c) and c != " " for c in self.user_agent):
             raise ValueError("DownloadSettings.user_agent must not contain control characters")
+        token = self.user_agent_token
+        if (
+            not isinstance(token, str)
+            or not token
+            or not all(c.isalnum() or c in "-_" for c in token)
+        ):
+            raise ValueError(
+                f"DownloadSettings.user_agent_token must be letters, digits, - or _; got {token!r}"
+            )
+
+    @property
+    def user_agent_header(self) -> str:
+        """The User-Agent sent: ``user_agent``, with the token added when it lacks it."""
+        if self.user_agent_token.lower() in self.user_agent.lower():
+            return self.user_agent
+        return f"{self.user_agent} {self.user_agent_token}"
 
 
 DEFAULT_DOWNLOAD = DownloadSettings()
@@ -201,6 +242,50 @@ _sessions: dict[DownloadSettings, requests.Session] = {}
 _sessions_lock = threading.Lock()
 _host_slots: dict[tuple[int, str, str, int | None], threading.BoundedSemaphore] = {}
 _host_slots_lock = threading.Lock()
+# Per worker process, like the sessions: one cache of robots.txt files, of DNS answers, and
+# one rate limiter per rate.
+_robots = RobotsCache()
+_dns = DnsCache()
+_rate_limiters: dict[float, RateLimiter] = {}
+ROBOTS_MAX_BYTES = 500 * 1024  # RFC 9309: parse at least the first 500 KiB
+
+
+class _CachedDnsConnection:
+    """Connects to the host's address from ``_dns`` instead of resolving on every new
+    connection; the Host header, SNI and certificate checks still use the name."""
+
+    def _new_conn(self) -> socket.socket:
+        name = self._dns_host  # type: ignore[attr-defined]
+        try:
+            self._dns_host = _dns.address(name, self.port)  # type: ignore[attr-defined]
+        except socket.gaierror as exc:
+            raise urllib3.exceptions.NameResolutionError(name, self, exc) from exc  # type: ignore[arg-type]
+        try:
+            return super()._new_conn()  # type: ignore[misc]
+        except urllib3.exceptions.NewConnectionError:
+            _dns.forget(name, self.port)  # type: ignore[attr-defined]  # moved? ask again
+            raise
+        finally:
+            self._dns_host = name
+
+
+class _HTTPConnection(_CachedDnsConnection, urllib3.connection.HTTPConnection):
+    pass
+
+
+class _HTTPSConnection(_CachedDnsConnection, urllib3.connection.HTTPSConnection):
+    pass
+
+
+class _HTTPPool(urllib3.connectionpool.HTTPConnectionPool):
+    ConnectionCls = _HTTPConnection
+
+
+class _HTTPSPool(urllib3.connectionpool.HTTPSConnectionPool):
+    ConnectionCls = _HTTPSConnection
+
+
+_CACHED_DNS_POOLS = {"http": _HTTPPool, "https": _HTTPSPool}
 
 
 class _NoCookies(http.cookiejar.CookiePolicy):
@@ -223,8 +308,25 @@ class _NoCookies(http.cookiejar.CookiePolicy):
         return False
 
 
+class _PoliteRetry(Retry):
+    """urllib3's retries, also waiting for the host's rate slot before each retry: the
+    rate holds for every request, not only first attempts."""
+
+    def sleep(self, response: object = None) -> None:
+        super().sleep(response)  # type: ignore[arg-type]
+        booked = getattr(_this_request, "rate", None)
+        if booked is not None:
+            limiter, host = booked
+            limiter.wait(host)
+
+
+# The host of the request this thread is making, for _PoliteRetry (urllib3 retries inside
+# one session.get call, in the calling thread).
+_this_request = threading.local()
+
+
 def _retry_policy(settings: DownloadSettings) -> Retry:
-    return Retry(
+    return _PoliteRetry(
         total=None,  # the per-kind limits below are the real ones
         connect=settings.retries,
         read=0,  # a read error may have consumed a partial body: do not replay
@@ -244,13 +346,15 @@ def _retry_policy(settings: DownloadSettings) -> Retry:
 
 def _new_session(settings: DownloadSettings) -> requests.Session:
     session = requests.Session()
-    session.headers.update({"User-Agent": settings.user_agent, "Accept": ACCEPT})
+    session.headers.update({"User-Agent": settings.user_agent_header, "Accept": ACCEPT})
     session.cookies.set_policy(_NoCookies())
     adapter = HTTPAdapter(
         pool_connections=settings.parallel,
         pool_maxsize=settings.per_host,
         max_retries=_retry_policy(settings),
     )
+    if settings.dns_cache:
+        adapter.poolmanager.pool_classes_by_scheme = _CACHED_DNS_POOLS
     session.adapters.clear()  # only http(s): nothing else may be mounted by default
     session.mount("http://", adapter)
     session.mount("https://", adapter)
@@ -400,25 +504,81 @@ def _request(progress: _Progress) -> bytes | str:
     """One hop: return the body, or the absolute URL a redirect points to."""
     settings = progress.settings
     url = progress.current_url
-    remaining = progress.check_deadline("before the request")
+    if settings.respect_robots_txt:
+        _check_robots(progress, url)
+    with _polite_slot(progress, url, "the request") as remaining:
+        progress.attempts += 1  # corrected below from urllib3's retry history
+        with _get(settings, url, remaining, allow_redirects=False) as resp:
+            return _handle_response(progress, resp)
+
+
+def _get(
+    settings: DownloadSettings, url: str, remaining: float, **options: Any
+) -> requests.Response:
+    """A streamed GET whose connect and read time-outs fit in the time left."""
+    timeout = (min(settings.connect_timeout, remaining), min(settings.read_timeout, remaining))
+    return get_session(settings).get(url, stream=True, timeout=timeout, **options)
+
+
+@contextmanager
+def _polite_slot(progress: _Progress, url: str, what: str) -> Iterator[float]:
+    """Hold a per-host slot and the host's rate slot; yields the seconds left. Waiting
+    for either counts as queued, not network, time."""
+    settings = progress.settings
     asked = time.monotonic()
-    with _host_slot(url, settings.per_host, remaining):
+    with _host_slot(url, settings.per_host, progress.check_deadline(f"before {what}")):
+        limiter = _rate_limiter(settings)
+        host = _origin(url)
+        if limiter is not None:
+            pause = limiter.delay(host)
+            if pause >= progress.remaining():
+                raise _Failure(Status.TIMEOUT, f"deadline passed while waiting for {host}'s rate")
+            time.sleep(max(pause, 0.0))
         progress.queued += time.monotonic() - asked
         remaining = progress.check_deadline("while waiting for a per-host slot")
-        progress.attempts += 1  # corrected below from urllib3's retry history
-        resp = get_session(settings).get(
-            url,
-            stream=True,
-            allow_redirects=False,
-            timeout=(
-                min(settings.connect_timeout, remaining),
-                min(settings.read_timeout, remaining),
-            ),
-        )
+        _this_request.rate = None if limiter is None else (limiter, host)
         try:
-            return _handle_response(progress, resp)
+            yield remaining
         finally:
-            resp.close()
+            _this_request.rate = None
+
+
+def _rate_limiter(settings: DownloadSettings) -> RateLimiter | None:
+    rate = settings.per_host_rate
+    if rate is None:
+        return None
+    limiter = _rate_limiters.get(rate)
+    if limiter is None:
+        with _sessions_lock:
+            limiter = _rate_limiters.setdefault(rate, RateLimiter(rate))
+    return limiter
+
+
+def _origin(url: str) -> str:
+    scheme, host, port = _host_key(url)
+    return f"{scheme}://{host}:{port}"
+
+
+def _check_robots(progress: _Progress, url: str) -> None:
+    origin = _origin(url)
+    token = progress.settings.user_agent_token
+    if not _robots.allowed(origin, url, token, lambda robots: _fetch_robots(progress, robots)):
+        raise _Failure(Status.ROBOTS_DISALLOWED, f"{origin}/robots.txt disallows {token}")
+
+
+def _fetch_robots(progress: _Progress, robots_url: str) -> RobotsAnswer:
+    """A host's robots.txt under the same deadline, per-host and rate limits as images."""
+    settings = progress.settings
+    try:
+        with (
+            _polite_slot(progress, robots_url, "fetching robots.txt") as remaining,
+            _get(settings, robots_url, remaining) as resp,
+        ):
+            text = resp.raw.read(ROBOTS_MAX_BYTES, decode_content=True)
+            return RobotsAnswer(resp.status_code, text.decode("utf-8", "replace"))
+    except Exception as exc:  # unreachable, timed out: RFC 9309 says disallow
+        logger.debug("robots.txt %s unreachable: %r", robots_url, exc)
+        return RobotsAnswer(None)
 
 
 def _handle_response(progress: _Progress, resp: requests.Response) -> bytes | str:
@@ -430,7 +590,20 @@ def _handle_response(progress: _Progress, resp: requests.Response) -> bytes | st
         return _resolve_location(progress.current_url, resp.headers["Location"])
     if not 200 <= code < 300:
         raise _Failure(_http_status_kind(code), f"HTTP {code} {resp.reason or ''}".rstrip())
+    _check_opt_out(progress.settings, resp)
     return _read_body(progress, resp)
+
+
+def _check_opt_out(settings: DownloadSettings, resp: requests.Response) -> None:
+    """Nothing is kept of a response whose X-Robots-Tag opts out (checked before the body
+    is read). The headers one by one: requests joins repeated headers with commas, which
+    would merge one header's agent scope into the next."""
+    if not settings.disallowed_header_directives:
+        return
+    headers = resp.raw.headers.getlist("X-Robots-Tag") if resp.raw is not None else []
+    directive = opt_out(headers, settings.user_agent_token, settings.disallowed_header_directives)
+    if directive is not None:
+        raise _Failure(Status.OPTED_OUT, f"X-Robots-Tag: {directive}")
 
 
 def _resolve_location(base: str, location: str) -> str:

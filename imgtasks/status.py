@@ -6,7 +6,8 @@ and it formats and hashes as its value. Whether a result is ok follows from its 
 
     sources      invalid_url  duplicate
     download     http_4xx  http_5xx  http_error  timeout  connection_error  too_large
-                 too_many_redirects  incomplete_body  empty_body
+                 too_many_redirects  incomplete_body  empty_body  opted_out
+                 robots_disallowed
     thumbnail    decode_error  truncated_image  too_many_pixels  unsupported_format
                  encode_error
     writing      write_error
@@ -39,6 +40,8 @@ class Status(str, Enum):
     TOO_MANY_REDIRECTS = "too_many_redirects"
     INCOMPLETE_BODY = "incomplete_body"  # closed before Content-Length bytes arrived
     EMPTY_BODY = "empty_body"
+    OPTED_OUT = "opted_out"  # X-Robots-Tag says noai/noindex/... to all agents or to us
+    ROBOTS_DISALLOWED = "robots_disallowed"  # --respect-robots-txt: the host's robots.txt
     # thumbnail
     DECODE_ERROR = "decode_error"
     TRUNCATED_IMAGE = "truncated_image"
@@ -68,6 +71,8 @@ DOWNLOAD = frozenset(
         Status.TOO_MANY_REDIRECTS,
         Status.INCOMPLETE_BODY,
         Status.EMPTY_BODY,
+        Status.OPTED_OUT,
+        Status.ROBOTS_DISALLOWED,
         Status.INVALID_URL,  # a redirect to an invalid URL
     }
 )
