@@ -202,7 +202,35 @@ def build_parser() -> argparse.ArgumentParser:
     net.add_argument(
         "--max-bytes", type=int, default=DownloadSettings.max_bytes, help="largest body accepted"
     )
-    net.add_argument("--user-agent", default=DownloadSettings.user_agent, help="User-Agent header")
+    net.add_argument(
+        "--user-agent",
+        default=DownloadSettings.user_agent,
+        help="User-Agent header (the token is added when it lacks it)",
+    )
+    net.add_argument(
+        "--user-agent-token",
+        default=DownloadSettings.user_agent_token,
+        help="our name in X-Robots-Tag and robots.txt rules",
+    )
+    net.add_argument(
+        "--disallowed-header-directives",
+        default=",".join(DownloadSettings.disallowed_header_directives),
+        metavar="LIST",
+        help="X-Robots-Tag directives (for all agents or our token) that mean: keep nothing "
+        "(status opted_out); an empty list turns the check off",
+    )
+    net.add_argument(
+        "--respect-robots-txt",
+        action="store_true",
+        help="fetch each host's robots.txt (cached per worker process) and skip what it "
+        "disallows our token (status robots_disallowed)",
+    )
+    net.add_argument(
+        "--per-host-rate",
+        type=float,
+        metavar="R",
+        help="at most R requests per second to one host per worker process (retries included)",
+    )
     net.add_argument(
         "--per-host",
         type=int,
@@ -290,6 +318,10 @@ def job_from_args(args: argparse.Namespace) -> Job:
             max_bytes=args.max_bytes,
             user_agent=args.user_agent,
             per_host=args.per_host,
+            user_agent_token=args.user_agent_token,
+            disallowed_header_directives=tuple(args.disallowed_header_directives.split(",")),
+            respect_robots_txt=args.respect_robots_txt,
+            per_host_rate=args.per_host_rate,
         ),
         "storage_options": parse_storage_options(args.storage_options),
         "keep_originals": args.keep_originals,

@@ -80,6 +80,7 @@ class Result:
     contact_sheet: str | None = None
     interrupted: bool = False
     total: int | None = field(default=None, repr=False)  # input lines, when known up front
+    failed_hosts: Mapping[str, int] = field(default_factory=dict)  # top 10: download failures
 
     @property
     def ok(self) -> int:
@@ -126,6 +127,7 @@ class Result:
             **figures,
             "counts": dict(self.counts),
             "failed_batches": list(self.failed_batches),
+            "failed_hosts": dict(self.failed_hosts),
             "out": self.out,
             "manifest_dir": self.manifest_dir,
             "ok": self.ok,
@@ -154,6 +156,9 @@ class Result:
         ]
         if self.report:
             lines.append(f"report           {self.report}")
+        if self.failed_hosts:
+            shown = ", ".join(f"{host} ({n})" for host, n in self.failed_hosts.items())
+            lines.append(f"failing hosts    {shown}")
         if self.failed_batches:
             shown = ", ".join(self.failed_batches[:5])
             lines.append(f"FAILED batches   {len(self.failed_batches)}: {shown}")
@@ -265,7 +270,13 @@ def thumbnails(
         batches, total = url_batches(listing), None
     else:
         batches, total = url_values(urls, url_column, batch_size)
-    return _run(batches, total, job, download or DownloadSettings(), how)
+    download = download or DownloadSettings()
+    if not download.disallowed_header_directives:
+        log.warning(
+            "X-Robots-Tag opt-outs are not checked: images whose owners said noai or noindex "
+            "will be kept"
+        )
+    return _run(batches, total, job, download, how)
 
 
 @dataclass(frozen=True)
@@ -338,6 +349,7 @@ def _result(
         contact_sheet=links["sheet"],
         interrupted=interrupted,
         total=tally.total,
+        failed_hosts=dict(tally.failed_hosts.most_common(10)),
     )
 
 

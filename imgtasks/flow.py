@@ -16,7 +16,7 @@ import itertools
 import logging
 import time
 import uuid
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
@@ -108,8 +108,12 @@ class Tally:
     resumed: int = 0
     ready: float = 0.0  # seconds until the cluster was up and the first batch went out
     failed_batches: list[str] = field(default_factory=list)
+    failed_hosts: Counter = field(default_factory=Counter)
+    storms: StormWatch = field(default_factory=lambda: StormWatch())
 
     def add(self, report: BatchReport) -> None:
+        self.failed_hosts.update(report.failed_hosts)
+        self.storms.add(report)
         self.resumed += report.resumed
         self.counts.update(report.counts)
         self.entries += report.entries
@@ -121,6 +125,48 @@ class Tally:
     @property
     def elapsed(self) -> float:
         return time.perf_counter() - self.started
+
+
+class StormWatch:
+    """Says so, once, when most of the last URLs failed on the network (connection errors,
+    time-outs): DNS or the machine's network is failing, or hosts are refusing us. It says
+    so again only after the storm has passed (failures back under a quarter)."""
+
+    LAST = 200  # URLs looked at
+    AT_LEAST = 100  # URLs seen before judging
+    STORM = 0.5  # share of network failures that is a storm
+    CALM = 0.25
+
+    def __init__(self) -> None:
+        self.recent: deque[BatchReport] = deque()
+        self.in_storm = False
+
+    def add(self, report: BatchReport) -> None:
+        self.recent.append(report)
+        while sum(r.entries for r in self.recent) - self.recent[0].entries >= self.LAST:
+            self.recent.popleft()
+        seen = sum(r.entries for r in self.recent)
+        failed = sum(sum(r.network_errors.values()) for r in self.recent)
+        share = failed / max(seen, 1)
+        if not self.in_storm and seen >= self.AT_LEAST and share >= self.STORM:
+            self.in_storm = True
+            log.warning(self.describe(failed, seen))
+        elif self.in_storm and share < self.CALM:
+            self.in_storm = False
+
+    def describe(self, failed: int, seen: int) -> str:
+        errors: Counter = Counter()
+        hosts: Counter = Counter()
+        for report in self.recent:
+            errors.update(report.network_errors)
+            hosts.update(report.failed_hosts)
+        error, _ = errors.most_common(1)[0]
+        top = ", ".join(f"{h} ({n})" for h, n in hosts.most_common(5))
+        return (
+            f"{failed} of the last {seen} URLs failed on the network; most often {error}; "
+            f"hosts: {top}. DNS or the network may be failing, or hosts refusing us "
+            "(a local caching resolver helps: see the README's crawl advice)"
+        )
 
 
 class Progress:

@@ -13,12 +13,13 @@ import time
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from urllib.parse import urlsplit
 
 from imgtasks.download import DownloadResult, DownloadSettings, fetch_many
 from imgtasks.manifest import Record, manifest_relpath, read_part, write_manifest_part
 from imgtasks.sinks import OutputSettings, file_exists, output_relpath, write_file
 from imgtasks.sources import UrlBatch, UrlEntry
-from imgtasks.status import Status
+from imgtasks.status import DOWNLOAD, NETWORK, SOURCE, Status
 from imgtasks.thumbnail import Thumbnail, ThumbSettings, make_thumbnail
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,10 @@ class BatchReport:
     thumbnail_s: float = 0.0  # summed over URLs
     download_wall_s: float = 0.0
     thumbnail_wall_s: float = 0.0
+    # Download failures by host, and network failures (DNS, refused, timed out) by their
+    # error: the client spots an error storm and names the hosts behind it.
+    failed_hosts: Mapping[str, int] = field(default_factory=dict, hash=False)
+    network_errors: Mapping[str, int] = field(default_factory=dict, hash=False)
 
     @property
     def ok(self) -> int:
@@ -124,8 +129,22 @@ def batch_report(
         bytes_in=sum(r.bytes for r in records),
         download_s=sum(r.download_s for r in records),
         thumbnail_s=sum(r.thumbnail_s for r in records),
+        failed_hosts=dict(Counter(host_of(r.url) for r in records if r.status in FETCH_FAILURES)),
+        network_errors=dict(
+            Counter(f"{r.status}: {r.error[:120]}" for r in records if r.status in NETWORK)
+        ),
         **walls,
     )
+
+
+FETCH_FAILURES = DOWNLOAD - SOURCE
+
+
+def host_of(url: str) -> str:
+    try:
+        return urlsplit(url).hostname or "?"
+    except ValueError:
+        return "?"
 
 
 def record_failed_batch(

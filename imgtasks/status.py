@@ -85,5 +85,8 @@ THUMBNAIL = frozenset(
         Status.ENCODE_ERROR,
     }
 )
+# Failures of the network rather than of the URL: many of them at once mean DNS or the
+# machine's network is failing (or a host is banning us), not bad input.
+NETWORK = frozenset({Status.CONNECTION_ERROR, Status.TIMEOUT})
 FLOW = frozenset({Status.INTERNAL_ERROR, Status.BATCH_FAILED})
 NOT_FETCHED = frozenset({Status.INVALID_URL, Status.DUPLICATE, Status.BATCH_FAILED})
