@@ -251,19 +251,25 @@ ROBOTS_MAX_BYTES = 500 * 1024  # RFC 9309: parse at least the first 500 KiB
 
 
 class _CachedDnsConnection:
-    """Connects to the host's address from ``_dns`` instead of resolving on every new
-    connection; the Host header, SNI and certificate checks still use the name."""
+    """Connects to the host's addresses from ``_dns`` (each in turn, as the resolver gave
+    them) instead of resolving on every new connection; the Host header, SNI and the
+    certificate check still use the name."""
 
     def _new_conn(self) -> socket.socket:
-        name = self._dns_host  # type: ignore[attr-defined]
+        name, port = self._dns_host, self.port  # type: ignore[attr-defined]
         try:
-            self._dns_host = _dns.address(name, self.port)  # type: ignore[attr-defined]
+            addresses = _dns.addresses(name, port)
         except socket.gaierror as exc:
             raise urllib3.exceptions.NameResolutionError(name, self, exc) from exc  # type: ignore[arg-type]
         try:
+            for address in addresses[:-1]:
+                self._dns_host = address
+                with suppress(urllib3.exceptions.NewConnectionError):
+                    return super()._new_conn()  # type: ignore[misc]
+            self._dns_host = addresses[-1]
             return super()._new_conn()  # type: ignore[misc]
         except urllib3.exceptions.NewConnectionError:
-            _dns.forget(name, self.port)  # type: ignore[attr-defined]  # moved? ask again
+            _dns.forget(name, port)  # the host may have moved: ask the resolver next time
             raise
         finally:
             self._dns_host = name

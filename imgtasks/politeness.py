@@ -205,8 +205,9 @@ class DnsCache:
         self._answers: _TtlCache[list | socket.gaierror] = _TtlCache(size)
         self._resolve = resolve
 
-    def address(self, host: str, port: int) -> str:
-        """An address of ``host`` to connect to; raises ``socket.gaierror`` like a lookup."""
+    def addresses(self, host: str, port: int) -> list[str]:
+        """The addresses of ``host``, in the resolver's order; raises ``socket.gaierror``
+        like a lookup."""
         key = f"{host}:{port}"
         answer = self._answers.get(key)
         if answer is None:
@@ -215,7 +216,7 @@ class DnsCache:
             self._answers.put(key, answer, ttl)
         if isinstance(answer, socket.gaierror):
             raise answer
-        return answer[0][4][0]
+        return list(dict.fromkeys(info[4][0] for info in answer))
 
     def forget(self, host: str, port: int) -> None:
         """After a failed connect: the next attempt asks the resolver again."""

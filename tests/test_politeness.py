@@ -132,12 +132,45 @@ def test_dns_cache_resolves_each_host_once_per_ttl() -> None:
         return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("10.1.2.3", port))]
 
     dns = DnsCache(resolve=resolve)
-    assert {dns.address("a.example", 80) for _ in range(100)} == {"10.1.2.3"}
+    assert {tuple(dns.addresses("a.example", 80)) for _ in range(100)} == {("10.1.2.3",)}
     assert calls == ["a.example"]
     for _ in range(3):  # a failure is cached too, and raised each time
         with pytest.raises(socket.gaierror):
-            dns.address("nowhere.invalid", 80)
+            dns.addresses("nowhere.invalid", 80)
     assert calls == ["a.example", "nowhere.invalid"]
     dns.forget("a.example", 80)
-    dns.address("a.example", 80)
+    dns.addresses("a.example", 80)
     assert calls.count("a.example") == 2
+
+
+def test_download_resolves_each_host_once_across_new_connections(
+    demo_server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Real fetches by host name, each on a new connection: one lookup with the cache, one
+    per connection without it."""
+    from imgtasks import download
+
+    lookups: list[str] = []
+    real = socket.getaddrinfo
+
+    def counting(host, *args, **kwargs):
+        if host == "localhost":
+            lookups.append(host)
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", counting)
+    monkeypatch.setattr(download, "_dns", DnsCache())
+    urls = [u.replace("127.0.0.1", "localhost") for u in demo_server.urls(8)]
+
+    def fetch_each(settings: download.DownloadSettings) -> list[bool]:
+        oks = []
+        for url in urls:
+            oks.append(download.fetch(url, settings).ok)
+            download.get_session(settings).close()  # the next fetch opens a new connection
+        return oks
+
+    assert all(fetch_each(download.DownloadSettings(retries=0, per_host=3)))
+    assert lookups == ["localhost"]
+    lookups.clear()
+    assert all(fetch_each(download.DownloadSettings(retries=0, per_host=3, dns_cache=False)))
+    assert len(lookups) == len(urls)
