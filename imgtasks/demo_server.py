@@ -39,7 +39,7 @@ from tornado.iostream import IOStream, StreamClosedError
 from tornado.netutil import bind_sockets
 from tornado.web import Application, RequestHandler
 
-from imgtasks.corpus import CorpusItem, corrupt_jpeg, load_corpus, make_bomb_png, truncate
+from imgtasks.demo.corpus import CorpusItem, corrupt_jpeg, load_corpus, make_bomb_png, truncate
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Tests for imgtasks.corpus and imgtasks.demo_server, over real loopback sockets."""
+"""Tests for imgtasks.demo.corpus and imgtasks.demo_server, over real loopback sockets."""
 
 from __future__ import annotations
 
@@ -24,8 +24,8 @@ import requests
 from conftest import non_loopback_address
 from PIL import Image, ImageOps
 
-from imgtasks import corpus
-from imgtasks.corpus import CorpusItem, load_corpus
+from imgtasks.demo import corpus
+from imgtasks.demo.corpus import CorpusItem, load_corpus
 from imgtasks.demo_server import (
     FAULT_NAMES,
     DemoServer,
