@@ -5,7 +5,7 @@ img2dataset — the same demo server, the same N URLs, the same latency, the sam
     python benchmarks/bench.py --count 200 --methods threads,pool,dask-hybrid
     python benchmarks/bench.py --skip-john --img2dataset ~/.venvs/img2dataset/bin/img2dataset
 
-The demo server runs as a separate process (``python -m imgtasks.demo_server``) so its CPU
+The demo server runs as a separate process (``python -m imgtasks.demo``) so its CPU
 cost lands on no measured process; its CPU seconds are reported per row. The Dask flow
 (``flows/run.py``) and img2dataset run as subprocesses, timed from launch to exit, so
 interpreter and cluster start-up count. The flow's own figures (wall time, start-up, ok
@@ -39,7 +39,7 @@ import requests
 from flow_figures import NoFigures, failure, flow_command, manifest_count, read_figures
 from PIL import Image
 
-from imgtasks.demo_server import server_process
+from imgtasks.demo import server_process
 
 THREAD_COUNTS = (4, 8, 16, 32)
 DASK_MODES = ("hybrid", "processes", "threads")

@@ -29,7 +29,7 @@ import requests
 
 import imgtasks
 from imgtasks import cluster as clusters
-from imgtasks.demo_server import server_process
+from imgtasks.demo import server_process
 
 VARIANTS = {
     "ours": clusters.WORKER_PRE_SPAWN_ENVIRON,

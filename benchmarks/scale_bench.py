@@ -5,7 +5,7 @@
     python benchmarks/scale_bench.py --batch-sizes 4,16,64    # images/s per --batch-size
 
 (after ``pip install -e .``). The demo image server runs as a SEPARATE process
-(``python -m imgtasks.demo_server``) so its CPU is not inside any measured process. Each
+(``python -m imgtasks.demo``) so its CPU is not inside any measured process. Each
 run writes the URL list to a file and runs ``flows/run.py --urls FILE --scheduler hybrid
 --result-json FILE`` as a subprocess, sampling with psutil every ``--interval`` seconds the
 RSS and CPU time of the flow (client) process and of each Dask worker process (its
@@ -49,7 +49,7 @@ import psutil
 import requests
 from flow_figures import NoFigures, failure, flow_command, manifest_count, read_figures
 
-from imgtasks.demo_server import server_process
+from imgtasks.demo import server_process
 
 ROOT = Path(__file__).resolve().parents[1]
 MIB = 2**20

@@ -93,9 +93,9 @@ METHODS: dict[str, tuple[Callable[[bytes], bytes], Callable[[bytes], Image.Image
 
 def load_items(limit: int | None) -> list[Item]:
     try:
-        from imgtasks.corpus import load_corpus
+        from imgtasks.demo.corpus import load_corpus
     except ImportError as exc:
-        print(f"imgtasks.corpus unavailable ({exc}); using a small synthetic corpus instead")
+        print(f"imgtasks.demo.corpus unavailable ({exc}); using a small synthetic corpus instead")
         items = synthetic_items()
     else:
         items = [Item(c.name, c.ext, c.width, c.height, c.data) for c in load_corpus("photos")]

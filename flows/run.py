@@ -25,7 +25,7 @@ from typing import Any
 import imgtasks
 from imgtasks import cluster as clusters
 from imgtasks import preflight
-from imgtasks.demo_server import DemoServer, ServerSettings
+from imgtasks.demo import DemoServer, ServerSettings
 from imgtasks.download import DownloadSettings
 from imgtasks.imgur import (
     API_BASE,

@@ -20,6 +20,7 @@ __all__ = [
     "Result",
     "SetupError",
     "ThumbSettings",
+    "local_cluster",
     "thumbnails",
 ]
 
@@ -29,6 +30,7 @@ _WHERE = {
     "Interrupted": "imgtasks.api",
     "SetupError": "imgtasks.preflight",
     "ClusterSettings": "imgtasks.cluster",
+    "local_cluster": "imgtasks.cluster",
     "DownloadSettings": "imgtasks.download",
     "ThumbSettings": "imgtasks.thumbnail",
     "OutputSettings": "imgtasks.sinks",

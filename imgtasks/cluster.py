@@ -151,6 +151,15 @@ def start_local_cluster(settings: ClusterSettings) -> SpecCluster:
         )
 
 
+def local_cluster(settings: ClusterSettings | None = None) -> SpecCluster:
+    """The local cluster ``settings`` describe (default: the hybrid one), for a client of
+    your own: ``Client(imgtasks.local_cluster())``, then ``thumbnails(..., client=...)``."""
+    settings = settings or ClusterSettings()
+    if not settings.is_local:
+        raise ValueError(f"{settings.kind!r} is not a local cluster kind: {LOCAL_KINDS}")
+    return start_local_cluster(settings)
+
+
 def connect(settings: ClusterSettings) -> tuple[Client, SpecCluster | None]:
     """A client on the cluster the settings name (and the cluster when we started it)."""
     if settings.scheduler_file is not None:

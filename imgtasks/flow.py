@@ -177,9 +177,7 @@ class Progress:
         self.batch_log = batch_log
         self.bar = None
         if enabled:
-            from tqdm.auto import tqdm  # imported only when a bar is wanted
-
-            self.bar = tqdm(total=total, unit="img", smoothing=0.05, dynamic_ncols=True)
+            self.bar = progress_bar()(total=total, unit="img", smoothing=0.05, dynamic_ncols=True)
 
     def batch_done(self, report: BatchReport, tally: Tally) -> None:
         if self.batch_log is not None:
@@ -191,6 +189,18 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def progress_bar() -> type:
+    """tqdm's widget in Jupyter when ipywidgets is there, else its text bar (tqdm.auto
+    would warn "IProgress not found" on every run without ipywidgets)."""
+    try:
+        import ipywidgets  # noqa: F401
+    except ImportError:
+        from tqdm.std import tqdm
+    else:
+        from tqdm.auto import tqdm
+    return tqdm
 
 
 def stream_batches(

@@ -1,7 +1,8 @@
 """Image-quality helpers shared by the thumbnail tests and benchmark.
 
 Kept out of :mod:`imgtasks.thumbnail` so the hot path stays small: nothing here is
-used when making thumbnails, only when judging them.
+used when making thumbnails, only when judging them. The test images come from the
+corpus's synthesiser, `imgtasks.demo.corpus.photo_like`, re-exported here.
 """
 
 from __future__ import annotations
@@ -10,7 +11,11 @@ import io
 import logging
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageOps
+from PIL import Image, ImageOps
+
+from imgtasks.demo.corpus import photo_like
+
+__all__ = ["encode", "photo_like", "pillow_thumbnail_size", "psnr", "reference_resize"]
 
 logger = logging.getLogger(__name__)
 
@@ -63,47 +68,6 @@ def psnr(a: Image.Image, b: Image.Image) -> float:
     if mse == 0.0:
         return float("inf")
     return float(10.0 * np.log10(255.0**2 / mse))
-
-
-def _upsampled(
-    rng: np.random.Generator, grid: tuple[int, int], size: tuple[int, int]
-) -> Image.Image:
-    """Random colours on a coarse grid, bicubic-upsampled: low-frequency structure."""
-    coarse = rng.integers(0, 256, size=(grid[1], grid[0], 3), dtype=np.uint8)
-    return Image.fromarray(coarse, "RGB").resize(size, Image.Resampling.BICUBIC)
-
-
-def photo_like(width: int, height: int, seed: int = 0) -> Image.Image:
-    """A deterministic RGB image with photo statistics: gradients, blobs, some edges.
-
-    Not random per-pixel noise (which no real photo looks like and which makes every
-    resampler look bad); instead smooth noise at two scales over a gradient plus a
-    few hard-edged shapes. Built from uint8 Pillow ops so 12 MP takes well under 1 s.
-    """
-    rng = np.random.default_rng(seed)
-    size = (width, height)
-    # Four random corner colours stretched bilinearly: a smooth gradient.
-    corners = rng.integers(0, 256, size=(2, 2, 3), dtype=np.uint8)
-    gradient = Image.fromarray(corners, "RGB").resize(size, Image.Resampling.BILINEAR)
-    coarse = _upsampled(rng, (6, 5), size)
-    detail = _upsampled(rng, (max(2, width // 24), max(2, height // 24)), size)
-    im = Image.blend(Image.blend(gradient, coarse, 0.55), detail, 0.2)
-    _draw_shapes(im, rng)
-    return im
-
-
-def _draw_shapes(im: Image.Image, rng: np.random.Generator) -> None:
-    """A few filled shapes: the sharp edges photos have at object boundaries."""
-    draw = ImageDraw.Draw(im)
-    w, h = im.size
-    for _ in range(6):
-        x0, x1 = sorted(int(v) for v in rng.integers(0, max(w, 2), 2))
-        y0, y1 = sorted(int(v) for v in rng.integers(0, max(h, 2), 2))
-        colour = tuple(int(v) for v in rng.integers(0, 256, 3))
-        if rng.random() < 0.5:
-            draw.rectangle((x0, y0, x1, y1), fill=colour)
-        else:
-            draw.ellipse((x0, y0, x1, y1), fill=colour)
 
 
 def encode(im: Image.Image, fmt: str, **params: object) -> bytes:

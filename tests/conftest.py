@@ -39,7 +39,7 @@ def free_port() -> int:
 @pytest.fixture(scope="session")
 def demo_server() -> Iterator[object]:
     """A demo image server with no latency, shared by the session."""
-    from imgtasks.demo_server import DemoServer, ServerSettings
+    from imgtasks.demo import DemoServer, ServerSettings
 
     with DemoServer(ServerSettings(latency=0.0, jitter=0.0)) as server:
         yield server

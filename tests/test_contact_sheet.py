@@ -149,7 +149,7 @@ def test_undecodable_image_becomes_an_unreadable_tile(data: bytes) -> None:
 
 
 def test_truncated_and_bomb_images_do_not_raise() -> None:
-    from imgtasks.corpus import make_bomb_png, truncate
+    from imgtasks.demo.corpus import make_bomb_png, truncate
 
     full = encode(photo_like(400, 300, seed=1), "JPEG", quality=90)
     tiles = [Tile(0, "ok", truncate(full, 0.3)), Tile(1, "ok", make_bomb_png())]

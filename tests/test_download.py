@@ -14,8 +14,8 @@ from urllib.parse import parse_qs, quote, urlsplit
 
 import pytest
 
-from imgtasks.corpus import load_corpus
-from imgtasks.demo_server import DemoServer, ServerSettings
+from imgtasks.demo import DemoServer, ServerSettings
+from imgtasks.demo.corpus import load_corpus
 from imgtasks.download import (
     DEFAULT_DOWNLOAD,
     STATUSES,

@@ -16,7 +16,7 @@ import pytest
 from conftest import free_port, start_flow
 from PIL import Image
 
-from imgtasks.demo_server import DemoServer, ServerSettings
+from imgtasks.demo import DemoServer, ServerSettings
 
 N_URLS = 120
 BATCH = 4

@@ -25,7 +25,7 @@ import pytest
 from conftest import ROOT, free_port, run_flow, thumbnail_files
 from PIL import Image
 
-from imgtasks.demo_server import DemoServer, ServerSettings
+from imgtasks.demo import DemoServer, ServerSettings
 
 TIMEOUT = 4.0  # --timeout: total deadline per URL
 RETRIES = 2

@@ -1,6 +1,6 @@
 """imgtasks.imgur against the demo server's fake Imgur API on 127.0.0.1 (never the real one).
 
-The fake gallery (see ``imgtasks.demo_server._ImgurHandler``) has 3 pages of 60 items,
+The fake gallery (see ``imgtasks.demo.imgur_api._ImgurHandler``) has 3 pages of 60 items,
 then empty pages; per 12 items: 8 single images, 1 repost of the previous image's link,
 1 album with 3 embedded images, 1 album without embedded images and 1 video, so 11 links
 per 12 items.  Expected links are derived from the raw JSON, not assumed.
@@ -18,7 +18,7 @@ import pytest
 import requests
 
 import imgtasks.imgur as imgur
-from imgtasks.demo_server import DemoServer, ServerSettings
+from imgtasks.demo import DemoServer, ServerSettings
 from imgtasks.download import DownloadSettings, fetch
 from imgtasks.imgur import (
     ImgurError,

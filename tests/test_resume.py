@@ -18,7 +18,7 @@ import pytest
 from conftest import free_port, kill_tree
 from PIL import Image
 
-from imgtasks.demo_server import DemoServer, ServerSettings
+from imgtasks.demo import DemoServer, ServerSettings
 
 N_URLS = 160
 FLOW_ARGS = [

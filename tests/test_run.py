@@ -282,7 +282,7 @@ def test_formats_widens_what_is_decoded(tmp_path: Path, subprocess_env: dict[str
     """A TGA is unsupported_format by default and decoded once --formats names it."""
     from PIL import Image
 
-    from imgtasks.demo_server import DemoServer, ServerSettings
+    from imgtasks.demo import DemoServer, ServerSettings
 
     files = tmp_path / "files"
     files.mkdir()

@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from imgtasks.demo_server import DemoServer, ServerSettings
+from imgtasks.demo import DemoServer, ServerSettings
 from imgtasks.thumbnail import ThumbSettings, make_thumbnail
 
 LOOPBACK = {"127.0.0.1", "::1"}

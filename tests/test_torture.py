@@ -25,7 +25,7 @@ from conftest import kill_tree, start_flow
 from PIL import Image
 from torture_files import TortureFile, torture_files
 
-from imgtasks.demo_server import DemoServer, ServerSettings
+from imgtasks.demo import DemoServer, ServerSettings
 from imgtasks.thumbnail import DEFAULT_THUMB, WEB_FORMATS
 
 FLOW_TIMEOUT = 120  # seconds; the run itself takes ~15 s on 2 cores

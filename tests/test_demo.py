@@ -1,4 +1,5 @@
-"""Tests for imgtasks.corpus and imgtasks.demo_server, over real loopback sockets."""
+"""Tests for imgtasks.demo (corpus, server, faults, fake Imgur API, CLI), over real loopback
+sockets."""
 
 from __future__ import annotations
 
@@ -24,15 +25,9 @@ import requests
 from conftest import non_loopback_address
 from PIL import Image, ImageOps
 
-from imgtasks import corpus
-from imgtasks.corpus import CorpusItem, load_corpus
-from imgtasks.demo_server import (
-    FAULT_NAMES,
-    DemoServer,
-    Faults,
-    ServerSettings,
-    main,
-)
+from imgtasks.demo import FAULT_NAMES, DemoServer, Faults, ServerSettings, corpus
+from imgtasks.demo.cli import main
+from imgtasks.demo.corpus import CorpusItem, load_corpus
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -755,7 +750,7 @@ def test_cli_help_and_bad_args(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_cli_module_serves_until_interrupted(http: requests.Session) -> None:
     help_run = subprocess.run(
-        [sys.executable, "-m", "imgtasks.demo_server", "--help"],
+        [sys.executable, "-m", "imgtasks.demo", "--help"],
         env=_env(),
         capture_output=True,
         text=True,
@@ -763,7 +758,7 @@ def test_cli_module_serves_until_interrupted(http: requests.Session) -> None:
     )
     assert help_run.returncode == 0 and "--latency" in help_run.stdout
     bad = subprocess.run(
-        [sys.executable, "-m", "imgtasks.demo_server", "--port", "x"],
+        [sys.executable, "-m", "imgtasks.demo", "--port", "x"],
         env=_env(),
         capture_output=True,
         text=True,
@@ -778,10 +773,10 @@ def test_cli_module_serves_until_interrupted(http: requests.Session) -> None:
 
 @contextlib.contextmanager
 def _cli_server(*args: str) -> Iterator[tuple[str, str]]:
-    """``python -m imgtasks.demo_server --port 0 ARGS``: yields its base URL and startup
+    """``python -m imgtasks.demo --port 0 ARGS``: yields its base URL and startup
     line, then stops it with Ctrl-C, which must exit 0."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "imgtasks.demo_server", "--port", "0", *args],
+        [sys.executable, "-m", "imgtasks.demo", "--port", "0", *args],
         env=_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -812,7 +807,7 @@ def test_stats_is_json(server: DemoServer, http: requests.Session) -> None:
 
 
 def test_server_process_serves_then_stops() -> None:
-    from imgtasks.demo_server import server_process
+    from imgtasks.demo import server_process
 
     with server_process(0.0, 0.0) as (base, pid):
         assert base.startswith("http://127.0.0.1:")

@@ -1,0 +1,154 @@
+"""What every demo-server route shares: the server's state and a request-handler base.
+
+Apart from the route modules (`server`, `faults`, `imgur_api`) so each can import it
+without importing the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import http
+import logging
+import random
+import threading
+import time
+from collections import Counter
+from typing import TYPE_CHECKING, Any
+
+from tornado.iostream import IOStream, StreamClosedError
+from tornado.web import RequestHandler
+
+from imgtasks.demo.corpus import CorpusItem, corrupt_jpeg, load_corpus
+
+if TYPE_CHECKING:
+    from imgtasks.demo.server import ServerSettings
+
+logger = logging.getLogger(__name__)
+
+
+class State:
+    """Everything handlers share.  Counters are read from other threads: lock them."""
+
+    def __init__(self, settings: ServerSettings) -> None:
+        self.settings = settings
+        self.images = load_corpus(settings.corpus)
+        self.tiny = load_corpus("tiny")
+        self.jpegs = tuple(item for item in self.images if item.ext == "jpg") or self.tiny
+        self._corrupted: dict[int, bytes] = {}
+        self._lock = threading.Lock()
+        self._counts: Counter[str] = Counter()
+        self._fault_hits: Counter[str] = Counter()
+        self._rng = random.Random(0)
+        self.stopping = asyncio.Event()  # created inside the server loop
+        self.detached: set[IOStream] = set()
+
+    def count(self, uri: str) -> None:
+        with self._lock:
+            self._counts[uri] += 1
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._counts)
+
+    def hit(self, key: str) -> int:
+        """Count a request for a stateful fault; returns how many so far (1 = first)."""
+        with self._lock:
+            self._fault_hits[key] += 1
+            return self._fault_hits[key]
+
+    def reset(self) -> None:
+        with self._lock:
+            self._counts.clear()
+            self._fault_hits.clear()
+
+    def delay(self) -> float:
+        s = self.settings
+        return max(0.0, s.latency + self._rng.uniform(-s.jitter, s.jitter))
+
+    def jpeg(self, index: int) -> CorpusItem:
+        return self.jpegs[index % len(self.jpegs)]
+
+    def corrupted(self, index: int) -> bytes:
+        key = index % len(self.jpegs)
+        if key not in self._corrupted:
+            self._corrupted[key] = corrupt_jpeg(self.jpegs[key].data)
+        return self._corrupted[key]
+
+
+class Handler(RequestHandler):
+    """Counts every request, applies latency, and streams bodies politely."""
+
+    def initialize(self, state: State) -> None:
+        self.state = state
+        self.closed = asyncio.Event()
+
+    def compute_etag(self) -> str | None:
+        return None  # no hashing of multi-MB bodies, no 304s
+
+    def on_connection_close(self) -> None:
+        self.closed.set()
+
+    async def prepare(self) -> None:
+        self.state.count(self.request.uri or "")
+        delay = self.state.delay()
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+    def text(self, status: int, body: str, **headers: str) -> None:
+        self.set_status(status, reason=status_reason(status))
+        for name, value in headers.items():
+            self.set_header(name.replace("_", "-"), value)
+        self.set_header("Content-Type", "text/plain; charset=utf-8")
+        self.finish(body.encode())
+
+    async def send(self, data: bytes, content_type: str, rate: float | None = None) -> None:
+        """Send ``data``; at ``rate`` (or the server bandwidth) bytes/s if set."""
+        self.set_header("Content-Type", content_type)
+        rate = rate or self.state.settings.bandwidth
+        if rate is None or not data:
+            self.finish(data)
+            return
+        self.set_header("Content-Length", str(len(data)))
+        chunk = max(64, min(64 * 1024, int(rate / 10)))
+        start = time.monotonic()
+        for offset in range(0, len(data), chunk):
+            piece = data[offset : offset + chunk]
+            if not await self._write(piece):
+                return
+            # Pace against the start time so rounding errors do not accumulate.
+            wait = start + (offset + len(piece)) / rate - time.monotonic()
+            if wait > 0 and await self._stopped_within(wait):
+                return
+        self.finish()
+
+    async def _write(self, piece: bytes) -> bool:
+        """Write and flush; False when the client went away."""
+        if self.closed.is_set() or self.state.stopping.is_set():
+            return False
+        try:
+            self.write(piece)
+            await self.flush()
+        except StreamClosedError:
+            return False
+        return True
+
+    async def _stopped_within(self, seconds: float) -> bool:
+        """Sleep, waking early (and returning True) if the client or server goes away."""
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self.state.stopping.wait(), seconds)
+        return self.state.stopping.is_set() or self.closed.is_set()
+
+    def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
+        # A client hanging up mid-body is normal for this server, not an error.
+        if isinstance(value, StreamClosedError):
+            logger.debug("client went away: %s", self.request.uri)
+            return
+        super().log_exception(typ, value, tb)
+
+
+def status_reason(status: int) -> str:
+    try:
+        return http.HTTPStatus(status).phrase
+    except ValueError:
+        return "Unknown"
