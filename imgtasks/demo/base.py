@@ -13,7 +13,7 @@ import logging
 import random
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from typing import TYPE_CHECKING, Any
 
 from tornado.iostream import IOStream, StreamClosedError
@@ -25,6 +25,8 @@ if TYPE_CHECKING:
     from imgtasks.demo.server import ServerSettings
 
 logger = logging.getLogger(__name__)
+
+REQUEST_LOG_SIZE = 100_000
 
 
 class State:
@@ -38,14 +40,22 @@ class State:
         self._corrupted: dict[int, bytes] = {}
         self._lock = threading.Lock()
         self._counts: Counter[str] = Counter()
+        # (monotonic time, Host header, path + query) of the latest requests: what a
+        # politeness test checks (spacing per host, robots.txt asked once)
+        self._log: deque[tuple[float, str, str]] = deque(maxlen=REQUEST_LOG_SIZE)
         self._fault_hits: Counter[str] = Counter()
         self._rng = random.Random(0)
         self.stopping = asyncio.Event()  # created inside the server loop
         self.detached: set[IOStream] = set()
 
-    def count(self, uri: str) -> None:
+    def count(self, uri: str, host: str = "") -> None:
         with self._lock:
             self._counts[uri] += 1
+            self._log.append((time.monotonic(), host, uri))
+
+    def requests(self, prefix: str = "") -> list[tuple[float, str, str]]:
+        with self._lock:
+            return [entry for entry in self._log if entry[2].startswith(prefix)]
 
     def counts(self) -> dict[str, int]:
         with self._lock:
@@ -61,6 +71,7 @@ class State:
         with self._lock:
             self._counts.clear()
             self._fault_hits.clear()
+            self._log.clear()
 
     def delay(self) -> float:
         s = self.settings
@@ -90,7 +101,7 @@ class Handler(RequestHandler):
         self.closed.set()
 
     async def prepare(self) -> None:
-        self.state.count(self.request.uri or "")
+        self.state.count(self.request.uri or "", self.request.host or "")
         delay = self.state.delay()
         if delay > 0:
             await asyncio.sleep(delay)

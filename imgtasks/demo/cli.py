@@ -41,6 +41,9 @@ GET /files/{name}               bytes of file {name} in --files-dir (names [A-Za
                                 no leading dot, no subdirectories; else 404)
 GET /any/{anything}             an image chosen by a hash of the raw path
 GET /stats                      JSON request counts
+GET /robots.txt                 --robots-txt FILE's text with --robots-status (else 404)
+GET /robots-tag/{i}.jpg?h=V&h=W a JPEG with one X-Robots-Tag header per h value
+GET /requests?prefix=P          JSON [seconds, host, path] of the latest requests
 GET /imgur[/OPTS]/3/gallery/{section}/{sort}/{window}/{page}
                                 fake Imgur API (needs Authorization: Client-ID X);
                                 OPTS: pages=3,per_page=60,key=K,client_id=X,
@@ -88,6 +91,10 @@ def _parser() -> argparse.ArgumentParser:
         "--files-dir", default=None, metavar="DIR", help="serve DIR's files at /files/{name}"
     )
     parser.add_argument(
+        "--robots-txt", default=None, metavar="FILE", help="serve FILE's text at /robots.txt"
+    )
+    parser.add_argument("--robots-status", type=int, default=200, help="HTTP status of /robots.txt")
+    parser.add_argument(
         "--fault",
         type=_fraction_arg,
         action="append",
@@ -96,6 +103,13 @@ def _parser() -> argparse.ArgumentParser:
         help=f"fault fraction for /img/ URLs, NAME in {', '.join(FAULT_NAMES)}",
     )
     return parser
+
+
+def _read_text(path: str | None) -> str | None:
+    if path is None:
+        return None
+    with open(path, encoding="utf-8") as f:
+        return f.read()
 
 
 @contextlib.contextmanager
@@ -153,8 +167,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             faults=Faults(**dict(args.fault)),
             corpus=args.corpus,
             files_dir=args.files_dir,
+            robots_txt=_read_text(args.robots_txt),
+            robots_status=args.robots_status,
         )
-    except ValueError as exc:
+    except (ValueError, OSError) as exc:
         parser.error(str(exc))
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     server = DemoServer(settings)

@@ -45,6 +45,7 @@ class ServerSettings:
     """Where to listen and how slow to be.  ``bandwidth`` is bytes/s per response.
 
     ``files_dir``: a directory whose plain files ``/files/{name}`` serves as they are.
+    ``robots_txt``: the body of ``/robots.txt`` (None: 404), sent with ``robots_status``.
     """
 
     host: str = "127.0.0.1"
@@ -55,6 +56,8 @@ class ServerSettings:
     faults: Faults = field(default_factory=Faults)
     corpus: str = "photos"
     files_dir: str | None = None
+    robots_txt: str | None = None
+    robots_status: int = 200
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -153,6 +156,35 @@ def _served_file(files_dir: str | None, name: str) -> Path | None:
     return path if path.is_file() and not path.is_symlink() else None
 
 
+class _RobotsTxtHandler(Handler):
+    async def get(self) -> None:
+        settings = self.state.settings
+        if settings.robots_txt is None:
+            self.text(404, "no robots.txt here\n")
+        else:
+            self.text(settings.robots_status, settings.robots_txt)
+
+
+class _RobotsTagHandler(Handler):
+    """``/robots-tag/N.jpg?h=noai&h=otherbot:+noindex``: a JPEG with one X-Robots-Tag
+    header per ``h`` value, in order (a site opting out of AI training)."""
+
+    async def get(self, index: str) -> None:
+        for value in self.get_arguments("h", strip=False):
+            self.add_header("X-Robots-Tag", value)
+        item = self.state.jpeg(int(index))
+        await self.send(item.data, item.content_type)
+
+
+class _RequestsHandler(Handler):
+    """``/requests?prefix=/img/``: the latest requests as JSON, [seconds, host, path]."""
+
+    async def get(self) -> None:
+        prefix = self.get_argument("prefix", "")
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps(self.state.requests(prefix)))
+
+
 class _StatsHandler(Handler):
     async def get(self) -> None:
         self.set_header("Content-Type", "application/json")
@@ -172,6 +204,9 @@ def _make_app(state: State) -> Application:
         (r"/urls", _UrlsHandler, kw),
         *((pattern, handler, kw) for pattern, handler in FAULT_ROUTES),
         (r"/files/(.*)", _FilesHandler, kw),
+        (r"/robots\.txt", _RobotsTxtHandler, kw),
+        (r"/robots-tag/(\d{1,18})\.jpg", _RobotsTagHandler, kw),
+        (r"/requests", _RequestsHandler, kw),
         (r"/stats", _StatsHandler, kw),
         imgur_route(state),
     ]
@@ -314,6 +349,11 @@ class DemoServer:
     def request_counts(self) -> dict[str, int]:
         """Requests received so far, keyed by path + query string."""
         return self._require_state().counts()
+
+    def request_log(self, prefix: str = "") -> list[tuple[float, str, str]]:
+        """The latest requests whose path starts with ``prefix``: (monotonic seconds,
+        Host header, path + query), oldest first."""
+        return self._require_state().requests(prefix)
 
     def reset_counts(self) -> None:
         """Forget request counts and flaky/rate-limit state (faults start over)."""
