@@ -201,3 +201,23 @@ def test_an_error_storm_is_one_warning_naming_error_and_hosts(
     assert result.counts == {"connection_error": 150, "ok": 10}
     assert result.failed_hosts == {"127.0.0.1": 150}
     assert "failing hosts    127.0.0.1 (150)" in result.summary()
+
+
+@pytest.mark.parametrize("server", [{"robots_txt": ROBOTS}], indirect=True)
+def test_the_command_line_flags_reach_the_downloads(
+    server: DemoServer, tmp_path: Path, subprocess_env: dict[str, str]
+) -> None:
+    import pandas as pd
+
+    listing = tmp_path / "urls.txt"
+    tiny = [f"{server.base_url}/tiny/{i}.jpg" for i in range(4)]
+    listing.write_text("\n".join([*server.urls(2), *tiny, tagged(server, "mybot: noai")]) + "\n")
+    args = ["--urls", str(listing), "--out", str(tmp_path / "out"), "--scheduler", "sync"]
+    args += ["--respect-robots-txt", "--per-host-rate", "10", "--user-agent-token", "mybot"]
+    proc = run_flow(args, subprocess_env)
+    assert proc.returncode == 0, proc.stderr
+    df = pd.read_parquet(tmp_path / "out" / "manifest").sort_values("index")
+    # the robots.txt rules name imgtasks, not mybot; the X-Robots-Tag names mybot
+    assert list(df["status"]) == ["ok"] * 6 + ["opted_out"]
+    times = [t for t, _, path in server.request_log() if not path.startswith("/robots.txt")]
+    assert min(gaps(times)) >= 0.09  # 10 requests/s to this one host
