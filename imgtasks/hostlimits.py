@@ -1,0 +1,238 @@
+"""How many requests to one host may be in flight at once, per worker process: a limit that
+finds each host's pace (AIMD, as TCP finds a link's), or a fixed cap.
+
+Plain Python, no dask, no HTTP; :mod:`imgtasks.download` holds one :class:`HostLimit` per
+host and tells it how each request went.
+
+- **Grow while healthy.** A host starts at ``start`` concurrent requests. While its answers
+  stay healthy (no 429/503, no time-outs or resets, latency not climbing) and the limit is
+  actually in use, every answer adds one (slow start: the limit doubles per round trip)
+  until the first sign of trouble; after that, one per round trip (each answer adds
+  ``1 / limit``), and an eighth of that near the level where the host last complained.
+  Never above ``ceiling``.
+- **Shrink quickly.** A 429 or 503, a time-out or reset halves the limit; a latency climb
+  (recent time to first byte over twice the host's best, plus 50 ms) takes a fifth off.
+  Only answers to requests sent after the last cut count against it again: a burst of
+  429s caused by one too-large limit cuts it once, not once per answer.
+- **Retry-After.** No new request starts to that host until it has passed (capped).
+- Limits are per worker process: P I/O processes crawling one host each find their own
+  limit, and the host sees the sum (each process backs off on the host's own signals).
+
+``HostLimit(ceiling, adaptive=False)`` is the fixed cap of earlier versions: signals are
+ignored, ``ceiling`` requests at once, no pause.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+
+# Shrink factors: multiplicative decrease, as TCP Reno's halving on loss.
+OVERLOAD_FACTOR = 0.5  # 429, 503, time-out, reset
+LATENCY_FACTOR = 0.8  # the host answers slower and slower: back off gently
+# A latency climb: the recent time to first byte above SLOWER x the host's best + SLACK_S.
+SLOWER = 2.0
+SLACK_S = 0.05
+RECENT_WEIGHT = 0.2  # exponentially weighted latency: about the last five answers
+BEST_DRIFT = 1.002  # the best latency is forgotten slowly (x1.002 per answer: ~350 answers to x2)
+NEAR_BAD_SLOWDOWN = 8.0  # probing within one of the last complaint's level goes 8x slower
+RETRY_AFTER_MAX_S = 60.0
+BUSY_MEMORY_S = 1.0  # how long a moment of full use counts towards growing
+
+
+@dataclass(frozen=True)
+class Ticket:
+    """One request's hold on a host slot: when it was let in (to ignore stale signals)."""
+
+    started: float
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A host's state, for reports and tests."""
+
+    limit: float
+    in_flight: int
+    peak_in_flight: int
+    cuts: int
+    best_latency_s: float | None
+    recent_latency_s: float | None
+
+
+class HostLimit:
+    """The concurrency limit of one host; thread-safe. ``clock`` is injectable for tests."""
+
+    def __init__(
+        self,
+        ceiling: int,
+        start: int | None = None,
+        *,
+        adaptive: bool = True,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if ceiling < 1:
+            raise ValueError(f"ceiling must be >= 1, got {ceiling}")
+        self.ceiling = ceiling
+        self.adaptive = adaptive
+        self.limit = float(min(start or ceiling, ceiling) if adaptive else ceiling)
+        self.in_flight = 0
+        self.peak_in_flight = 0
+        self.cuts = 0
+        self._clock = clock
+        self._slow_start = True
+        self._bad_level: float | None = None  # where the host last complained
+        self._last_cut = float("-inf")
+        self._paused_until = float("-inf")
+        self._best: float | None = None
+        self._recent: float | None = None
+        self._busy = 0  # most requests in flight lately, and since when
+        self._busy_at = float("-inf")
+        self._cond = threading.Condition()
+
+    # -- slots
+
+    def acquire(self, timeout: float) -> Ticket | None:
+        """Wait up to ``timeout`` seconds for a slot; None when none came in time."""
+        deadline = self._clock() + max(timeout, 0.0)
+        with self._cond:
+            while True:
+                now = self._clock()
+                wait = self._paused_until - now
+                if wait <= 0 and self.in_flight < self.allowed:
+                    break
+                left = deadline - now
+                if left <= 0:
+                    return None
+                self._cond.wait(min(left, wait) if wait > 0 else left)
+            self.in_flight += 1
+            self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+            if self.in_flight >= self._busy:
+                self._busy, self._busy_at = self.in_flight, now
+            return Ticket(now)
+
+    def release(self, ticket: Ticket) -> None:
+        with self._cond:
+            self.in_flight -= 1
+            self._cond.notify()
+
+    @property
+    def allowed(self) -> int:
+        """Requests that may be in flight now."""
+        return max(1, int(self.limit))
+
+    # -- signals
+
+    def answered(self, ticket: Ticket, latency_s: float | None) -> None:
+        """A healthy answer; ``latency_s``: its time to first byte (None: not measured)."""
+        if not self.adaptive:
+            return
+        with self._cond:
+            if latency_s is not None and self._latency_climbed(latency_s):
+                self._cut(ticket, LATENCY_FACTOR)
+                return
+            # Grow only while the limit is in use: a host asked twice at a time says
+            # nothing about whether it copes with 100.
+            if not self._in_use():
+                return
+            self._grow()
+            self._cond.notify_all()
+
+    def overloaded(self, ticket: Ticket, retry_after_s: float | None = None) -> None:
+        """A 429 or 503 (with its Retry-After, seconds), or a time-out or reset."""
+        if not self.adaptive:
+            return
+        with self._cond:
+            if retry_after_s is not None and retry_after_s > 0:
+                pause = min(retry_after_s, RETRY_AFTER_MAX_S)
+                self._paused_until = max(self._paused_until, self._clock() + pause)
+            self._cut(ticket, OVERLOAD_FACTOR)
+
+    def snapshot(self) -> Snapshot:
+        with self._cond:
+            return Snapshot(
+                self.limit,
+                self.in_flight,
+                self.peak_in_flight,
+                self.cuts,
+                self._best,
+                self._recent,
+            )
+
+    # -- inside the lock
+
+    def _grow(self) -> None:
+        if self._slow_start:
+            step = 1.0
+        else:
+            step = 1.0 / self.limit
+            if self._bad_level is not None and self.limit + 1 >= self._bad_level:
+                step /= NEAR_BAD_SLOWDOWN
+        self.limit = min(float(self.ceiling), self.limit + step)
+        if self._bad_level is not None and self.limit > self._bad_level + 1:
+            self._bad_level = None  # it copes well above where it complained: forget that
+
+    def _cut(self, ticket: Ticket, factor: float) -> None:
+        if ticket.started < self._last_cut:
+            return  # sent under the old, larger limit: already answered for
+        self._bad_level = self.limit
+        self.limit = max(1.0, self.limit * factor)
+        self._slow_start = False
+        self._last_cut = self._clock()
+        self.cuts += 1
+        self._recent = self._best  # judge the new level by answers at the new level
+
+    def _in_use(self) -> bool:
+        """At least half the limit was in flight within the last few round trips."""
+        now = self._clock()
+        if now - self._busy_at > max(BUSY_MEMORY_S, 4 * (self._recent or 0.0)):
+            self._busy, self._busy_at = self.in_flight, now
+        return self._busy >= self.limit / 2
+
+    def _latency_climbed(self, latency_s: float) -> bool:
+        best = latency_s if self._best is None else min(latency_s, self._best * BEST_DRIFT)
+        self._best = best
+        recent = self._recent
+        recent = latency_s if recent is None else recent + RECENT_WEIGHT * (latency_s - recent)
+        self._recent = recent
+        return recent > SLOWER * best + SLACK_S
+
+
+class HostLimits:
+    """One :class:`HostLimit` per host (any hashable key), made on first use. Bounded: past
+    ``size`` hosts, the idle ones are forgotten (they start again from ``start``)."""
+
+    SIZE = 65_536
+
+    def __init__(
+        self,
+        ceiling: int,
+        start: int | None = None,
+        *,
+        adaptive: bool = True,
+        size: int = SIZE,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.ceiling, self.start, self.adaptive = ceiling, start, adaptive
+        self.size = size
+        self._clock = clock
+        self._limits: dict[Hashable, HostLimit] = {}
+        self._lock = threading.Lock()
+
+    def get(self, host: Hashable) -> HostLimit:
+        limit = self._limits.get(host)
+        if limit is not None:
+            return limit
+        with self._lock:
+            if len(self._limits) >= self.size:
+                self._limits = {k: v for k, v in self._limits.items() if v.in_flight}
+            return self._limits.setdefault(
+                host, HostLimit(self.ceiling, self.start, adaptive=self.adaptive, clock=self._clock)
+            )
+
+    def snapshot(self) -> dict[Hashable, Snapshot]:
+        """Every host's state now."""
+        with self._lock:
+            limits = dict(self._limits)
+        return {host: limit.snapshot() for host, limit in limits.items()}

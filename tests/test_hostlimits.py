@@ -1,0 +1,149 @@
+"""The adaptive per-host limit on its own, with a fake clock: no threads, no network."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from imgtasks.hostlimits import HostLimit, HostLimits, Ticket
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def round_trip(limit: HostLimit, clock: Clock, latency: float = 0.5) -> list[Ticket]:
+    """Fill every slot, let time pass, answer them all healthily."""
+    tickets = []
+    while (ticket := limit.acquire(0)) is not None:
+        tickets.append(ticket)
+    clock.now += latency
+    for ticket in tickets:
+        limit.answered(ticket, latency)
+        limit.release(ticket)
+    return tickets
+
+
+def test_a_healthy_host_doubles_per_round_trip_up_to_the_ceiling() -> None:
+    clock = Clock()
+    limit = HostLimit(128, 8, clock=clock)
+    sent = [len(round_trip(limit, clock)) for _ in range(6)]
+    assert sent == [8, 16, 32, 64, 128, 128]
+    assert limit.limit == 128
+
+
+def test_an_overload_halves_once_per_burst_and_pauses_for_retry_after() -> None:
+    clock = Clock()
+    limit = HostLimit(128, 32, clock=clock)
+    tickets = [limit.acquire(0) for _ in range(32)]
+    clock.now += 0.1
+    for ticket in tickets[:10]:  # ten 429s from one too-large limit: one cut
+        limit.overloaded(ticket, retry_after_s=2.0)
+    assert limit.limit == 16
+    assert limit.cuts == 1
+    for ticket in tickets:
+        limit.release(ticket)
+    assert limit.acquire(0) is None  # Retry-After: nothing new for 2 s
+    clock.now += 2.0
+    fresh = limit.acquire(0)
+    assert fresh is not None
+    limit.overloaded(fresh)  # a request sent after the cut counts again
+    assert limit.limit == 8
+    assert limit.cuts == 2
+
+
+def test_after_a_cut_growth_is_one_per_round_trip_and_slower_near_the_complaint() -> None:
+    clock = Clock()
+    limit = HostLimit(128, 16, clock=clock)
+    ticket = limit.acquire(0)
+    clock.now += 0.1
+    limit.overloaded(ticket)
+    limit.release(ticket)
+    assert limit.limit == 8
+    round_trip(limit, clock)
+    assert limit.limit == pytest.approx(9, abs=0.1)  # additive: about +1 per round trip
+    for _ in range(5):
+        round_trip(limit, clock)
+    assert 13 < limit.limit < 14
+    for _ in range(4):
+        round_trip(limit, clock)
+    assert 15 < limit.limit < 15.5  # within one of 16, probing an eighth as fast
+
+
+def test_a_host_that_breaks_above_k_settles_near_k() -> None:
+    """A simulated host answering 429 to every request beyond 4 in flight."""
+    clock = Clock()
+    limit = HostLimit(128, 8, clock=clock)
+    overloads = 0
+    for _ in range(200):
+        tickets = []
+        while (ticket := limit.acquire(0)) is not None:
+            tickets.append(ticket)
+        clock.now += 0.2
+        for i, ticket in enumerate(tickets):
+            if i >= 4:
+                overloads += 1
+                limit.overloaded(ticket)
+            else:
+                limit.answered(ticket, 0.2)
+            limit.release(ticket)
+    assert limit.allowed <= 5
+    assert overloads < 0.05 * 200 * 4  # a probe now and then, not every round trip
+
+
+def test_a_latency_climb_backs_off() -> None:
+    clock = Clock()
+    limit = HostLimit(128, 16, clock=clock)
+    round_trip(limit, clock, latency=0.2)
+    before = limit.limit
+    for _ in range(3):
+        round_trip(limit, clock, latency=1.0)
+    assert limit.limit < before
+    assert limit.cuts >= 1
+
+
+def test_an_idle_limit_does_not_grow() -> None:
+    clock = Clock()
+    limit = HostLimit(128, 8, clock=clock)
+    for _ in range(50):  # one request at a time: says nothing about 100 at a time
+        ticket = limit.acquire(0)
+        clock.now += 0.5
+        limit.answered(ticket, 0.5)
+        limit.release(ticket)
+    assert limit.limit == 8
+
+
+def test_a_fixed_limit_ignores_signals() -> None:
+    clock = Clock()
+    limit = HostLimit(16, 4, adaptive=False, clock=clock)
+    tickets = [limit.acquire(0) for _ in range(16)]
+    assert None not in tickets
+    assert limit.acquire(0) is None
+    limit.overloaded(tickets[0], retry_after_s=5)
+    limit.release(tickets[0])
+    assert limit.acquire(0) is not None
+    assert limit.limit == 16
+
+
+def test_acquire_waits_for_a_release_from_another_thread() -> None:
+    limit = HostLimit(1)
+    held = limit.acquire(0)
+    threading.Timer(0.05, limit.release, [held]).start()
+    assert limit.acquire(5.0) is not None
+    assert limit.acquire(0.01) is None
+
+
+def test_limits_per_host_are_separate_and_bounded() -> None:
+    limits = HostLimits(8, 2, size=3)
+    a = limits.get("a")
+    assert limits.get("a") is a
+    assert limits.get("b") is not a
+    busy = limits.get("c").acquire(0)
+    assert busy is not None
+    limits.get("d")  # over size: idle hosts forgotten, busy ones kept
+    assert set(limits.snapshot()) == {"c", "d"}
