@@ -234,8 +234,22 @@ def build_parser() -> argparse.ArgumentParser:
     net.add_argument(
         "--per-host",
         type=int,
-        default=DownloadSettings.per_host,
-        help="concurrent requests per host per worker process",
+        metavar="N",
+        help="most concurrent requests to one host per worker process: the ceiling of the "
+        "adaptive limit (default 128), or with --per-host-fixed the fixed cap (default 16)",
+    )
+    net.add_argument(
+        "--per-host-start",
+        type=int,
+        default=DownloadSettings.per_host_start,
+        metavar="N",
+        help="the adaptive per-host limit's first value; it grows while the host copes and "
+        "shrinks on 429, 503, time-outs and rising latency",
+    )
+    net.add_argument(
+        "--per-host-fixed",
+        action="store_true",
+        help="a fixed per-host cap (--per-host) instead of the adaptive limit",
     )
 
     p.add_argument(
@@ -318,6 +332,8 @@ def job_from_args(args: argparse.Namespace) -> Job:
             max_bytes=args.max_bytes,
             user_agent=args.user_agent,
             per_host=args.per_host,
+            per_host_start=args.per_host_start,
+            per_host_fixed=args.per_host_fixed,
             user_agent_token=args.user_agent_token,
             disallowed_header_directives=tuple(args.disallowed_header_directives.split(",")),
             respect_robots_txt=args.respect_robots_txt,

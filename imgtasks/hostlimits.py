@@ -44,9 +44,12 @@ BUSY_MEMORY_S = 1.0  # how long a moment of full use counts towards growing
 
 @dataclass(frozen=True)
 class Ticket:
-    """One request's hold on a host slot: when it was let in (to ignore stale signals)."""
+    """One request's hold on a host slot: when it was let in (to ignore stale signals)
+    and the limit then (a cut halves the limit that caused the overload, not one grown
+    since by answers that raced the complaint)."""
 
     started: float
+    limit: float = float("inf")
 
 
 @dataclass(frozen=True)
@@ -110,7 +113,7 @@ class HostLimit:
             self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
             if self.in_flight >= self._busy:
                 self._busy, self._busy_at = self.in_flight, now
-            return Ticket(now)
+            return Ticket(now, self.limit)
 
     def release(self, ticket: Ticket) -> None:
         with self._cond:
@@ -176,8 +179,8 @@ class HostLimit:
     def _cut(self, ticket: Ticket, factor: float) -> None:
         if ticket.started < self._last_cut:
             return  # sent under the old, larger limit: already answered for
-        self._bad_level = self.limit
-        self.limit = max(1.0, self.limit * factor)
+        self._bad_level = min(self.limit, ticket.limit)
+        self.limit = max(1.0, self._bad_level * factor)
         self._slow_start = False
         self._last_cut = self._clock()
         self.cuts += 1

@@ -20,6 +20,7 @@ from tornado.iostream import IOStream, StreamClosedError
 from tornado.web import RequestHandler
 
 from imgtasks.demo.corpus import CorpusItem, corrupt_jpeg, load_corpus
+from imgtasks.demo.load import Load
 
 if TYPE_CHECKING:
     from imgtasks.demo.server import ServerSettings
@@ -47,6 +48,7 @@ class State:
         self._rng = random.Random(0)
         self.stopping = asyncio.Event()  # created inside the server loop
         self.detached: set[IOStream] = set()
+        self.load = Load()  # requests in flight (ServerSettings.fragile acts on it)
 
     def count(self, uri: str, host: str = "") -> None:
         with self._lock:
@@ -72,6 +74,7 @@ class State:
             self._counts.clear()
             self._fault_hits.clear()
             self._log.clear()
+        self.load.reset()
 
     def delay(self) -> float:
         s = self.settings
@@ -90,21 +93,52 @@ class State:
 class Handler(RequestHandler):
     """Counts every request, applies latency, and streams bodies politely."""
 
+    in_load = True  # counted in the host's requests in flight (not the introspection routes)
+
     def initialize(self, state: State) -> None:
         self.state = state
         self.closed = asyncio.Event()
+        self.entered = False
 
     def compute_etag(self) -> str | None:
         return None  # no hashing of multi-MB bodies, no 304s
 
     def on_connection_close(self) -> None:
         self.closed.set()
+        self._leave()
+
+    def on_finish(self) -> None:
+        self._leave()
+
+    def _leave(self) -> None:
+        if self.entered:
+            self.entered = False
+            self.state.load.leave()
 
     async def prepare(self) -> None:
         self.state.count(self.request.uri or "", self.request.host or "")
-        delay = self.state.delay()
+        over = 0
+        if self.in_load:
+            self.entered = True
+            fragile = self.state.settings.fragile
+            over = self.state.load.enter() - (fragile.above if fragile else 2**31)
+        delay = self.state.delay() + self._slowdown(over)
         if delay > 0:
             await asyncio.sleep(delay)
+        if over > 0 and not self._slowdown(over):
+            self._refuse()
+
+    def _slowdown(self, over: int) -> float:
+        fragile = self.state.settings.fragile
+        return fragile.slowdown * over if fragile is not None and over > 0 else 0.0
+
+    def _refuse(self) -> None:
+        """A fragile host over its limit: 429, finishing the request before its route."""
+        fragile = self.state.settings.fragile
+        assert fragile is not None
+        self.state.load.refuse()
+        retry = {} if fragile.retry_after is None else {"Retry_After": f"{fragile.retry_after:g}"}
+        self.text(429, "too many requests at once\n", **retry)
 
     def text(self, status: int, body: str, **headers: str) -> None:
         self.set_status(status, reason=status_reason(status))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ipaddress
 import logging
 import math
 import re
@@ -15,9 +16,11 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from typing import Any
 
 from imgtasks.demo.faults import FAULT_NAMES, Faults
+from imgtasks.demo.load import Fragility
 from imgtasks.demo.server import DEFAULT_SETTINGS, URL_KINDS, DemoServer, ServerSettings
 
 logger = logging.getLogger(__name__)
@@ -44,6 +47,8 @@ GET /stats                      JSON request counts
 GET /robots.txt                 --robots-txt FILE's text with --robots-status (else 404)
 GET /robots-tag/{i}.jpg?h=V&h=W a JPEG with one X-Robots-Tag header per h value
 GET /requests?prefix=P          JSON [seconds, host, path] of the latest requests
+GET /load                       JSON requests in flight, peak, 429s sent (--fragile-above),
+                                and [seconds, in flight] at each arrival
 GET /imgur[/OPTS]/3/gallery/{section}/{sort}/{window}/{page}
                                 fake Imgur API (needs Authorization: Client-ID X);
                                 OPTS: pages=3,per_page=60,key=K,client_id=X,
@@ -94,6 +99,23 @@ def _parser() -> argparse.ArgumentParser:
         "--robots-txt", default=None, metavar="FILE", help="serve FILE's text at /robots.txt"
     )
     parser.add_argument("--robots-status", type=int, default=200, help="HTTP status of /robots.txt")
+    parser.add_argument(
+        "--fragile-above",
+        type=int,
+        metavar="K",
+        help="a fragile host: 429 to requests beyond K in flight at once",
+    )
+    parser.add_argument(
+        "--fragile-retry-after", type=_non_negative, metavar="S", help="Retry-After of those 429s"
+    )
+    parser.add_argument(
+        "--hosts",
+        type=int,
+        default=1,
+        metavar="N",
+        help="serve N hosts: --host and the next N-1 addresses (127.0.0.1, 127.0.0.2, ...), "
+        "one port, each with the same settings",
+    )
     parser.add_argument(
         "--fault",
         type=_fraction_arg,
@@ -169,24 +191,46 @@ def main(argv: Sequence[str] | None = None) -> int:
             files_dir=args.files_dir,
             robots_txt=_read_text(args.robots_txt),
             robots_status=args.robots_status,
+            fragile=Fragility(args.fragile_above, args.fragile_retry_after)
+            if args.fragile_above is not None
+            else None,
         )
+        if args.hosts < 1:
+            raise ValueError("--hosts must be >= 1")
     except (ValueError, OSError) as exc:
         parser.error(str(exc))
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    server = DemoServer(settings)
+    servers: list[DemoServer] = []
     try:
-        server.start()
+        for host in neighbour_addresses(args.host, args.hosts):
+            port = servers[0].port if servers else args.port
+            servers.append(DemoServer(replace(settings, host=host, port=port)).start())
     except OSError as exc:
         logger.error("cannot listen on %s:%s: %s", args.host, args.port, exc)
+        _stop_all(servers)
         return 1
-    logger.info(
-        "serving %s  (try: GET %s/urls?count=%d)", server.base_url, server.base_url, args.count
-    )
+    first = servers[0].base_url
+    logger.info("serving %s  (try: GET %s/urls?count=%d)", first, first, args.count)
+    for other in servers[1:]:
+        logger.info("also serving %s", other.base_url)
     try:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
         logger.info("stopping")
     finally:
-        server.stop()
+        _stop_all(servers)
     return 0
+
+
+def neighbour_addresses(first: str, count: int) -> list[str]:
+    """``first`` and the ``count - 1`` IPv4 addresses after it (127.0.0.1 -> .2, .3, ...)."""
+    if count == 1:
+        return [first]
+    start = ipaddress.IPv4Address(first)
+    return [str(start + i) for i in range(count)]
+
+
+def _stop_all(servers: Sequence[DemoServer]) -> None:
+    for server in servers:
+        server.stop()

@@ -30,6 +30,7 @@ from imgtasks.demo.base import Handler, State
 from imgtasks.demo.corpus import CorpusItem
 from imgtasks.demo.faults import FAULT_ROUTES, Faults, serve_fault
 from imgtasks.demo.imgur_api import imgur_route
+from imgtasks.demo.load import Fragility, Load
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +47,9 @@ class ServerSettings:
 
     ``files_dir``: a directory whose plain files ``/files/{name}`` serves as they are.
     ``robots_txt``: the body of ``/robots.txt`` (None: 404), sent with ``robots_status``.
+    ``fragile``: a host that answers 429 (or slows down) beyond K requests in flight.
+    A host is one address: several hosts are several servers, on 127.0.0.2 and up (Linux
+    routes all of 127/8 to the loopback interface), each with its own settings.
     """
 
     host: str = "127.0.0.1"
@@ -58,6 +62,7 @@ class ServerSettings:
     files_dir: str | None = None
     robots_txt: str | None = None
     robots_status: int = 200
+    fragile: Fragility | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -179,13 +184,28 @@ class _RobotsTagHandler(Handler):
 class _RequestsHandler(Handler):
     """``/requests?prefix=/img/``: the latest requests as JSON, [seconds, host, path]."""
 
+    in_load = False
+
     async def get(self) -> None:
         prefix = self.get_argument("prefix", "")
         self.set_header("Content-Type", "application/json")
         self.finish(json.dumps(self.state.requests(prefix)))
 
 
+class _LoadHandler(Handler):
+    """``/load``: requests in flight now, the peak, the 429s a fragile host sent, and
+    [seconds, in flight] at every arrival, as JSON."""
+
+    in_load = False
+
+    async def get(self) -> None:
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps(self.state.load.figures()))
+
+
 class _StatsHandler(Handler):
+    in_load = False
+
     async def get(self) -> None:
         self.set_header("Content-Type", "application/json")
         self.finish(json.dumps({"requests": self.state.counts()}, sort_keys=True))
@@ -208,6 +228,7 @@ def _make_app(state: State) -> Application:
         (r"/robots-tag/(\d{1,18})\.jpg", _RobotsTagHandler, kw),
         (r"/requests", _RequestsHandler, kw),
         (r"/stats", _StatsHandler, kw),
+        (r"/load", _LoadHandler, kw),
         imgur_route(state),
     ]
     return Application(
@@ -354,6 +375,11 @@ class DemoServer:
         """The latest requests whose path starts with ``prefix``: (monotonic seconds,
         Host header, path + query), oldest first."""
         return self._require_state().requests(prefix)
+
+    @property
+    def load(self) -> Load:
+        """Requests in flight on this host, their peak and log, the 429s it sent."""
+        return self._require_state().load
 
     def reset_counts(self) -> None:
         """Forget request counts and flaky/rate-limit state (faults start over)."""

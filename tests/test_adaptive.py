@@ -1,0 +1,139 @@
+"""The adaptive per-host limit against the demo server's hosts: healthy and slow, fragile
+(429 beyond K in flight), several at once on 127.0.0.2 and up. Asserts on what the server
+and the limits saw (requests in flight, 429s, limits), never on wall-clock speed."""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import sys
+from collections.abc import Iterator
+from contextlib import ExitStack
+from pathlib import Path
+
+import pytest
+
+import imgtasks
+from imgtasks import download
+from imgtasks.demo import DemoServer, ServerSettings
+from imgtasks.demo.load import Fragility
+from imgtasks.download import DownloadSettings, fetch_many
+from imgtasks.hostlimits import Snapshot
+
+
+@pytest.fixture(autouse=True)
+def fresh_limits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test starts with no per-host limits learnt in this process."""
+    monkeypatch.setattr(download, "_host_limits", {})
+
+
+def serve(stack: ExitStack, host: str = "127.0.0.1", **options: object) -> DemoServer:
+    settings = ServerSettings(host=host, jitter=0.0, corpus="photos", **options)  # type: ignore[arg-type]
+    return stack.enter_context(DemoServer(settings))
+
+
+def tiny(server: DemoServer, count: int, start: int = 0) -> list[str]:
+    return [f"{server.base_url}/tiny/{i}.jpg" for i in range(start, start + count)]
+
+
+def limit_of(server: DemoServer, settings: DownloadSettings) -> Snapshot:
+    key = ("http", server.settings.host, server.port)
+    return download.host_limits(settings).snapshot()[key]
+
+
+def settled(server: DemoServer, after_s: float) -> list[int]:
+    """Requests in flight as each arrival saw them, ``after_s`` seconds into the run."""
+    log = server.load.log()
+    return [n for t, n in log if t >= log[0][0] + after_s]
+
+
+@pytest.fixture
+def servers() -> Iterator[ExitStack]:
+    with ExitStack() as stack:
+        yield stack
+
+
+def test_a_healthy_slow_host_gets_far_more_than_16_at_once(servers: ExitStack) -> None:
+    server = serve(servers, latency=0.5)
+    settings = DownloadSettings(parallel=96, retries=0)
+    results = fetch_many(tiny(server, 300), settings)
+    assert all(r.ok for r in results)
+    assert server.load.peak > 48  # started at 8, doubled while the host coped
+    assert limit_of(server, settings).limit > 48
+    assert server.load.refused == 0
+
+
+def test_the_fixed_cap_stays_at_16(servers: ExitStack) -> None:
+    server = serve(servers, latency=0.2)
+    settings = DownloadSettings(parallel=64, retries=0, per_host_fixed=True)
+    assert settings.per_host == 16
+    assert all(r.ok for r in fetch_many(tiny(server, 100), settings))
+    assert server.load.peak == 16
+
+
+def test_a_fragile_host_is_kept_at_or_below_k(servers: ExitStack) -> None:
+    server = serve(servers, latency=0.2, fragile=Fragility(4))
+    settings = DownloadSettings(parallel=32)
+    results = fetch_many(tiny(server, 150), settings)
+    assert [r.status for r in results] == ["ok"] * 150  # the 429s were retried
+    after = settled(server, 2.0)
+    assert sum(n <= 4 for n in after) >= 0.9 * len(after)  # settled at K within seconds
+    # few 429s: the first round trips (started at 8), then a probe now and then
+    assert server.load.refused <= 0.15 * 150
+    assert limit_of(server, settings).limit < 6
+
+
+def test_retry_after_pauses_the_host(servers: ExitStack) -> None:
+    server = serve(servers, latency=0.05, fragile=Fragility(2, retry_after=1.0))
+    settings = DownloadSettings(parallel=16, per_host_start=8, backoff=0.0)
+    results = fetch_many(tiny(server, 40), settings)
+    assert all(r.ok for r in results)
+    arrivals = [t for t, _ in server.load.log()]
+    gaps = [b - a for a, b in itertools.pairwise(arrivals)]
+    assert max(gaps) >= 0.9  # nobody asked during the Retry-After second
+    assert limit_of(server, settings).cuts >= 1
+
+
+def test_several_hosts_each_find_their_own_limit(servers: ExitStack) -> None:
+    healthy = serve(servers, "127.0.0.2", latency=0.4)
+    fragile = serve(servers, "127.0.0.3", latency=0.1, fragile=Fragility(3))
+    middling = serve(servers, "127.0.0.4", latency=0.2, fragile=Fragility(12))
+    lists = [tiny(healthy, 240), tiny(fragile, 60), tiny(middling, 120)]
+    urls = [u for group in zip(*(lst * 4 for lst in lists), strict=False) for u in group]
+    urls = list(dict.fromkeys(urls))  # interleaved, each once
+    settings = DownloadSettings(parallel=160)
+    results = fetch_many(urls, settings)
+    assert all(r.ok for r in results), {r.status for r in results}
+    assert limit_of(fragile, settings).limit < 5  # probing 4 now and then
+    assert 4 < limit_of(middling, settings).limit <= 14
+    assert limit_of(healthy, settings).limit > 24
+    assert healthy.load.peak > 24
+    assert sum(n <= 3 for n in settled(fragile, 2.0)) >= 0.85 * len(settled(fragile, 2.0))
+
+
+def test_a_flow_through_a_fragile_host_makes_every_thumbnail(
+    servers: ExitStack, tmp_path: Path
+) -> None:
+    server = serve(servers, latency=0.1, fragile=Fragility(4))
+    result = imgtasks.thumbnails(
+        tiny(server, 200), tmp_path / "out", cluster="hybrid", progress=False
+    )
+    assert result.counts == {"ok": 200}
+    assert server.load.refused <= 0.15 * 200
+    after = settled(server, 3.0)
+    assert sum(n <= 4 for n in after) >= 0.85 * len(after)
+
+
+def test_the_command_line_sets_the_per_host_limits(monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = importlib.util.spec_from_file_location(
+        "run", Path(__file__).parents[1] / "flows" / "run.py"
+    )
+    run = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    monkeypatch.setitem(sys.modules, "run", run)
+    spec.loader.exec_module(run)  # type: ignore[union-attr]
+    default = run.parse_job([]).options["download"]
+    assert (default.per_host, default.per_host_start, default.per_host_fixed) == (128, 8, False)
+    fixed = run.parse_job(["--per-host-fixed"]).options["download"]
+    assert (fixed.per_host, fixed.per_host_fixed) == (16, True)
+    tuned = run.parse_job(["--per-host", "64", "--per-host-start", "4"]).options["download"]
+    assert (tuned.per_host, tuned.per_host_start) == (64, 4)
