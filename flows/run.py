@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import dask.utils
+
 import imgtasks
 from imgtasks import cluster as clusters
 from imgtasks import preflight
@@ -177,7 +179,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="URLs per download/thumbnail node",
     )
     run.add_argument(
-        "--window", type=int, default=0, help="batches in flight (0: from the cluster size)"
+        "--window",
+        type=int,
+        default=0,
+        help="batches in flight (0: sized by measurement: CPU throughput x download latency)",
+    )
+    run.add_argument(
+        "--max-inflight-bytes",
+        type=parse_bytes,
+        default=None,
+        metavar="BYTES",
+        help="memory budget of the measured window, e.g. 512MiB, 2GB (default 512MiB)",
     )
     run.add_argument(
         "--dashboard-address",
@@ -344,6 +356,7 @@ def job_from_args(args: argparse.Namespace) -> Job:
         "resume": args.resume,
         "batch_size": _positive("--batch-size", args.batch_size),
         "window": args.window,
+        "max_inflight_bytes": args.max_inflight_bytes,
         "report": args.report,
         "progress": not args.no_progress and sys.stderr.isatty(),
     }
@@ -358,6 +371,17 @@ def job_from_args(args: argparse.Namespace) -> Job:
         log_level=args.log_level,
         result_json=args.result_json,
     )
+
+
+def parse_bytes(text: str) -> int:
+    """``512MiB``, ``2GB``, ``1000000``: a positive number of bytes."""
+    try:
+        value = dask.utils.parse_bytes(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not a size in bytes: {text!r}") from exc
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1 byte: {text!r}")
+    return value
 
 
 def parse_storage_options(text: str) -> dict:

@@ -24,7 +24,7 @@ from imgtasks.flow import (
     Progress,
     Tally,
     Wiring,
-    default_window,
+    measured_window,
     new_run_id,
     run_sync,
     stream_batches,
@@ -193,6 +193,7 @@ def thumbnails(
     resume: bool = False,
     batch_size: int = DEFAULT_BATCH_SIZE,
     window: int = 0,
+    max_inflight_bytes: int | None = None,
     report: str | None = None,
     progress: bool = True,
 ) -> Result:
@@ -229,7 +230,10 @@ def thumbnails(
         resume: skip the URLs an earlier run into the same ``out`` finished (``ok`` row,
             thumbnail present); their rows are carried over.
         batch_size: URLs per download node and thumbnail node.
-        window: batches in flight; 0: from the cluster's size.
+        window: batches in flight; 0: sized by measurement (Little's law: the CPU pool's
+            throughput times the download time of a batch; see ``imgtasks.window``).
+        max_inflight_bytes: memory budget of the measured window: downloaded bytes in
+            flight at most about this (default 512 MiB).
         report: write Dask's performance report (HTML) to this file.
         progress: show a progress bar (a terminal line, or a widget in Jupyter).
 
@@ -256,8 +260,12 @@ def thumbnails(
     )
     if window < 0:
         raise ValueError(f"window must be >= 0, got {window}")
+    if max_inflight_bytes is not None and max_inflight_bytes < 1:
+        raise ValueError(f"max_inflight_bytes must be >= 1, got {max_inflight_bytes}")
     listing = url_list(urls, url_column, _positive("batch_size", batch_size), output)
-    how = _Execution(client, _cluster_settings(cluster), window, report, progress, resume)
+    how = _Execution(
+        client, _cluster_settings(cluster), window, report, progress, resume, max_inflight_bytes
+    )
     # Before anything starts: an unwritable output or a scheduler that does not answer is a
     # one-line SetupError in seconds, not a traceback after the cluster's start-up.
     preflight.check(
@@ -287,6 +295,7 @@ class _Execution:
     report: str | None
     progress: bool
     resume: bool
+    max_inflight_bytes: int | None = None
 
 
 def _run(
@@ -312,7 +321,7 @@ def _run(
             else:
                 links["dashboard"] = client.dashboard_link
                 wiring = _routed(wiring, client, how)
-                window = how.window or default_window(client)
+                window = measured_window(client, how.window, how.max_inflight_bytes)
                 tally.ready = tally.elapsed
                 if how.report:
                     stack.enter_context(performance_report(filename=how.report, mode="inline"))

@@ -38,6 +38,7 @@ from imgtasks.nodes import (
 from imgtasks.runlog import BatchLog
 from imgtasks.sources import UrlBatch
 from imgtasks.status import NOT_FETCHED, Status
+from imgtasks.window import Finished, Window
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +120,7 @@ class Tally:
         self.entries += report.entries
         self.download_s += report.download_s
         self.thumbnail_s += report.thumbnail_s
-        fetched = sum(n for s, n in report.counts.items() if s not in NOT_FETCHED)
-        self.downloaded += fetched - report.resumed
+        self.downloaded += fetched(report)
 
     @property
     def elapsed(self) -> float:
@@ -207,36 +207,40 @@ def stream_batches(
     client: Client,
     batches: Iterable[UrlBatch],
     wiring: Wiring,
-    window: int,
+    window: int | Window,
     tally: Tally,
     progress: Progress,
 ) -> None:
-    """Keep ``window`` batches in flight; submit the next as each one finishes."""
+    """Keep the window's batches in flight (a number, or a :class:`Window` sized by
+    measurement); submit the next as each one finishes."""
+    sizer = window if isinstance(window, Window) else Window(1, 1, start=window, fixed=window)
     pending = iter(batches)
     futures = as_completed()
-    in_flight: dict[str, tuple[Future, UrlBatch]] = {}
+    in_flight: dict[str, tuple[Future, UrlBatch, float]] = {}
 
     def submit(n: int) -> None:
         for batch in _take(pending, n):
             future = client.compute(wiring.graph(batch))
-            in_flight[future.key] = (future, batch)
+            in_flight[future.key] = (future, batch, time.monotonic())
             futures.add(future)
 
     try:
-        submit(window)
+        submit(sizer.target())
         for future in futures:
-            _, batch = in_flight.pop(future.key)
+            _, batch, sent = in_flight.pop(future.key)
             try:
                 report = future.result()
             except Exception as exc:  # failed on every retry: infrastructure, not data
                 report = wiring.failed(batch, exc)
                 tally.failed_batches.append(str(future.key))
             _finished(report, tally, progress)
+            if report is not None:
+                sizer.observe(finished(report, time.monotonic() - sent), len(in_flight))
             future.release()
-            submit(1)
+            submit(max(0, sizer.target() - len(in_flight)))
     finally:  # interrupted: on a shared cluster, nothing of ours keeps running
         if in_flight:
-            client.cancel([f for f, _ in in_flight.values()], force=True)
+            client.cancel([f for f, _, _ in in_flight.values()], force=True)
 
 
 def run_sync(batches: Iterable[UrlBatch], wiring: Wiring, tally: Tally, progress: Progress) -> None:
@@ -258,6 +262,33 @@ def _finished(report: BatchReport | None, tally: Tally, progress: Progress) -> N
 
 def _take(items: Iterator[UrlBatch], n: int) -> list[UrlBatch]:
     return list(itertools.islice(items, n))
+
+
+def fetched(report: BatchReport) -> int:
+    """URLs the batch downloaded (not resumed, not invalid or repeated)."""
+    return sum(n for s, n in report.counts.items() if s not in NOT_FETCHED) - report.resumed
+
+
+def finished(report: BatchReport, turnaround_s: float) -> Finished:
+    return Finished(
+        entries=report.entries,
+        fetched=fetched(report),
+        download_s=report.download_s,
+        download_wall_s=report.download_wall_s,
+        thumbnail_wall_s=report.thumbnail_wall_s,
+        bytes_in=report.bytes_in,
+        turnaround_s=turnaround_s,
+    )
+
+
+def measured_window(client: Client, fixed: int = 0, max_bytes: int | None = None) -> Window:
+    """The window sized by measurement on this cluster (``fixed``: ``--window N``)."""
+    workers = client.scheduler_info(n_workers=-1)["workers"].values()
+    io = sum((w.get("resources") or {}).get(clusters.IO_RESOURCE, 0) for w in workers)
+    cpu = sum(w.get("nthreads", 1) for w in workers if "io" not in (w.get("resources") or {}))
+    options = {} if max_bytes is None else {"max_bytes": max_bytes}
+    # Without an I/O pool, the download nodes share the CPU slots.
+    return Window(cpu, int(io) or cpu, default_window(client), fixed or None, **options)
 
 
 def default_window(client: Client) -> int:

@@ -1,0 +1,79 @@
+"""The in-flight window sized by measurement, with a fake clock: no cluster."""
+
+from __future__ import annotations
+
+from imgtasks.window import Finished, Window
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def batch(latency: float, cpu: float, size: int = 16, image_bytes: int = 32_000, **kw) -> Finished:
+    options = {
+        "entries": size,
+        "fetched": size,
+        "download_s": latency * size,
+        "download_wall_s": latency,
+        "thumbnail_wall_s": cpu,
+        "bytes_in": image_bytes * size,
+        "turnaround_s": latency + cpu,
+    }
+    return Finished(**(options | kw))
+
+
+def feed(window: Window, clock: Clock, done: Finished, n: int = 30, gap: float = 0.05) -> int:
+    for _ in range(n):
+        clock.now += gap
+        window.observe(done, window.target() - 1)
+    return window.target()
+
+
+def test_littles_law_more_in_flight_at_higher_latency() -> None:
+    # Two CPU slots at 80 ms a batch (16 web-size images): 25 batches/s between them.
+    targets = {}
+    for latency in (0.1, 0.5, 1.0):
+        clock = Clock()
+        window = Window(2, 32, start=16, clock=clock)
+        targets[latency] = feed(window, clock, batch(latency, 0.08), gap=0.04)
+    assert targets[0.1] < targets[0.5] < targets[1.0]
+    assert targets[1.0] >= 2 * 2 + 25 * 1.0  # CPU throughput x latency, plus the CPU's own
+    assert targets[1.0] <= 32 + 4  # no more than the I/O pool can download at once
+
+
+def test_the_start_until_measured_and_a_fixed_window_always() -> None:
+    assert Window(2, 32, start=16).target() == 16
+    fixed = Window(2, 32, start=16, fixed=5)
+    fixed.observe(batch(1.0, 0.08), 4)
+    assert fixed.target() == 5
+
+
+def test_the_memory_budget_bounds_it() -> None:
+    clock = Clock()
+    window = Window(2, 32, start=16, max_bytes=64 * 2**20, clock=clock)
+    # 16 photos of 2.5 MB a batch: 40 MB, so the budget holds one batch and a bit
+    target = feed(window, clock, batch(1.0, 0.08, image_bytes=2_500_000), gap=0.04)
+    assert target == window.floor == 3
+
+
+def test_it_shrinks_when_the_cpu_pool_is_the_bottleneck() -> None:
+    clock = Clock()
+    window = Window(2, 32, start=16, clock=clock)
+    # CPU 0.5 s a batch, every slot always busy (a batch every 0.25 s), and batches
+    # waiting for it: 2 s from submission to report where 0.6 s is work.
+    saturated = batch(0.1, 0.5, turnaround_s=2.0)
+    target = feed(window, clock, saturated, n=40, gap=0.25)
+    assert target < 16
+    assert target == window.floor
+
+
+def test_it_grows_past_the_formula_while_the_cpu_waits_with_the_window_full() -> None:
+    clock = Clock()
+    window = Window(2, 32, start=16, clock=clock)
+    starved = batch(0.1, 0.05)  # the formula says few; the CPU is busy 10 % of the time
+    first = feed(window, clock, starved, n=3, gap=0.25)
+    assert feed(window, clock, starved, n=20, gap=0.25) > first
