@@ -14,7 +14,7 @@ import threading
 import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from imgtasks.contact_sheet import SHOWN_WITH_IMAGE, Tile, output_reader
 from imgtasks.manifest import read_part
@@ -81,8 +81,12 @@ class JobFeed:
         self.output = output
         self.clock = clock
         self._lock = threading.Lock()
+        self._tiles_lock = threading.Lock()
         self._started = clock()
         self._figures = JobFigures(run_id=run_id, total=total)
+        self._done = self._bytes = self._version = 0
+        self._elapsed = 0.0
+        self._finished = False
         self._counts: Counter = Counter()
         self._hosts: Counter = Counter()
         self._errors: Counter = Counter()
@@ -98,7 +102,8 @@ class JobFeed:
             self._started = self.clock()
 
     def add(self, report: BatchReport) -> None:
-        """One finished batch (called by the flow for every report)."""
+        """One finished batch (called by the flow for every report): counters only; the
+        top-ten lists are made when a page asks (a crawl can fail on 100,000 hosts)."""
         now = self.clock() - self._started
         with self._lock:
             self._counts.update(report.counts)
@@ -110,32 +115,36 @@ class JobFeed:
             self._rates.append(_rate(self._window, now))
             if report.manifest_path:
                 self._parts.append(report.manifest_path)
-            old = self._figures
-            self._figures = JobFigures(
-                run_id=old.run_id,
-                done=old.done + report.entries,
-                total=old.total,
-                counts=dict(self._counts),
-                bytes_in=old.bytes_in + report.bytes_in,
-                elapsed_s=now,
-                failed_hosts=dict(self._hosts.most_common(TOP)),
-                errors=dict(self._errors.most_common(TOP)),
-                version=old.version + 1,
-            )
+            self._done += report.entries
+            self._bytes += report.bytes_in
+            self._elapsed = now
+            self._version += 1
 
     def finish(self) -> None:
         with self._lock:
-            old = self._figures
-            self._figures = JobFigures(
-                **{**old.__dict__, "finished": True, "version": old.version + 1}
-            )
+            self._finished = True
+            self._version += 1
 
     def figures(self) -> JobFigures:
-        """The snapshot, with the rate series and the clock brought up to now."""
+        """The snapshot, with the clock brought up to now (made again only after a report)."""
         with self._lock:
-            figures, rates = self._figures, tuple(self._rates)
+            if self._figures.version != self._version:
+                self._figures = JobFigures(
+                    run_id=self._figures.run_id,
+                    done=self._done,
+                    total=self._figures.total,
+                    counts=dict(self._counts),
+                    bytes_in=self._bytes,
+                    elapsed_s=self._elapsed,
+                    rates=tuple(self._rates),
+                    failed_hosts=dict(self._hosts.most_common(TOP)),
+                    errors=dict(self._errors.most_common(TOP)),
+                    finished=self._finished,
+                    version=self._version,
+                )
+            figures = self._figures
             elapsed = figures.elapsed_s if figures.finished else self.clock() - self._started
-        return JobFigures(**{**figures.__dict__, "rates": rates, "elapsed_s": elapsed})
+        return replace(figures, elapsed_s=elapsed)
 
     def recent_tiles(self, limit: int = RECENT_TILES) -> list[Tile]:
         """The newest rows' tiles, newest first: thumbnails for ``ok`` rows, failures as
@@ -145,6 +154,11 @@ class JobFeed:
             return []
         with self._lock:
             parts = list(self._parts)
+        with self._tiles_lock:  # two pages open: one reads at a time, through one cache
+            return self._tiles(parts, limit)
+
+    def _tiles(self, parts: list[str], limit: int) -> list[Tile]:
+        assert self.output is not None
         tiles: list[Tile] = []
         for part in reversed(parts):
             try:
