@@ -24,7 +24,7 @@ from typing import Any
 
 import imgtasks
 from imgtasks import cluster as clusters
-from imgtasks import preflight
+from imgtasks import jobserver, preflight
 from imgtasks.demo import DemoServer, ServerSettings
 from imgtasks.download import DownloadSettings
 from imgtasks.imgur import (
@@ -185,6 +185,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="where the Dask dashboard listens (a taken port falls back to a free one)",
     )
     run.add_argument("--report", metavar="FILE.html", help="write Dask's performance report there")
+    run.add_argument(
+        "--job-page-address",
+        default=jobserver.DEFAULT_ADDRESS,
+        metavar="127.0.0.1:PORT",
+        help="the live job page is at <dashboard>/imgtasks with a local cluster; with a remote "
+        "one this process serves it here (loopback only; a taken port moves to a free one)",
+    )
+    run.add_argument("--no-job-page", action="store_true", help="no live job page")
 
     net = p.add_argument_group("download")
     net.add_argument(
@@ -293,6 +301,7 @@ def job_from_args(args: argparse.Namespace) -> Job:
         cpu_workers=args.cpu_workers,
         dashboard_address=args.dashboard_address,
     )
+    jobserver.check_loopback(args.job_page_address)
     if args.report and cluster.kind == "sync" and not cluster.is_remote:
         raise ValueError("--report needs a distributed scheduler; sync mode has no dashboard")
     if args.urls and "://" not in args.urls and not Path(args.urls).exists():
@@ -330,6 +339,7 @@ def job_from_args(args: argparse.Namespace) -> Job:
         "window": args.window,
         "report": args.report,
         "progress": not args.no_progress and sys.stderr.isatty(),
+        "job_page": False if args.no_job_page else args.job_page_address,
     }
     return Job(
         options,
