@@ -141,7 +141,11 @@ def flag(field_name: str) -> str:
 def security(settings: ClusterSettings) -> Security:
     """The credentials of the client, and for a local cluster of its scheduler and workers:
     a certificate authority made for this run (one self-signed certificate held in memory,
-    ~70 ms to make), or for a remote cluster the files the settings or Dask's config name."""
+    ~70 ms to make), or for a remote cluster the files the settings or Dask's config name.
+
+    TLS costs CPU on the bytes moved between workers: +5 % for the flow (~1.7 ms per 650 KB
+    image, 300 demo images on 2 cores), within the noise of its wall time
+    (benchmarks/README.md, "What TLS costs")."""
     if settings.is_local and not settings.insecure:
         return Security.temporary()
     given = {
