@@ -292,13 +292,14 @@ def remote_client(settings: ClusterSettings, credentials: Security) -> Client:
     """A client on a running cluster; a TLS setting the scheduler does not accept is a
     one-line SetupError."""
     if settings.scheduler_file is not None:
-        where, label = {"scheduler_file": settings.scheduler_file}, "--scheduler-file"
+        target = {"scheduler_file": settings.scheduler_file}
+        label = f"--scheduler-file {settings.scheduler_file}"
     else:
-        where, label = {"address": settings.kind}, "--scheduler"
+        target, label = {"address": settings.kind}, f"--scheduler {settings.kind}"
     try:
-        return Client(**where, timeout="30s", security=credentials)
+        return Client(**target, timeout="30s", security=credentials)
     except Exception as exc:
-        refused = preflight.tls_refusal(exc, f"{label} {next(iter(where.values()))}")
+        refused = preflight.tls_refusal(exc, label)
         if refused is None:
             raise
         raise refused from exc
