@@ -256,7 +256,12 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def start_local_cluster(settings: ClusterSettings, security: Security) -> SpecCluster:
+def start_local_cluster(
+    settings: ClusterSettings, credentials: Security | None = None
+) -> SpecCluster:
+    """The local cluster the settings describe; ``credentials``: its own (None: made here,
+    see ``security``), which ``Client(cluster)`` takes from the cluster."""
+    credentials = credentials or security(settings)
     log.info("starting a %s cluster", settings.kind)
     for line in exposure_warnings(settings):
         log.warning(line)
@@ -267,9 +272,9 @@ def start_local_cluster(settings: ClusterSettings, security: Security) -> SpecCl
     }
     with dask.config.set(environ):
         return SpecCluster(
-            workers=worker_specs(settings, security),
-            scheduler=scheduler_spec(settings, security),
-            security=security,  # the client's credentials; Client(cluster) takes them
+            workers=worker_specs(settings, credentials),
+            scheduler=scheduler_spec(settings, credentials),
+            security=credentials,  # the client's
             silence_logs=logging.WARNING,
             name=f"imgtasks-{settings.kind}",
         )
