@@ -221,7 +221,10 @@ def thumbnails(
             ``ClusterSettings``, or its kind as a string: ``"hybrid"`` (default: one I/O
             worker with threads + single-threaded CPU worker processes), ``"processes"``,
             ``"threads"``, ``"sync"`` (no cluster, for debugging) or a scheduler address
-            like ``"tcp://host:8786"``.
+            like ``"tcp://host:8786"``. Local clusters speak TLS with a CA made for the
+            run (``ClusterSettings(insecure=True)``: plain TCP); a ``tls://`` scheduler
+            takes ``ClusterSettings(tls_ca_file=..., tls_cert=..., tls_key=...)`` or
+            Dask's ``distributed.comm.tls`` config.
         url_column: the column or key holding the URL (csv/tsv/parquet/jsonl, DataFrames).
         size: thumbnail box (width, height); default (128, 128).
         mode: ``"fit"`` (default: inside the box, never upscaled), ``"crop"`` or ``"pad"``.
