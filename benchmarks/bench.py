@@ -37,9 +37,13 @@ from typing import Any
 import psutil
 import requests
 from flow_figures import NoFigures, failure, flow_command, manifest_count, read_figures
-from PIL import Image
 
 from imgtasks.demo import server_process
+
+# John's two functions, the very ones examples/seed_exercise.ipynb shows and times.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+from exercise import JPEG_QUALITY, save_url
+from exercise import make_thumbnail as resize_file
 
 THREAD_COUNTS = (4, 8, 16, 32)
 DASK_MODES = ("hybrid", "processes", "threads")
@@ -56,8 +60,6 @@ ALIASES = {
     "john": ("john-download", "john-resize"),
     "dask": tuple(f"dask-{mode}" for mode in DASK_MODES),
 }
-THUMB_BOX = (128, 128)
-JPEG_QUALITY = 90  # the flow's default --quality
 REQUEST_TIMEOUT = 60.0
 I2D_ENV = "IMGTASKS_IMG2DATASET"
 I2D_INSTALL = (
@@ -239,18 +241,6 @@ def fetch_urls(base_url: str, count: int) -> list[str]:
 # --------------------------------------------------------------------------- John and friends
 
 
-def save_url(url: str, dest: Path) -> bool:
-    """John's download: one ``requests.get``, body saved under the URL's file name."""
-    try:
-        resp = requests.get(url, timeout=REQUEST_TIMEOUT)
-    except requests.RequestException:
-        return False
-    if resp.status_code != 200:
-        return False
-    (dest / url.rsplit("/", 1)[-1]).write_bytes(resp.content)
-    return True
-
-
 def download_serial(urls: Sequence[str], dest: Path) -> None:
     dest.mkdir(parents=True)
     for url in urls:
@@ -260,18 +250,7 @@ def download_serial(urls: Sequence[str], dest: Path) -> None:
 def download_threads(urls: Sequence[str], dest: Path, workers: int) -> None:
     dest.mkdir(parents=True)
     with ThreadPoolExecutor(workers) as pool:
-        list(pool.map(partial(save_url, dest=dest), urls))  # waits for every download
-
-
-def resize_file(src: Path, dest: Path) -> bool:
-    """John's resize: open, ``thumbnail((128, 128))``, save as JPEG (RGB for PNG/GIF)."""
-    try:
-        with Image.open(src) as im:
-            im.thumbnail(THUMB_BOX)
-            im.convert("RGB").save(dest / f"{src.stem}.jpg", "JPEG", quality=JPEG_QUALITY)
-    except (OSError, ValueError, Image.DecompressionBombError):
-        return False
-    return True
+        list(pool.map(partial(save_url, folder=dest), urls))  # waits for every download
 
 
 def resize_serial(files: Sequence[Path], dest: Path) -> None:
@@ -284,7 +263,7 @@ def resize_pool(files: Sequence[Path], dest: Path, processes: int) -> None:
     dest.mkdir(parents=True)
     pool = multiprocessing.Pool(processes)
     try:
-        pool.map(partial(resize_file, dest=dest), files, chunksize=4)  # waits for every result
+        pool.map(partial(resize_file, folder=dest), files, chunksize=4)  # waits for every result
     finally:
         pool.close()
         pool.join()

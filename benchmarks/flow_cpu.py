@@ -6,7 +6,8 @@ run, cluster start-up excluded, against a demo server in its own process.
     python benchmarks/flow_cpu.py -- --scheduler processes --batch-size 32
 
 Arguments after ``--`` shape the run as ``flows/run.py``'s do (``--scheduler``,
-``--cpu-workers``, ``--io-threads``, ``--batch-size``, ``--window``, ``--dashboard-address``);
+``--cpu-workers``, ``--io-threads``, ``--batch-size``, ``--window``, ``--dashboard-address``,
+``--insecure``);
 the run itself is one ``imgtasks.thumbnails`` call on a client this script starts.
 ``--ab dask-malloc-trim`` alternates runs with our worker environment and with Dask's
 default ``MALLOC_TRIM_THRESHOLD_=65536`` (see ``imgtasks.cluster``), so both see the same
@@ -57,6 +58,7 @@ def flow_settings(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--window", type=int, default=0)
     p.add_argument("--dashboard-address", default=clusters.DEFAULT_DASHBOARD)
+    p.add_argument("--insecure", action="store_true")
     return p.parse_args(argv)
 
 
@@ -72,6 +74,7 @@ def run_once(
         io_threads=args.io_threads,
         dashboard_address=args.dashboard_address,
         worker_environ=VARIANTS[variant],
+        insecure=args.insecure,
     )
     started = time.perf_counter()
     client, cluster = clusters.connect(settings)

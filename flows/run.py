@@ -2,7 +2,8 @@
 
     python flows/run.py                          # 1000 images from the embedded demo server
     python flows/run.py --scheduler processes    # single-threaded worker processes
-    python flows/run.py --urls urls.parquet --out s3://bucket/thumbs --scheduler tcp://host:8786
+    python flows/run.py --urls urls.parquet --out s3://bucket/thumbs --scheduler tls://host:8786 \
+        --tls-ca-file ca.pem --tls-cert client.pem --tls-key client-key.pem
 
 argv -> settings -> one call -> the summary. The source is a URL list (``--urls``), Imgur's
 gallery (``--imgur N``) or, by default, the embedded demo image server on 127.0.0.1.
@@ -26,7 +27,7 @@ import dask.utils
 
 import imgtasks
 from imgtasks import cluster as clusters
-from imgtasks import preflight
+from imgtasks import jobserver, preflight
 from imgtasks.demo import DemoServer, ServerSettings
 from imgtasks.download import DownloadSettings
 from imgtasks.imgur import (
@@ -197,6 +198,30 @@ def build_parser() -> argparse.ArgumentParser:
         help="where the Dask dashboard listens (a taken port falls back to a free one)",
     )
     run.add_argument("--report", metavar="FILE.html", help="write Dask's performance report there")
+    run.add_argument(
+        "--job-page-address",
+        default=jobserver.DEFAULT_ADDRESS,
+        metavar="127.0.0.1:PORT",
+        help="the live job page is at <dashboard>/imgtasks with a local cluster; with a remote "
+        "one this process serves it here (loopback only; a taken port moves to a free one)",
+    )
+    run.add_argument("--no-job-page", action="store_true", help="no live job page")
+    run.add_argument(
+        "--insecure",
+        action="store_true",
+        help="local clusters: plain TCP instead of TLS with a CA made for the run (then any "
+        "user of this machine can connect to the scheduler and run code as you)",
+    )
+    for name, what in [
+        ("--tls-ca-file", "the cluster CA's certificate"),
+        ("--tls-cert", "this client's certificate, signed by that CA"),
+        ("--tls-key", "this client's private key (if not in --tls-cert)"),
+    ]:
+        run.add_argument(
+            name,
+            metavar="PEM",
+            help=f"a tls:// scheduler: {what} (default: Dask's distributed.comm.tls config)",
+        )
 
     net = p.add_argument_group("download")
     net.add_argument(
@@ -318,7 +343,12 @@ def job_from_args(args: argparse.Namespace) -> Job:
         io_threads=args.io_threads,
         cpu_workers=args.cpu_workers,
         dashboard_address=args.dashboard_address,
+        insecure=args.insecure,
+        tls_ca_file=args.tls_ca_file,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
     )
+    jobserver.check_loopback(args.job_page_address)
     if args.report and cluster.kind == "sync" and not cluster.is_remote:
         raise ValueError("--report needs a distributed scheduler; sync mode has no dashboard")
     if args.urls and "://" not in args.urls and not Path(args.urls).exists():
@@ -359,6 +389,7 @@ def job_from_args(args: argparse.Namespace) -> Job:
         "max_inflight_bytes": args.max_inflight_bytes,
         "report": args.report,
         "progress": not args.no_progress and sys.stderr.isatty(),
+        "job_page": False if args.no_job_page else args.job_page_address,
     }
     return Job(
         options,

@@ -20,6 +20,7 @@ __all__ = [
     "Result",
     "SetupError",
     "ThumbSettings",
+    "job_page",
     "local_cluster",
     "thumbnails",
 ]
@@ -31,6 +32,7 @@ _WHERE = {
     "SetupError": "imgtasks.preflight",
     "ClusterSettings": "imgtasks.cluster",
     "local_cluster": "imgtasks.cluster",
+    "job_page": "imgtasks.jobserver",
     "DownloadSettings": "imgtasks.download",
     "ThumbSettings": "imgtasks.thumbnail",
     "OutputSettings": "imgtasks.sinks",

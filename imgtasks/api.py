@@ -17,7 +17,7 @@ from typing import Any
 from distributed import default_client, performance_report
 
 from imgtasks import cluster as clusters
-from imgtasks import preflight
+from imgtasks import jobserver, preflight
 from imgtasks.contact_sheet import write_contact_sheet
 from imgtasks.download import DownloadSettings
 from imgtasks.flow import (
@@ -29,6 +29,7 @@ from imgtasks.flow import (
     run_sync,
     stream_batches,
 )
+from imgtasks.jobfeed import JobFeed
 from imgtasks.manifest import (
     MANIFEST_DIR,
     MANIFEST_SCHEMA,
@@ -81,6 +82,10 @@ class Result:
     interrupted: bool = False
     total: int | None = field(default=None, repr=False)  # input lines, when known up front
     failed_hosts: Mapping[str, int] = field(default_factory=dict)  # top 10: download failures
+    # The job page's figures (imgtasks.jobfeed): top 10 failures by kind, bytes downloaded.
+    errors: Mapping[str, int] = field(default_factory=dict)
+    bytes_in: int = 0
+    job_page: str | None = None  # the live page's link (imgtasks.job_page: inline in Jupyter)
 
     @property
     def ok(self) -> int:
@@ -128,6 +133,7 @@ class Result:
             "counts": dict(self.counts),
             "failed_batches": list(self.failed_batches),
             "failed_hosts": dict(self.failed_hosts),
+            "errors": dict(self.errors),
             "out": self.out,
             "manifest_dir": self.manifest_dir,
             "ok": self.ok,
@@ -196,6 +202,7 @@ def thumbnails(
     max_inflight_bytes: int | None = None,
     report: str | None = None,
     progress: bool = True,
+    job_page: bool | str = True,
 ) -> Result:
     """Download every URL, write a thumbnail of each image and a manifest row per URL.
 
@@ -215,7 +222,10 @@ def thumbnails(
             ``ClusterSettings``, or its kind as a string: ``"hybrid"`` (default: one I/O
             worker with threads + single-threaded CPU worker processes), ``"processes"``,
             ``"threads"``, ``"sync"`` (no cluster, for debugging) or a scheduler address
-            like ``"tcp://host:8786"``.
+            like ``"tcp://host:8786"``. Local clusters speak TLS with a CA made for the
+            run (``ClusterSettings(insecure=True)``: plain TCP); a ``tls://`` scheduler
+            takes ``ClusterSettings(tls_ca_file=..., tls_cert=..., tls_key=...)`` or
+            Dask's ``distributed.comm.tls`` config.
         url_column: the column or key holding the URL (csv/tsv/parquet/jsonl, DataFrames).
         size: thumbnail box (width, height); default (128, 128).
         mode: ``"fit"`` (default: inside the box, never upscaled), ``"crop"`` or ``"pad"``.
@@ -236,6 +246,10 @@ def thumbnails(
             flight at most about this (default 512 MiB).
         report: write Dask's performance report (HTML) to this file.
         progress: show a progress bar (a terminal line, or a widget in Jupyter).
+        job_page: serve the live job page (progress, counts, rates, failures, the latest
+            thumbnails): on the Dask dashboard at ``/imgtasks`` when the scheduler runs in
+            this process, else from this process on ``"127.0.0.1:PORT"`` (this string, or
+            ``imgtasks.jobserver.DEFAULT_ADDRESS``; loopback only). False: none.
 
     Returns:
         A :class:`Result`: counts per status, wall time, images/s, where the outputs are,
@@ -263,8 +277,17 @@ def thumbnails(
     if max_inflight_bytes is not None and max_inflight_bytes < 1:
         raise ValueError(f"max_inflight_bytes must be >= 1, got {max_inflight_bytes}")
     listing = url_list(urls, url_column, _positive("batch_size", batch_size), output)
+    if isinstance(job_page, str):
+        jobserver.check_loopback(job_page)
     how = _Execution(
-        client, _cluster_settings(cluster), window, report, progress, resume, max_inflight_bytes
+        client,
+        _cluster_settings(cluster),
+        window,
+        report,
+        progress,
+        resume,
+        job_page,
+        max_inflight_bytes,
     )
     # Before anything starts: an unwritable output or a scheduler that does not answer is a
     # one-line SetupError in seconds, not a traceback after the cluster's start-up.
@@ -295,6 +318,7 @@ class _Execution:
     report: str | None
     progress: bool
     resume: bool
+    job_page: bool | str = True
     max_inflight_bytes: int | None = None
 
 
@@ -306,7 +330,8 @@ def _run(
     how: _Execution,
 ) -> Result:
     tally = Tally(total=total)
-    links: dict[str, str | None] = {"dashboard": None, "sheet": None}
+    feed = JobFeed(job.output, job.run_id, total)
+    links: dict[str, str | None] = {"dashboard": None, "sheet": None, "job_page": None}
     try:
         with contextlib.ExitStack() as stack:
             wiring = Wiring(download, job, done=_resumable(job.output, how.resume))
@@ -314,7 +339,9 @@ def _run(
             say("outputs: %s  (manifest: %s/%s/)", job.output.root, job.output.root, MANIFEST_DIR)
             tally.started = time.perf_counter()
             client = _client(how, stack)
-            progress = Progress(how.progress, total, batch_log)
+            links["job_page"] = _job_page(client, feed, how, stack)
+            feed.start()
+            progress = Progress(how.progress, total, batch_log, watchers=[feed.add])
             stack.callback(progress.close)
             if client is None:
                 run_sync(batches, wiring, tally, progress)
@@ -327,15 +354,16 @@ def _run(
                     stack.enter_context(performance_report(filename=how.report, mode="inline"))
                 stream_batches(client, batches, wiring, window, tally, progress)
     except KeyboardInterrupt:
-        raise Interrupted(_result(tally, job, how, links, interrupted=True)) from None
+        raise Interrupted(_result(tally, feed, job, how, links, interrupted=True)) from None
     if not tally.failed_batches:
         keep_only_run(job.output, job.run_id)
     links["sheet"] = _contact_sheet(job)
-    return _result(tally, job, how, links)
+    return _result(tally, feed, job, how, links)
 
 
 def _result(
     tally: Tally,
+    feed: JobFeed,
     job: JobSettings,
     how: _Execution,
     links: Mapping[str, str | None],
@@ -359,6 +387,9 @@ def _result(
         interrupted=interrupted,
         total=tally.total,
         failed_hosts=dict(tally.failed_hosts.most_common(10)),
+        errors=dict(feed.figures().errors),
+        bytes_in=feed.figures().bytes_in,
+        job_page=links["job_page"],
     )
 
 
@@ -377,6 +408,25 @@ def _client(how: _Execution, stack: contextlib.ExitStack) -> Any:
     stack.callback(_close, client, cluster)
     say("dashboard: %s", client.dashboard_link)
     return client
+
+
+def _job_page(
+    client: Any, feed: JobFeed, how: _Execution, stack: contextlib.ExitStack
+) -> str | None:
+    """Serve the job page and show this job on it; never fails the run."""
+    if how.job_page is False:
+        return None
+    address = how.job_page if isinstance(how.job_page, str) else jobserver.DEFAULT_ADDRESS
+    try:
+        page = jobserver.serve(client, address)
+    except Exception as exc:
+        log.warning("job page not served: %s", exc)
+        return None
+    if client is None or how.client is None:  # a page server of ours goes with the job
+        stack.callback(page.close)
+    stack.enter_context(jobserver.showing(page, feed))
+    say("job page: %s", page.url)
+    return page.url
 
 
 def _routed(wiring: Wiring, client: Any, how: _Execution) -> Wiring:

@@ -11,14 +11,18 @@ The one module of ``imgtasks`` that imports dask. Kinds:
   download node overlaps its downloads with its own thread pool).
 - ``threads``: one worker process with several threads.
 - ``sync``: no cluster, Dask's synchronous scheduler (debugging; no dashboard).
-- an address (``tcp://host:8786``) or a scheduler file: a running cluster.
+- an address (``tls://host:8786``, ``tcp://host:8786``) or a scheduler file: a running
+  cluster; a ``tls://`` one with the client's certificates (settings or Dask's config).
 
 Every local server binds 127.0.0.1; memory limits are set so they add up to at most
-``memory_fraction`` of the machine.
+``memory_fraction`` of the machine. A scheduler runs whatever code a client sends it, so
+local clusters speak TLS with a certificate authority made for the run: other users of the
+machine can reach 127.0.0.1, but only this run's client and workers hold the certificate.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 from collections.abc import Mapping
@@ -28,6 +32,10 @@ from typing import Any
 import dask
 import psutil
 from distributed import Client, Nanny, Scheduler, SpecCluster
+from distributed.security import Security
+from distributed.utils import clean_dashboard_address
+
+from imgtasks import preflight
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +54,13 @@ LOOPBACK = "127.0.0.1"
 # per thumbnail. Memory stays bounded by the flow's window either way. None = unset;
 # a value in the user's own environment still wins (Dask reads os.environ first).
 WORKER_PRE_SPAWN_ENVIRON: Mapping[str, Any] = {"MALLOC_TRIM_THRESHOLD_": None}
+# A remote cluster's client credentials: ClusterSettings field -> (Security keyword, the
+# key of Dask's config that Security() reads when the field is None).
+CLIENT_TLS = {
+    "tls_ca_file": ("tls_ca_file", "distributed.comm.tls.ca-file"),
+    "tls_cert": ("tls_client_cert", "distributed.comm.tls.client.cert"),
+    "tls_key": ("tls_client_key", "distributed.comm.tls.client.key"),
+}
 
 
 @dataclass(frozen=True)
@@ -63,6 +78,15 @@ class ClusterSettings:
     worker_environ: Mapping[str, Any] = field(
         default_factory=lambda: dict(WORKER_PRE_SPAWN_ENVIRON), hash=False
     )
+    # local clusters: plain TCP instead of TLS with a CA made for the run (debugging only:
+    # then anyone who can connect to the scheduler can run code as you)
+    insecure: bool = False
+    # a remote tls:// cluster: the CA's certificate and this client's certificate and key
+    # (PEM files; the key may be in the certificate's file). None: Dask's config
+    # distributed.comm.tls.{ca-file,client.cert,client.key}.
+    tls_ca_file: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
 
     def __post_init__(self) -> None:
         if self.scheduler_file is None and not (self.kind in KINDS or "://" in self.kind):
@@ -76,6 +100,17 @@ class ClusterSettings:
             raise ValueError(f"--cpu-workers must be >= 1, got {self.cpu_workers}")
         if not 0 < self.memory_fraction <= 1:
             raise ValueError(f"memory fraction must be in (0, 1], got {self.memory_fraction}")
+        given = [flag(name) for name in CLIENT_TLS if getattr(self, name) is not None]
+        if given and not self.is_remote:
+            raise ValueError(
+                f"{'/'.join(given)} are for a remote tls:// scheduler; local clusters make "
+                "their own certificates"
+            )
+        if self.insecure and self.is_remote:
+            raise ValueError(
+                "--insecure is for local clusters; a remote one is as secure as its address "
+                "(tls:// or tcp://) and its workers"
+            )
 
     @property
     def is_local(self) -> bool:
@@ -85,6 +120,45 @@ class ClusterSettings:
     def is_remote(self) -> bool:
         return self.scheduler_file is not None or "://" in self.kind
 
+    def tls_files(self) -> dict[str, tuple[str, str]]:
+        """A remote cluster's client credentials: field name -> (where it was given, its
+        path or PEM text): the setting (named by its flag), else Dask's config."""
+        files = {}
+        for name, (_, config_key) in CLIENT_TLS.items():
+            where, value = flag(name), getattr(self, name)
+            if value is None:
+                where, value = config_key, dask.config.get(config_key, None)
+            if value:
+                files[name] = (where, str(value))
+        return files
+
+
+def flag(field_name: str) -> str:
+    """The command-line flag of a ClusterSettings field: ``tls_ca_file`` -> ``--tls-ca-file``."""
+    return "--" + field_name.replace("_", "-")
+
+
+def security(settings: ClusterSettings) -> Security:
+    """The credentials of the client, and for a local cluster of its scheduler and workers:
+    a certificate authority made for this run (one self-signed certificate held in memory,
+    ~70 ms to make), or for a remote cluster the files the settings or Dask's config name.
+
+    TLS costs CPU on the bytes moved between workers: +5 % for the flow (~1.7 ms per 650 KB
+    image, 300 demo images on 2 cores), within the noise of its wall time
+    (benchmarks/README.md, "What TLS costs")."""
+    if settings.is_local and not settings.insecure:
+        return Security.temporary()
+    given = {
+        keyword: getattr(settings, name)
+        for name, (keyword, _) in CLIENT_TLS.items()
+        if getattr(settings, name) is not None
+    }
+    return Security(**given)  # reads Dask's distributed.comm.* config for the rest
+
+
+def protocol(security: Security) -> str:
+    return "tls://" if security.require_encryption else "tcp://"
+
 
 def threads_mode_threads(settings: ClusterSettings) -> int:
     # Pillow releases the GIL while decoding and resizing, so a few threads per core keep
@@ -92,8 +166,11 @@ def threads_mode_threads(settings: ClusterSettings) -> int:
     return max(4, 2 * settings.cpu_workers)
 
 
-def worker_specs(settings: ClusterSettings) -> dict[str, dict[str, Any]]:
-    """The workers of a local cluster, as ``{name: {"cls": ..., "options": ...}}``."""
+def worker_specs(
+    settings: ClusterSettings, security: Security | None = None
+) -> dict[str, dict[str, Any]]:
+    """The workers of a local cluster, as ``{name: {"cls": ..., "options": ...}}``;
+    ``security``: the cluster's credentials (None: plain TCP)."""
     if settings.kind == "hybrid":
         shapes = {"io": (settings.io_threads, {IO_RESOURCE: settings.io_threads})}
         shapes |= {f"cpu-{i}": (1, {CPU_RESOURCE: 1}) for i in range(settings.cpu_workers)}
@@ -104,10 +181,21 @@ def worker_specs(settings: ClusterSettings) -> dict[str, dict[str, Any]]:
     else:
         raise ValueError(f"{settings.kind!r} is not a local cluster kind")
     memory = memory_per_worker(settings, len(shapes))
+    comm = comm_options(security)
     return {
-        name: {"cls": Nanny, "options": worker_options(settings, nthreads, resources, memory)}
+        name: {
+            "cls": Nanny,
+            "options": worker_options(settings, nthreads, resources, memory) | comm,
+        }
         for name, (nthreads, resources) in shapes.items()
     }
+
+
+def comm_options(security: Security | None) -> dict[str, Any]:
+    """How a local scheduler or nanny listens and connects: TLS with ``security``."""
+    if security is None:
+        return {}
+    return {"protocol": protocol(security), "security": security}
 
 
 def worker_options(
@@ -128,15 +216,55 @@ def memory_per_worker(settings: ClusterSettings, workers: int) -> int:
     return int(psutil.virtual_memory().total * settings.memory_fraction / workers)
 
 
-def scheduler_spec(settings: ClusterSettings) -> dict[str, Any]:
+def scheduler_spec(settings: ClusterSettings, security: Security | None = None) -> dict[str, Any]:
     return {
         "cls": Scheduler,
-        "options": {"host": settings.host, "dashboard_address": settings.dashboard_address},
+        "options": {"host": settings.host, "dashboard_address": settings.dashboard_address}
+        | comm_options(security),
     }
 
 
-def start_local_cluster(settings: ClusterSettings) -> SpecCluster:
+def exposure_warnings(settings: ClusterSettings) -> list[str]:
+    """One line for each way a local cluster with these settings is open to others."""
+    lines = []
+    if settings.insecure:
+        lines.append(
+            f"--insecure: the scheduler accepts plain TCP on {settings.host} without "
+            "credentials; anyone who can connect there (on 127.0.0.1: every user of this "
+            "machine) can run code as you"
+        )
+    public = [  # Dask binds an address without a host (":8787") on every interface
+        f"{a['address'] or '0.0.0.0'}:{a['port']}"
+        for a in clean_dashboard_address(settings.dashboard_address)
+        if not is_loopback(a["address"])
+    ]
+    if public:
+        lines.append(
+            f"the dashboard listens on {', '.join(public)}: anyone who can reach that address "
+            "sees the cluster's tasks, workers and logs, without authentication"
+        )
+    return lines
+
+
+def is_loopback(host: str) -> bool:
+    """True for 127.x, ::1 and localhost; an empty host (all interfaces) or a name is not."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def start_local_cluster(
+    settings: ClusterSettings, credentials: Security | None = None
+) -> SpecCluster:
+    """The local cluster the settings describe; ``credentials``: its own (None: made here,
+    see ``security``), which ``Client(cluster)`` takes from the cluster."""
+    credentials = credentials or security(settings)
     log.info("starting a %s cluster", settings.kind)
+    for line in exposure_warnings(settings):
+        log.warning(line)
     # Nannies read this config when SpecCluster() creates them; restarted workers keep it.
     environ = {
         f"distributed.nanny.pre-spawn-environ.{name}": value
@@ -144,8 +272,9 @@ def start_local_cluster(settings: ClusterSettings) -> SpecCluster:
     }
     with dask.config.set(environ):
         return SpecCluster(
-            workers=worker_specs(settings),
-            scheduler=scheduler_spec(settings),
+            workers=worker_specs(settings, credentials),
+            scheduler=scheduler_spec(settings, credentials),
+            security=credentials,  # the client's
             silence_logs=logging.WARNING,
             name=f"imgtasks-{settings.kind}",
         )
@@ -162,16 +291,32 @@ def local_cluster(settings: ClusterSettings | None = None) -> SpecCluster:
 
 def connect(settings: ClusterSettings) -> tuple[Client, SpecCluster | None]:
     """A client on the cluster the settings name (and the cluster when we started it)."""
-    if settings.scheduler_file is not None:
-        return Client(scheduler_file=settings.scheduler_file, timeout="30s"), None
+    credentials = security(settings)
     if settings.is_remote:
-        return Client(settings.kind, timeout="30s"), None
-    cluster = start_local_cluster(settings)
+        return remote_client(settings, credentials), None
+    cluster = start_local_cluster(settings, credentials)
     try:
         return Client(cluster), cluster
     except BaseException:
         cluster.close()
         raise
+
+
+def remote_client(settings: ClusterSettings, credentials: Security) -> Client:
+    """A client on a running cluster; a TLS setting the scheduler does not accept is a
+    one-line SetupError."""
+    if settings.scheduler_file is not None:
+        target = {"scheduler_file": settings.scheduler_file}
+        label = f"--scheduler-file {settings.scheduler_file}"
+    else:
+        target, label = {"address": settings.kind}, f"--scheduler {settings.kind}"
+    try:
+        return Client(**target, timeout="30s", security=credentials)
+    except Exception as exc:
+        refused = preflight.tls_refusal(exc, label)
+        if refused is None:
+            raise
+        raise refused from exc
 
 
 def worker_resources(client: Client) -> list[dict[str, float]]:

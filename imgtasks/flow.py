@@ -17,7 +17,7 @@ import logging
 import time
 import uuid
 from collections import Counter, deque
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import dask
@@ -170,11 +170,18 @@ class StormWatch:
 
 
 class Progress:
-    """A progress bar (``tqdm.auto``: a terminal line, or a widget in Jupyter) and the run
-    log's line per finished batch."""
+    """A progress bar (``tqdm.auto``: a terminal line, or a widget in Jupyter), the run
+    log's line per finished batch, and whoever else watches the reports (the job page)."""
 
-    def __init__(self, enabled: bool, total: int | None, batch_log: BatchLog | None) -> None:
+    def __init__(
+        self,
+        enabled: bool,
+        total: int | None,
+        batch_log: BatchLog | None,
+        watchers: Iterable[Callable[[BatchReport], None]] = (),
+    ) -> None:
         self.batch_log = batch_log
+        self.watchers = tuple(watchers)
         self.bar = None
         if enabled:
             self.bar = progress_bar()(total=total, unit="img", smoothing=0.05, dynamic_ncols=True)
@@ -182,6 +189,8 @@ class Progress:
     def batch_done(self, report: BatchReport, tally: Tally) -> None:
         if self.batch_log is not None:
             self.batch_log.write(report)
+        for watch in self.watchers:
+            watch(report)
         if self.bar is not None:
             self.bar.update(report.entries)
             self.bar.set_postfix(ok=tally.counts.get(Status.OK, 0), refresh=False)

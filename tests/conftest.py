@@ -109,6 +109,55 @@ def run_flow(
     )
 
 
+def one_line_error(proc: subprocess.CompletedProcess) -> str:
+    """The single stderr line of a run stopped by a setup check, after the common asserts."""
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert lines[0].startswith("run.py: error: "), lines[0]
+    assert "internal error" not in lines[0]
+    # stopped before the source or the cluster started
+    assert "demo server:" not in proc.stdout and "dashboard:" not in proc.stdout, proc.stdout
+    return lines[0]
+
+
+def client_refused(address: str, security: object = None) -> str | None:
+    """Why ``Client(address)`` with these credentials failed, or None if it connected."""
+    import gc
+
+    from distributed import Client
+
+    try:
+        Client(address, timeout="5s", security=security).close()
+        return None
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    finally:
+        # A Client that failed to connect is closed by its __del__; collected at random
+        # inside a later Client's thread start-up, that close deadlocked (a 110 s hang).
+        gc.collect()
+
+
+def tls_handshake_error(address: str) -> str | None:
+    """Why a TLS handshake without a client certificate with ``tls://host:port`` failed, or
+    None if it completed and the connection stayed open for a read."""
+    import ssl
+
+    host, port = address.removeprefix("tls://").rsplit(":", 1)
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE  # we only want to see if the server lets us in
+    try:
+        with (
+            socket.create_connection((host, int(port)), timeout=5) as raw,
+            context.wrap_socket(raw) as tls,
+        ):
+            tls.recv(1)  # TLS 1.3: the server checks the client's certificate after this
+            return None
+    except (ssl.SSLError, OSError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+
+
 def start_flow(
     args: list[str], env: dict[str, str] | None = None, cwd: Path = ROOT
 ) -> subprocess.Popen:

@@ -2,15 +2,19 @@ from __future__ import annotations
 
 import os
 
+import dask
 import psutil
 import pytest
+from conftest import client_refused, tls_handshake_error
 from distributed import Nanny, Scheduler
 
 from imgtasks.cluster import (
     ClusterSettings,
     connect,
+    exposure_warnings,
     has_routing,
     scheduler_spec,
+    security,
     worker_resources,
     worker_specs,
 )
@@ -44,6 +48,58 @@ def test_everything_binds_loopback_by_default() -> None:
     for spec in worker_specs(settings).values():
         assert spec["options"]["host"] == "127.0.0.1"
         assert spec["options"]["dashboard_address"].startswith("127.0.0.1:")
+    assert exposure_warnings(settings) == []
+
+
+def test_local_clusters_speak_tls_with_one_temporary_ca() -> None:
+    settings = ClusterSettings()
+    credentials = security(settings)
+    assert credentials.require_encryption and "BEGIN CERTIFICATE" in credentials.tls_ca_file
+    options = [scheduler_spec(settings, credentials)["options"]]
+    options += [spec["options"] for spec in worker_specs(settings, credentials).values()]
+    for option in options:
+        assert option["protocol"] == "tls://" and option["security"] is credentials
+    assert security(settings).tls_ca_file != credentials.tls_ca_file  # a new CA per run
+
+
+def test_insecure_is_plain_tcp_and_says_so() -> None:
+    settings = ClusterSettings(insecure=True)
+    credentials = security(settings)
+    assert not credentials.require_encryption
+    assert scheduler_spec(settings, credentials)["options"]["protocol"] == "tcp://"
+    (line,) = exposure_warnings(settings)
+    assert line.startswith("--insecure: ") and "run code as you" in line
+
+
+@pytest.mark.parametrize(
+    ("address", "shown"),
+    [(":8787", "0.0.0.0:8787"), ("0.0.0.0:0", "0.0.0.0:0"), ("10.1.2.3:8787", "10.1.2.3:8787")],
+)
+def test_a_dashboard_off_loopback_says_who_can_see_it(address: str, shown: str) -> None:
+    (line,) = exposure_warnings(ClusterSettings(dashboard_address=address))
+    assert f"listens on {shown}: anyone who can reach that address" in line
+    assert "without authentication" in line and "\n" not in line
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:8787", "localhost:0", "127.0.0.2:0"])
+def test_a_loopback_dashboard_says_nothing(address: str) -> None:
+    assert exposure_warnings(ClusterSettings(dashboard_address=address)) == []
+
+
+def test_remote_credentials_from_settings_or_dask_config(tmp_path) -> None:
+    settings = ClusterSettings(kind="tls://10.0.0.1:8786", tls_ca_file="ca.pem", tls_cert="c.pem")
+    with dask.config.set({"distributed.comm.tls.client.key": "from-config.pem"}):
+        assert settings.tls_files() == {
+            "tls_ca_file": ("--tls-ca-file", "ca.pem"),
+            "tls_cert": ("--tls-cert", "c.pem"),
+            "tls_key": ("distributed.comm.tls.client.key", "from-config.pem"),
+        }
+        credentials = security(settings)
+    assert credentials.tls_ca_file == "ca.pem" and credentials.tls_client_cert == "c.pem"
+    assert credentials.tls_client_key == "from-config.pem"
+    with dask.config.set({"distributed.comm.tls.ca-file": "config-ca.pem"}):
+        from_config = security(ClusterSettings(kind="tls://10.0.0.1:8786"))
+    assert from_config.tls_ca_file == "config-ca.pem"
 
 
 def test_processes_and_threads_shapes() -> None:
@@ -56,7 +112,14 @@ def test_processes_and_threads_shapes() -> None:
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"kind": "bogus"}, {"io_threads": 0}, {"cpu_workers": 0}, {"memory_fraction": 1.5}],
+    [
+        {"kind": "bogus"},
+        {"io_threads": 0},
+        {"cpu_workers": 0},
+        {"memory_fraction": 1.5},
+        {"kind": "hybrid", "tls_cert": "client.pem"},  # local clusters make their own
+        {"kind": "tls://10.0.0.1:8786", "insecure": True},
+    ],
 )
 def test_bad_settings_raise_early(kwargs: dict) -> None:
     with pytest.raises(ValueError):
@@ -83,7 +146,13 @@ def test_hybrid_cluster_starts_with_routing_and_routes(monkeypatch: pytest.Monke
             [[("io", 4.0)], [("cpu", 1.0)], [("cpu", 1.0)]]
         )
         assert has_routing(client)
-        import dask
+        # TLS with this run's own CA: a client without it, or a bare TLS handshake without a
+        # client certificate, is turned away; the dashboard stays plain HTTP on loopback
+        assert cluster is not None and cluster.scheduler_address.startswith("tls://127.0.0.1:")
+        assert client_refused(cluster.scheduler_address)
+        assert client_refused(cluster.scheduler_address.replace("tls://", "tcp://"))
+        assert tls_handshake_error(cluster.scheduler_address)
+        assert client.dashboard_link.startswith("http://127.0.0.1:")
 
         with dask.annotate(resources={"io": 1}):
             where_io = dask.delayed(_worker_name, pure=False)()

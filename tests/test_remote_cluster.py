@@ -1,11 +1,13 @@
 """flows/run.py against a real multi-process Dask cluster started with the ``dask`` CLI.
 
-Everything listens on 127.0.0.1 on free ports: a ``dask scheduler`` process, an I/O worker
-process (``--resources io=8``) and one ``dask worker --nworkers 2`` command with two
+Everything listens on 127.0.0.1 on free ports, over TLS with certificates the test makes
+(README: "Run on a cluster"): a ``dask scheduler`` process, an I/O worker process
+(``--resources io=8``) and one ``dask worker --nworkers 2`` command with two
 single-threaded CPU processes (``--resources cpu=1``). The flow connects by address and by
 scheduler file; where each task ran is read back from the scheduler's task stream.
 A second cluster whose workers declare no resources shows the fallback: the run completes
-and says that stages run anywhere.
+and says that stages run anywhere. Clients without the cluster's certificates are refused,
+each with one line that says why.
 """
 
 from __future__ import annotations
@@ -22,8 +24,18 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import free_port, run_flow, subprocess_environment, thumbnail_files
+from certs import Pem, make_ca, make_cert
+from conftest import (
+    client_refused,
+    free_port,
+    one_line_error,
+    run_flow,
+    subprocess_environment,
+    thumbnail_files,
+    tls_handshake_error,
+)
 from distributed import Client
+from distributed.security import Security
 
 NOTE = "note: the cluster's workers have no io/cpu resources"
 URL_COUNT = 24
@@ -38,11 +50,35 @@ def dask_cli() -> list[str]:
     return [sys.executable, "-m", "dask"]
 
 
+@dataclass(frozen=True)
+class Credentials:
+    """A cluster's CA, the certificate its scheduler and workers share, and a client's."""
+
+    ca: Pem
+    node: Pem
+    client: Pem
+
+    def security(self) -> Security:
+        return Security(
+            tls_ca_file=str(self.ca.cert),
+            tls_client_cert=str(self.client.cert),
+            tls_client_key=str(self.client.key),
+        )
+
+
+@pytest.fixture(scope="module")
+def credentials(tmp_path_factory: pytest.TempPathFactory) -> Credentials:
+    certs = tmp_path_factory.mktemp("certs")
+    ca = make_ca(certs)
+    return Credentials(ca, make_cert(certs, "node", ca), make_cert(certs, "client", ca))
+
+
 @dataclass
 class Cluster:
     """Scheduler and worker processes started by a test; their logs go to files."""
 
     workdir: Path
+    credentials: Credentials
     address: str = ""
     scheduler_file: Path | None = None
     procs: list[tuple[str, subprocess.Popen]] = field(default_factory=list)
@@ -62,7 +98,7 @@ class Cluster:
 
     def start_scheduler(self) -> None:
         port = free_port()
-        self.address = f"tcp://127.0.0.1:{port}"
+        self.address = f"tls://127.0.0.1:{port}"
         self.scheduler_file = self.workdir / "scheduler.json"
         self.start(
             "scheduler",
@@ -76,6 +112,7 @@ class Cluster:
                 f"127.0.0.1:{free_port()}",
                 "--scheduler-file",
                 str(self.scheduler_file),
+                *self.credentials.node.flags(self.credentials.ca),
             ],
         )
 
@@ -94,6 +131,7 @@ class Cluster:
                 str(self.workdir / "scratch"),
                 "--death-timeout",
                 "60",
+                *self.credentials.node.flags(self.credentials.ca),
                 *options,
             ],
         )
@@ -103,14 +141,17 @@ class Cluster:
         while True:
             self.check_alive()
             try:
-                return Client(self.address, timeout="5s")
+                return Client(self.address, timeout="5s", security=self.credentials.security())
             except OSError:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.3)
 
     def wait_for_workers(self, n: int, timeout: float = 60) -> None:
+        """Until ``n`` workers joined (0: until the scheduler takes a client)."""
         with self.client() as client:
+            if n == 0:
+                return
             try:
                 client.wait_for_workers(n, timeout=timeout)
             except TimeoutError:
@@ -144,9 +185,13 @@ class Cluster:
 
 
 @contextlib.contextmanager
-def running_cluster(workdir: Path, routed: bool) -> Iterator[Cluster]:
+def running_cluster(
+    workdir: Path, credentials: Credentials, routed: bool | None
+) -> Iterator[Cluster]:
+    """A scheduler and workers with (``routed``) or without io/cpu resources; None: the
+    scheduler alone."""
     workdir.mkdir(parents=True, exist_ok=True)
-    cluster = Cluster(workdir)
+    cluster = Cluster(workdir, credentials)
     try:
         cluster.start_scheduler()
         if routed:
@@ -164,11 +209,11 @@ def running_cluster(workdir: Path, routed: bool) -> Iterator[Cluster]:
                 "--memory-limit",
                 "1GiB",
             )
-        else:
+        elif routed is False:
             cluster.start_workers(
                 "plain", "--nworkers", "2", "--nthreads", "2", "--memory-limit", "1GiB"
             )
-        cluster.wait_for_workers(3 if routed else 2)
+        cluster.wait_for_workers({True: 3, False: 2, None: 0}[routed])
         yield cluster
     finally:
         cluster.stop()
@@ -211,10 +256,14 @@ def url_list(tmp_path_factory: pytest.TempPathFactory, demo_server) -> tuple[Pat
 
 @pytest.mark.timeout(150)
 def test_resource_routed_cluster_by_address_and_scheduler_file(
-    tmp_path: Path, url_list: tuple[Path, list[str]]
+    tmp_path: Path, url_list: tuple[Path, list[str]], credentials: Credentials
 ) -> None:
     listing, urls = url_list
-    with running_cluster(tmp_path / "cluster", routed=True) as cluster, cluster.client() as client:
+    tls = credentials.client.flags(credentials.ca)
+    with (
+        running_cluster(tmp_path / "cluster", credentials, routed=True) as cluster,
+        cluster.client() as client,
+    ):
         client.get_task_stream()  # installs the scheduler's task-stream recorder
         connections = {
             "address": ["--scheduler", cluster.address],
@@ -226,6 +275,7 @@ def test_resource_routed_cluster_by_address_and_scheduler_file(
             proc = run_flow(
                 [
                     *connect,
+                    *tls,
                     "--urls",
                     str(listing),
                     "--out",
@@ -250,13 +300,14 @@ def test_resource_routed_cluster_by_address_and_scheduler_file(
 
 @pytest.mark.timeout(120)
 def test_cluster_without_resources_still_completes(
-    tmp_path: Path, url_list: tuple[Path, list[str]]
+    tmp_path: Path, url_list: tuple[Path, list[str]], credentials: Credentials
 ) -> None:
     listing, urls = url_list
-    with running_cluster(tmp_path / "cluster", routed=False) as cluster:
+    tls = credentials.client.flags(credentials.ca)
+    with running_cluster(tmp_path / "cluster", credentials, routed=False) as cluster:
         out = tmp_path / "out"
         proc = run_flow(
-            ["--scheduler", cluster.address, "--urls", str(listing), "--out", str(out)],
+            ["--scheduler", cluster.address, *tls, "--urls", str(listing), "--out", str(out)],
             cwd=tmp_path,
         )
         check_outputs(out, urls, proc)
@@ -267,7 +318,7 @@ def test_cluster_without_resources_still_completes(
         demo_out = tmp_path / "out-demo"
         proc = run_flow(
             [
-                *("--scheduler", cluster.address, "--count", "8"),
+                *("--scheduler", cluster.address, *tls, "--count", "8"),
                 *("--latency", "0", "--out", str(demo_out)),
             ],
             cwd=tmp_path,
@@ -276,3 +327,47 @@ def test_cluster_without_resources_still_completes(
         assert DEMO_NOTE in proc.stderr
         assert len(pd.read_parquet(demo_out / "manifest")) == 8
         cluster.check_alive()
+
+
+@pytest.mark.timeout(120)
+def test_clients_without_the_cluster_certificates_are_refused(
+    tmp_path: Path, url_list: tuple[Path, list[str]], credentials: Credentials
+) -> None:
+    listing, _ = url_list
+    strangers = make_ca(tmp_path / "other", "other-ca")  # a CA the cluster does not trust
+    stranger = make_cert(tmp_path / "other", "stranger", strangers)
+    ca = credentials.ca
+    with running_cluster(tmp_path / "cluster", credentials, routed=None) as cluster:
+        plain = cluster.address.replace("tls://", "tcp://")
+        stranger_security = Security(tls_ca_file=str(ca.cert), **as_client(stranger))
+        assert client_refused(cluster.address)
+        assert client_refused(plain)
+        assert client_refused(cluster.address, stranger_security)
+        assert tls_handshake_error(cluster.address)
+
+        # the same through flows/run.py: one line each, exit 2
+        cases = {
+            "no certificates": (["--scheduler", cluster.address], "speaks TLS: give --tls-ca-file"),
+            "tcp:// to TLS": (
+                ["--scheduler", plain],
+                "closed the connection: if it speaks TLS, give its tls:// address",
+            ),
+            "another CA's client certificate": (
+                ["--scheduler", cluster.address, *stranger.flags(credentials.ca)],
+                "trust this client's certificate",
+            ),
+            "another CA": (
+                ["--scheduler", cluster.address, *credentials.client.flags(strangers)],
+                "not signed by the CA given",
+            ),
+        }
+        for case, (connect, reason) in cases.items():
+            proc = run_flow([*connect, "--urls", str(listing), "--out", str(tmp_path / "out")])
+            line = one_line_error(proc)
+            assert proc.returncode == 2, (case, proc.stderr)
+            assert reason in line, (case, line)
+        cluster.check_alive()
+
+
+def as_client(pem: Pem) -> dict[str, str]:
+    return {"tls_client_cert": str(pem.cert), "tls_client_key": str(pem.key)}

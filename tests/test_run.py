@@ -48,6 +48,7 @@ def manifest(out: Path) -> pd.DataFrame:
         (["--scheduler", "sync", "--report", "r.html"], "report"),
         (["--no-such-flag"], "unrecognized"),
         (["--formats", "jpeg,nosuch"], "unknown source formats NOSUCH"),
+        (["--insecure", "--scheduler", "tls://10.0.0.1:8786"], "--insecure is for local"),
     ],
 )
 def test_bad_arguments_are_one_line_and_exit_2(
@@ -134,6 +135,21 @@ def test_every_mode_gives_identical_results(mode_runs: dict) -> None:
         out, _ = mode_runs[mode]
         assert thumbnails(out) == expected_files, mode
         pd.testing.assert_frame_equal(manifest(out), expected_rows)
+
+
+@pytest.mark.timeout(120)
+def test_insecure_runs_on_plain_tcp_with_one_warning_line(tmp_path: Path) -> None:
+    proc = run_flow(
+        [
+            *("--insecure", "--scheduler", "processes", "--cpu-workers", "1"),
+            *("--count", "8", "--latency", "0", "--out", str(tmp_path / "out")),
+            *("--dashboard-address", "127.0.0.1:0"),
+        ]
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (line,) = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert "WARNING imgtasks.cluster: --insecure: the scheduler accepts plain TCP" in line
+    assert len(manifest(tmp_path / "out")) == 8
 
 
 @pytest.mark.timeout(300)

@@ -13,14 +13,14 @@ import importlib.util
 import json
 import os
 import socket
-import subprocess
 import threading
 import time
 from pathlib import Path
 
 import fsspec
 import pytest
-from conftest import free_port, run_flow, run_python, subprocess_environment
+from certs import DAY, Pem, make_ca, make_cert
+from conftest import free_port, one_line_error, run_flow, run_python, subprocess_environment
 
 from imgtasks import preflight
 from imgtasks.preflight import BAD_SETTING, UNAVAILABLE, SetupError
@@ -28,18 +28,6 @@ from imgtasks.sinks import OutputSettings
 from imgtasks.sources import SourceSettings
 
 CLI_TIMEOUT = 90  # generous: the checks take seconds, the scheduler wait 10 s
-
-
-def one_line_error(proc: subprocess.CompletedProcess) -> str:
-    """The single stderr line of a run stopped by a setup check, after the common asserts."""
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr
-    assert lines[0].startswith("run.py: error: "), lines[0]
-    assert "internal error" not in lines[0]
-    # stopped before the source or the cluster started
-    assert "demo server:" not in proc.stdout and "dashboard:" not in proc.stdout, proc.stdout
-    return lines[0]
 
 
 def hidden_package_env(tmp_path: Path, package: str) -> dict[str, str]:
@@ -128,6 +116,69 @@ def test_scheduler_file_naming_a_dead_scheduler(tmp_path: Path) -> None:
     line = one_line_error(proc)
     assert proc.returncode == UNAVAILABLE
     assert str(scheduler_file) in line and "no scheduler answers" in line
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Pem]:
+    """A CA, a client certificate it signs, an expired one, and a stray CA's certificate."""
+    certs = tmp_path_factory.mktemp("certs")
+    ca = make_ca(certs)
+    return {
+        "ca": ca,
+        "client": make_cert(certs, "client", ca),
+        "expired": make_cert(certs, "expired", ca, valid_from=-10 * DAY, valid_to=-DAY),
+        "stray": make_ca(certs, "stray-ca"),
+    }
+
+
+def tls_case(name: str, files: dict[str, Pem], tmp_path: Path) -> list[str]:
+    """--tls-* flags with one thing wrong, named by ``name``."""
+    not_pem = tmp_path / "not.pem"
+    not_pem.write_text("hello\n")
+    ca, cert, key = (str(p) for p in (files["ca"].cert, files["client"].cert, files["client"].key))
+    expired = files["expired"]
+    ca, cert, key = {
+        "missing CA file": (str(tmp_path / "nope.pem"), cert, key),
+        "CA file not PEM": (str(not_pem), cert, key),
+        "certificate not PEM": (ca, str(not_pem), key),
+        "another certificate's key": (ca, cert, str(files["stray"].key)),
+        "expired certificate": (ca, str(expired.cert), str(expired.key)),
+    }[name]
+    return ["--tls-ca-file", ca, "--tls-cert", cert, "--tls-key", key]
+
+
+@pytest.mark.parametrize(
+    ("case", "said"),
+    [
+        ("missing CA file", "nope.pem: no such file"),
+        ("CA file not PEM", "holds no PEM certificate"),
+        ("certificate not PEM", "not a PEM certificate and its private key"),
+        ("another certificate's key", "is not the key of --tls-cert"),
+        ("expired certificate", "expired on "),
+    ],
+)
+def test_bad_tls_files(case: str, said: str, tls_files: dict[str, Pem], tmp_path: Path) -> None:
+    # nothing listens at the address: the files are checked first, in milliseconds
+    address = f"tls://127.0.0.1:{free_port()}"
+    proc = run_flow(["--scheduler", address, *tls_case(case, tls_files, tmp_path)])
+    line = one_line_error(proc)
+    assert proc.returncode == BAD_SETTING
+    assert said in line, line
+
+
+def test_tls_files_with_a_tcp_address(tls_files: dict[str, Pem]) -> None:
+    flags = tls_files["client"].flags(tls_files["ca"])
+    proc = run_flow(["--scheduler", f"tcp://127.0.0.1:{free_port()}", *flags])
+    line = one_line_error(proc)
+    assert proc.returncode == BAD_SETTING
+    assert "is not a tls:// address" in line
+
+
+def test_tls_files_for_a_local_cluster(tls_files: dict[str, Pem]) -> None:
+    proc = run_flow(["--tls-cert", str(tls_files["client"].cert)], timeout=CLI_TIMEOUT)
+    line = one_line_error(proc)
+    assert proc.returncode == BAD_SETTING
+    assert "local clusters make their own certificates" in line
 
 
 def test_debug_log_level_adds_the_traceback(a_file: Path) -> None:
@@ -309,6 +360,51 @@ def test_explain_fsspec_errors() -> None:
 
     assert preflight.explain(RuntimeError("a bug")) is None
     assert preflight.explain(ImportError("No module named 'foo'")) is None
+
+
+def test_good_tls_files_pass(tls_files: dict[str, Pem]) -> None:
+    ca, client = tls_files["ca"], tls_files["client"]
+    files = {
+        "tls_ca_file": ("--tls-ca-file", str(ca.cert)),
+        "tls_cert": ("--tls-cert", str(client.cert)),
+        "tls_key": ("--tls-key", str(client.key)),
+    }
+    preflight.check_tls("--scheduler tls://h:1", "tls://h:1", files)
+    preflight.check_tls("--scheduler tcp://h:1", "tcp://h:1", {})
+    with pytest.raises(SetupError, match="speaks TLS: give --tls-ca-file"):
+        preflight.check_tls("--scheduler tls://h:1", "tls://h:1", {})
+    config_files = {"tls_ca_file": ("distributed.comm.tls.ca-file", "/nowhere.pem")}
+    preflight.check_tls("--scheduler tcp://h:1", "tcp://h:1", config_files)  # not for us
+
+
+@pytest.mark.parametrize(
+    ("message", "said"),
+    [
+        ("TLS certificate does not match. Check your security settings.", None),
+        ("in <TLS (closed)>: SSLError: [SSL: TLSV1_ALERT_UNKNOWN_CA] tlsv1 alert", "trust"),
+        ("in <TCP (closed)>: ConnectionResetError: [Errno 104] Connection reset by peer", "tls://"),
+        ("IOStream is not idle; cannot convert to SSL", "does not speak TLS"),
+        ("a bug", None),
+    ],
+)
+def test_tls_refusals(message: str, said: str | None) -> None:
+    error = preflight.tls_refusal(RuntimeError(message), "--scheduler tls://h:1")
+    if said is None:
+        assert error is None or "not signed by the CA" in str(error)
+    else:
+        assert error is not None and said in str(error) and error.exit_code == BAD_SETTING
+        assert str(error).startswith("--scheduler tls://h:1: ")
+
+
+def test_a_certificate_error_is_found_in_the_cause() -> None:
+    try:
+        try:
+            raise OSError("[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed")
+        except OSError as cause:
+            raise RuntimeError("TLS certificate does not match") from cause
+    except RuntimeError as exc:
+        error = preflight.tls_refusal(exc, "--scheduler tls://h:1")
+    assert error is not None and "not signed by the CA given" in str(error)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("gcsfs") is not None, reason="gcsfs is installed")
