@@ -93,6 +93,23 @@ def build_parser() -> argparse.ArgumentParser:
         default="url",
         help="column/key holding the URL in csv/tsv/parquet/jsonl lists",
     )
+    src.add_argument(
+        "--caption-column",
+        metavar="COL",
+        help="column/key of the list carried to the manifest's caption column (and .txt)",
+    )
+    src.add_argument(
+        "--keep-columns",
+        metavar="A,B,C",
+        default="",
+        help="columns/keys of the list kept in the manifest (and .json), comma-separated",
+    )
+    src.add_argument(
+        "--verify-hash-column",
+        metavar="COL",
+        help="column/key holding the sha256 of the expected bytes: a mismatch is status "
+        "hash_mismatch and nothing is kept",
+    )
     src.add_argument("--count", type=int, default=DEFAULT_COUNT, help="demo: number of images")
     src.add_argument(
         "--latency", type=float, default=0.1, help="demo: injected latency per request, seconds"
@@ -305,6 +322,9 @@ def job_from_args(args: argparse.Namespace) -> Job:
         "out": args.out,
         "cluster": cluster,
         "url_column": args.url_column,
+        "caption_column": args.caption_column,
+        "keep_columns": tuple(n.strip() for n in args.keep_columns.split(",") if n.strip()),
+        "verify_hash_column": args.verify_hash_column,
         "thumb": ThumbSettings(
             size=parse_size(args.size),
             mode=args.mode,

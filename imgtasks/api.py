@@ -43,10 +43,14 @@ from imgtasks.sinks import OutputSettings, sweep_temporaries
 from imgtasks.sources import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_COLUMN,
+    NO_COLUMNS,
+    InputColumns,
     SourceSettings,
     UrlBatch,
     batched,
     classify,
+    dtype_kind,
+    kept_kinds,
     url_batches,
 )
 from imgtasks.status import Status
@@ -182,6 +186,9 @@ def thumbnails(
     client: Any = None,
     cluster: clusters.ClusterSettings | str | None = None,
     url_column: str = DEFAULT_COLUMN,
+    caption_column: str | None = None,
+    keep_columns: Iterable[str] = (),
+    verify_hash_column: str | None = None,
     size: tuple[int, int] | None = None,
     mode: str | None = None,
     format: str | None = None,
@@ -216,6 +223,12 @@ def thumbnails(
             ``"threads"``, ``"sync"`` (no cluster, for debugging) or a scheduler address
             like ``"tcp://host:8786"``.
         url_column: the column or key holding the URL (csv/tsv/parquet/jsonl, DataFrames).
+        caption_column: a column of the input (csv/tsv/parquet/jsonl, DataFrames) written
+            to the manifest's ``caption`` column.
+        keep_columns: input columns written to the manifest as columns of their own
+            (Parquet's and DataFrames' types kept; text from csv/tsv/jsonl).
+        verify_hash_column: a column holding the sha256 (hex) of the expected bytes; a
+            body that differs gets status ``hash_mismatch`` and nothing is kept.
         size: thumbnail box (width, height); default (128, 128).
         mode: ``"fit"`` (default: inside the box, never upscaled), ``"crop"`` or ``"pad"``.
         format: ``"jpeg"`` (default), ``"png"`` or ``"webp"``.
@@ -246,30 +259,36 @@ def thumbnails(
             ``result`` holds what was done.
     """
     output = OutputSettings(os.fspath(out), dict(storage_options or {}))
+    columns = InputColumns(caption_column, _names(keep_columns), verify_hash_column)
+    if window < 0:
+        raise ValueError(f"window must be >= 0, got {window}")
+    listing = url_list(urls, url_column, _positive("batch_size", batch_size), output, columns)
+    how = _Execution(client, _cluster_settings(cluster), window, report, progress, resume)
+    # Before anything starts: an unwritable output or a scheduler that does not answer is a
+    # one-line SetupError in seconds, not a traceback after the cluster's start-up.
+    originals = (
+        OutputSettings(os.fspath(keep_originals), output.storage_options)
+        if keep_originals is not None
+        else None
+    )
+    preflight.check(
+        output,
+        originals=originals,
+        source=listing,
+        cluster=how.cluster if client is None else None,
+    )
     job = JobSettings(
         _thumb_settings(thumb, size, mode, format, quality),
         output,
         run_id=new_run_id(),
-        originals=OutputSettings(os.fspath(keep_originals), output.storage_options)
-        if keep_originals is not None
-        else None,
-    )
-    if window < 0:
-        raise ValueError(f"window must be >= 0, got {window}")
-    listing = url_list(urls, url_column, _positive("batch_size", batch_size), output)
-    how = _Execution(client, _cluster_settings(cluster), window, report, progress, resume)
-    # Before anything starts: an unwritable output or a scheduler that does not answer is a
-    # one-line SetupError in seconds, not a traceback after the cluster's start-up.
-    preflight.check(
-        output,
-        originals=job.originals,
-        source=listing,
-        cluster=how.cluster if client is None else None,
+        originals=originals,
+        kept=kept_kinds(listing) if listing is not None else _frame_kinds(urls, columns),
+        keep_names=columns.keep,
     )
     if listing is not None:
         batches, total = url_batches(listing), None
     else:
-        batches, total = url_values(urls, url_column, batch_size)
+        batches, total = url_values(urls, url_column, batch_size, columns)
     download = download or DownloadSettings()
     if not download.disallowed_header_directives:
         log.warning(
@@ -412,7 +431,11 @@ def _contact_sheet(job: JobSettings) -> str | None:
 
 
 def url_list(
-    urls: URLs, column: str, batch_size: int, output: OutputSettings
+    urls: URLs,
+    column: str,
+    batch_size: int,
+    output: OutputSettings,
+    columns: InputColumns = NO_COLUMNS,
 ) -> SourceSettings | None:
     """The settings of a URL list file, when ``urls`` names one (a path or fsspec URL)."""
     if not isinstance(urls, str | os.PathLike):
@@ -421,53 +444,91 @@ def url_list(
         os.fspath(urls),
         column=column,
         batch_size=batch_size,
+        columns=columns,
         storage_options=output.storage_options,
     )
 
 
-def url_values(urls: URLs, column: str, batch_size: int) -> tuple[Iterator[UrlBatch], int | None]:
+def url_values(
+    urls: URLs, column: str, batch_size: int, columns: InputColumns = NO_COLUMNS
+) -> tuple[Iterator[UrlBatch], int | None]:
     """The batches of in-memory URLs, lazily, and their count when known up front."""
-    values = _url_values(urls, column)
-    total = len(values) if isinstance(values, Sized) else None
-    return batched(classify(_strings(values)), batch_size), total
+    values = _url_values(urls, column, columns.names)
+    total = len(urls) if isinstance(urls, Sized) and not _is_dask_collection(urls) else None
+    rows = ((_string(url), columns.carry(extra)) for url, extra in values)
+    return batched(classify(rows), batch_size), total
 
 
-def _url_values(urls: Any, column: str) -> Iterable[Any]:
+def _url_values(urls: Any, column: str, names: tuple[str, ...]) -> Iterable[tuple[Any, tuple]]:
+    """(URL, values of ``names``) of each input line."""
     if _is_dask_collection(urls):
-        return _dask_partitions(_column(urls, column))
+        return _dask_partitions(_columns(urls, column, names))
     if hasattr(urls, "columns") or hasattr(urls, "to_numpy"):  # pandas DataFrame / Series
-        return _column(urls, column).tolist()
+        return _rows(_columns(urls, column, names))
     if isinstance(urls, bytes | Mapping) or not isinstance(urls, Iterable):
         raise ValueError(
             "urls must be a path, an iterable of URL strings, or a pandas/dask DataFrame; "
             f"got {type(urls).__name__}"
         )
-    return urls
+    _no_columns(names, "an iterable of URLs")
+    return ((url, ()) for url in urls)
 
 
-def _column(frame: Any, column: str) -> Any:
+def _no_columns(names: tuple[str, ...], what: str) -> None:
+    if names:
+        raise ValueError(f"{what} has no columns: {list(names)} need a DataFrame or a list file")
+
+
+def _columns(frame: Any, column: str, names: tuple[str, ...]) -> Any:
+    """The URL column, then ``names``: a DataFrame, or the Series itself."""
     if not hasattr(frame, "columns"):
-        return frame  # a Series
-    if column not in frame.columns:
-        raise ValueError(f"column {column!r} not in the DataFrame's {list(frame.columns)}")
-    return frame[column]
+        _no_columns(names, "a Series")
+        return frame
+    for name in (column, *names):
+        if name not in frame.columns:
+            raise ValueError(f"column {name!r} not in the DataFrame's {list(frame.columns)}")
+    return frame[list(dict.fromkeys((column, *names)))], (column, *names)
+
+
+def _rows(selected: Any) -> list[tuple[Any, tuple]]:
+    if not isinstance(selected, tuple):  # a Series
+        return [(url, ()) for url in selected.tolist()]
+    frame, (column, *names) = selected
+    urls = frame[column].tolist()
+    if not names:
+        return [(url, ()) for url in urls]
+    return list(zip(urls, zip(*(frame[n].tolist() for n in names), strict=True), strict=True))
+
+
+def _frame_kinds(urls: Any, columns: InputColumns) -> tuple[tuple[str, str], ...]:
+    """(name, kind) of the kept columns of a DataFrame, from its dtypes."""
+    if not columns.keep:
+        return ()
+    dtypes = urls[list(columns.keep)].dtypes if hasattr(urls, "columns") else {}
+    return tuple((name, dtype_kind(dtypes.get(name))) for name in columns.keep)
+
+
+def _names(keep: Iterable[str]) -> tuple[str, ...]:
+    if isinstance(keep, str):  # "a,b,c", as on the command line
+        keep = keep.split(",")
+    return tuple(name.strip() for name in keep if name.strip())
 
 
 def _is_dask_collection(value: Any) -> bool:
     return hasattr(value, "npartitions") and hasattr(value, "to_delayed")
 
 
-def _dask_partitions(series: Any) -> Iterator[Any]:
+def _dask_partitions(selected: Any) -> Iterator[tuple[Any, tuple]]:
     """One partition at a time: computed where the collection lives (the default client's
     cluster), so only one partition of URLs is ever on the client."""
-    for part in series.to_delayed():
-        yield from part.compute().tolist()
+    frame, names = selected if isinstance(selected, tuple) else (selected, None)
+    for part in frame.to_delayed():
+        yield from _rows((part.compute(), names) if names else part.compute())
 
 
-def _strings(values: Iterable[Any]) -> Iterator[str]:
+def _string(value: Any) -> str:
     # A missing value (None, NaN) is an input line too: an empty URL, so an invalid_url row.
-    for value in values:
-        yield value.strip() if isinstance(value, str) else ""
+    return value.strip() if isinstance(value, str) else ""
 
 
 def _thumb_settings(

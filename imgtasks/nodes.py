@@ -16,7 +16,15 @@ from dataclasses import dataclass, field, replace
 from urllib.parse import urlsplit
 
 from imgtasks.download import DownloadResult, DownloadSettings, fetch_many
-from imgtasks.manifest import Record, manifest_relpath, read_part, write_manifest_part
+from imgtasks.manifest import (
+    KeptColumns,
+    Record,
+    kept_schema,
+    manifest_relpath,
+    read_part,
+    record_of,
+    write_manifest_part,
+)
 from imgtasks.sinks import OutputSettings, file_exists, output_relpath, write_file
 from imgtasks.sources import UrlBatch, UrlEntry
 from imgtasks.status import DOWNLOAD, NETWORK, SOURCE, Status
@@ -69,6 +77,17 @@ class JobSettings:
     output: OutputSettings
     run_id: str
     originals: OutputSettings | None = None  # also keep the downloaded files there
+    kept: KeptColumns = ()  # the input columns kept in the manifest, with their types
+    keep_names: tuple[str, ...] = ()  # InputColumns.keep: the order of UrlEntry.carried.kept
+
+    def __post_init__(self) -> None:
+        kept_schema(self.kept)  # a kept column named like a manifest column: before any work
+
+    def with_input(self, record: Record, entry: UrlEntry) -> Record:
+        """The record with what its input row carries: caption and kept columns."""
+        carried = entry.carried
+        kept = tuple(zip(self.keep_names, carried.kept, strict=True))
+        return replace(record, index=entry.index, caption=carried.caption, kept=kept)
 
 
 def download_batch(batch: UrlBatch, settings: DownloadSettings) -> DownloadedBatch:
@@ -99,12 +118,14 @@ def thumbnail_batch(
     start = time.perf_counter()
     previous = previous or {}
     records = [
-        replace(previous[entry.index], index=entry.index)
+        job.with_input(previous[entry.index], entry)
         if entry.status == RESUMED
         else isolated_record(entry, result, job)
         for entry, result in zip(downloaded.batch.entries, downloaded.results, strict=True)
     ]
-    manifest = write_manifest_part(job.output, job.run_id, downloaded.batch.batch_id, records)
+    manifest = write_manifest_part(
+        job.output, job.run_id, downloaded.batch.batch_id, records, job.kept
+    )
     wall = time.perf_counter() - start
     log.debug("batch %d: %d entries in %.3f s", downloaded.batch.batch_id, len(records), wall)
     return batch_report(
@@ -155,10 +176,10 @@ def record_failed_batch(
     before it was lost is complete (written atomically) and kept."""
     relpath = manifest_relpath(job.run_id, batch.batch_id)
     if file_exists(job.output, relpath):
-        records = [Record(**row) for row in read_part(job.output, relpath).to_pylist()]
+        records = [record_of(row) for row in read_part(job.output, relpath).to_pylist()]
     else:
         records = failed_batch_records(batch, error, job, previous)
-        write_manifest_part(job.output, job.run_id, batch.batch_id, records)
+        write_manifest_part(job.output, job.run_id, batch.batch_id, records, job.kept)
     return batch_report(batch.batch_id, relpath, records, resumed=len(previous or {}))
 
 
@@ -166,10 +187,13 @@ def isolated_record(entry: UrlEntry, result: DownloadResult | None, job: JobSett
     """``entry_record``, with any unexpected exception turned into this URL's own row:
     one URL's bug costs that URL, never the rest of its batch."""
     try:
-        return entry_record(entry, result, job)
+        record = entry_record(entry, result, job)
     except Exception as exc:  # a bug, or a library failing in a way nobody classified
         log.exception("internal error on %s", entry.url)
-        return Record(entry.index, entry.url, Status.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")
+        record = Record(
+            entry.index, entry.url, Status.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}"
+        )
+    return job.with_input(record, entry)
 
 
 def failed_batch_records(
@@ -179,11 +203,14 @@ def failed_batch_records(
     was to fetch; sources' verdicts and resumed rows as the node would have written them."""
     previous = previous or {}
     return [
-        replace(previous[e.index], index=e.index)
-        if e.index in previous
-        else Record(e.index, e.url, Status.BATCH_FAILED, error)
-        if e.pending or e.status == RESUMED
-        else entry_record(e, None, job)
+        job.with_input(
+            previous[e.index]
+            if e.index in previous
+            else Record(e.index, e.url, Status.BATCH_FAILED, error)
+            if e.pending or e.status == RESUMED
+            else entry_record(e, None, job),
+            e,
+        )
         for e in batch.entries
     ]
 
@@ -194,15 +221,14 @@ def entry_record(entry: UrlEntry, result: DownloadResult | None, job: JobSetting
         path = output_relpath(entry.url, job.thumb.ext) if entry.status == Status.DUPLICATE else ""
         return Record(entry.index, entry.url, entry.status, entry.error, path=path)
     if not result.ok or result.content is None:
-        return Record(
-            entry.index,
-            entry.url,
-            result.status,
-            result.error,
-            http_status=result.http_status or 0,
-            download_s=result.network_s,
-        )
+        return _download_record(entry, result, result.status, result.error)
+    if entry.carried.sha256 and hashlib.sha256(result.content).hexdigest() != entry.carried.sha256:
+        return _download_record(entry, result, Status.HASH_MISMATCH, _mismatch(entry))
     return _thumbnail_record(entry, result, result.content, job)
+
+
+def _mismatch(entry: UrlEntry) -> str:
+    return f"the body's sha256 is not the expected {entry.carried.sha256[:80]}"
 
 
 def _thumbnail_record(
@@ -229,6 +255,21 @@ def _thumbnail_record(
         status, error, path = _write_thumbnail(entry.url, thumb, job)
         fields |= {"path": path, "width": thumb.width, "height": thumb.height}
     return Record(entry.index, entry.url, status, error, **fields)  # type: ignore[arg-type]
+
+
+def _download_record(entry: UrlEntry, result: DownloadResult, status: str, error: str) -> Record:
+    """The row of a URL whose body is not kept: what the download said, and nothing more."""
+    body = result.content or b""
+    return Record(
+        entry.index,
+        entry.url,
+        status,
+        error,
+        bytes=len(body),
+        sha256=hashlib.sha256(body).hexdigest() if body else "",
+        http_status=result.http_status or 0,
+        download_s=result.network_s,
+    )
 
 
 def _write_thumbnail(url: str, thumb: Thumbnail, job: JobSettings) -> tuple[str, str, str]:

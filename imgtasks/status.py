@@ -7,7 +7,7 @@ and it formats and hashes as its value. Whether a result is ok follows from its 
     sources      invalid_url  duplicate
     download     http_4xx  http_5xx  http_error  timeout  connection_error  too_large
                  too_many_redirects  incomplete_body  empty_body  opted_out
-                 robots_disallowed
+                 robots_disallowed  hash_mismatch
     thumbnail    decode_error  truncated_image  too_many_pixels  unsupported_format
                  encode_error
     writing      write_error
@@ -42,6 +42,7 @@ class Status(str, Enum):
     EMPTY_BODY = "empty_body"
     OPTED_OUT = "opted_out"  # X-Robots-Tag says noai/noindex/... to all agents or to us
     ROBOTS_DISALLOWED = "robots_disallowed"  # --respect-robots-txt: the host's robots.txt
+    HASH_MISMATCH = "hash_mismatch"  # the body's sha256 is not the input's; nothing kept
     # thumbnail
     DECODE_ERROR = "decode_error"
     TRUNCATED_IMAGE = "truncated_image"
