@@ -149,6 +149,27 @@ def build_parser() -> argparse.ArgumentParser:
         "Pillow opens but EPS, which runs Ghostscript: name EPS to add it)",
     )
     out.add_argument(
+        "--min-size",
+        type=int,
+        default=0,
+        metavar="PX",
+        help="an original whose shorter side is below PX is status too_small (0: no limit)",
+    )
+    out.add_argument(
+        "--max-aspect-ratio",
+        type=float,
+        default=0.0,
+        metavar="R",
+        help="an original whose longer side / shorter side exceeds R is status "
+        "bad_aspect_ratio (0: no limit)",
+    )
+    out.add_argument(
+        "--keep-fitting",
+        action="store_true",
+        help="an image already in --format and inside the box is kept byte for byte, not "
+        "re-encoded (its metadata too; the manifest's encoding column says 'original')",
+    )
+    out.add_argument(
         "--resume",
         action="store_true",
         help="skip URLs an earlier run into the same --out finished (ok row, file present)",
@@ -331,6 +352,9 @@ def job_from_args(args: argparse.Namespace) -> Job:
             format=args.format,
             quality=args.quality,
             source_formats=parse_formats(args.formats),
+            min_size=args.min_size,
+            max_aspect_ratio=args.max_aspect_ratio,
+            keep_fitting=args.keep_fitting,
         ),
         "download": DownloadSettings(
             deadline=args.timeout,

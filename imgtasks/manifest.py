@@ -48,6 +48,8 @@ class Record:
     thumbnail_s: float = 0.0
     original_path: str = ""  # kept original, relative to its root, when originals are kept
     caption: str = ""  # the input's caption column, when one is named
+    phash: str = ""  # the thumbnail's 64-bit difference hash, 16 hex digits
+    encoding: str = ""  # "reencoded", or "original": the image's own bytes kept as they were
     # The input's kept columns as (name, value) pairs: columns of their own in the part,
     # after the fixed ones, typed by the run's KeptColumns.
     kept: tuple[tuple[str, Any], ...] = field(default=(), compare=False)
@@ -73,6 +75,8 @@ MANIFEST_SCHEMA = pa.schema(
         ("thumbnail_s", pa.float64()),
         ("original_path", pa.string()),
         ("caption", pa.string()),
+        ("phash", pa.string()),
+        ("encoding", pa.string()),
     ]
 )
 assert [f.name for f in fields(Record)] == [*MANIFEST_SCHEMA.names, "kept"]

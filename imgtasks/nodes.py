@@ -254,6 +254,7 @@ def _thumbnail_record(
     if thumb.ok:
         status, error, path = _write_thumbnail(entry.url, thumb, job)
         fields |= {"path": path, "width": thumb.width, "height": thumb.height}
+        fields |= {"phash": thumb.phash, "encoding": thumb.encoding}
     return Record(entry.index, entry.url, status, error, **fields)  # type: ignore[arg-type]
 
 

@@ -9,7 +9,7 @@ and it formats and hashes as its value. Whether a result is ok follows from its 
                  too_many_redirects  incomplete_body  empty_body  opted_out
                  robots_disallowed  hash_mismatch
     thumbnail    decode_error  truncated_image  too_many_pixels  unsupported_format
-                 encode_error
+                 encode_error  too_small  bad_aspect_ratio
     writing      write_error
     flow         internal_error  batch_failed
     ok           ok
@@ -49,6 +49,8 @@ class Status(str, Enum):
     TOO_MANY_PIXELS = "too_many_pixels"  # a decompression bomb
     UNSUPPORTED_FORMAT = "unsupported_format"  # an image format outside the allowed list
     ENCODE_ERROR = "encode_error"
+    TOO_SMALL = "too_small"  # --min-size: the original's shorter side is below it
+    BAD_ASPECT_RATIO = "bad_aspect_ratio"  # --max-aspect-ratio: longer / shorter side above it
     # writing the outputs
     WRITE_ERROR = "write_error"
     # the flow
@@ -84,6 +86,8 @@ THUMBNAIL = frozenset(
         Status.TOO_MANY_PIXELS,
         Status.UNSUPPORTED_FORMAT,
         Status.ENCODE_ERROR,
+        Status.TOO_SMALL,
+        Status.BAD_ASPECT_RATIO,
     }
 )
 # Failures of the network rather than of the URL: many of them at once mean DNS or the
