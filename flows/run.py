@@ -35,6 +35,7 @@ from imgtasks.imgur import (
     client_id_from_env,
     imgur_links,
 )
+from imgtasks.shards import DEFAULT_SHARD_SIZE
 from imgtasks.sinks import OutputSettings
 from imgtasks.sources import DEFAULT_BATCH_SIZE, SourceSettings
 from imgtasks.thumbnail import ThumbSettings, parse_formats, parse_size
@@ -128,6 +129,21 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_OUT,
         metavar="DIR|URL",
         help="where thumbnails and the manifest go (local dir or fsspec URL)",
+    )
+    out.add_argument(
+        "--output-format",
+        default="files",
+        choices=("files", "webdataset", "parquet"),
+        help="files: a thumbnail per image and the manifest; webdataset: NNNNN.tar shards "
+        "(<key>.jpg/.json/.txt) with NNNNN.parquet and NNNNN_stats.json beside, as img2dataset "
+        "writes them; parquet: NNNNN.parquet with the images in a binary column",
+    )
+    out.add_argument(
+        "--shard-size",
+        type=int,
+        default=DEFAULT_SHARD_SIZE,
+        metavar="N",
+        help="input lines per shard (webdataset, parquet)",
     )
     out.add_argument("--size", default="128x128", metavar="WxH", help="thumbnail box")
     out.add_argument(
@@ -370,6 +386,8 @@ def job_from_args(args: argparse.Namespace) -> Job:
         "storage_options": parse_storage_options(args.storage_options),
         "keep_originals": args.keep_originals,
         "resume": args.resume,
+        "output_format": args.output_format,
+        "shard_size": _positive("--shard-size", args.shard_size),
         "batch_size": _positive("--batch-size", args.batch_size),
         "window": args.window,
         "report": args.report,

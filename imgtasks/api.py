@@ -27,6 +27,7 @@ from imgtasks.flow import (
     default_window,
     new_run_id,
     run_sync,
+    run_sync_shards,
     stream_batches,
 )
 from imgtasks.manifest import (
@@ -39,6 +40,13 @@ from imgtasks.manifest import (
 )
 from imgtasks.nodes import JobSettings
 from imgtasks.runlog import RUN_LOG, BatchLog
+from imgtasks.shards import (
+    DEFAULT_SHARD_SIZE,
+    ShardSettings,
+    finished_shards,
+    shard_counts,
+    shard_files,
+)
 from imgtasks.sinks import OutputSettings, sweep_temporaries
 from imgtasks.sources import (
     DEFAULT_BATCH_SIZE,
@@ -85,6 +93,7 @@ class Result:
     interrupted: bool = False
     total: int | None = field(default=None, repr=False)  # input lines, when known up front
     failed_hosts: Mapping[str, int] = field(default_factory=dict)  # top 10: download failures
+    output_format: str = "files"  # or "webdataset", "parquet": shards under out/
 
     @property
     def ok(self) -> int:
@@ -100,6 +109,9 @@ class Result:
 
     @property
     def manifest_dir(self) -> str:
+        """Where the per-URL rows are: the manifest, or the shards' parquet files."""
+        if self.output_format != "files":
+            return f"{self.output.root.rstrip('/')}/"
         return f"{self.output.root.rstrip('/')}/{MANIFEST_DIR}/"
 
     @property
@@ -112,6 +124,8 @@ class Result:
         A pandas DataFrame; ``lazy=True``: a dask DataFrame over every part, unread (it
         holds earlier runs' rows too when a run failed or resumed part-way).
         """
+        if self.output_format != "files":
+            return _shard_rows(self.output, lazy)
         if lazy:
             import dask.dataframe as dd
 
@@ -169,6 +183,26 @@ class Result:
         return "\n".join(lines)
 
 
+OUTPUT_FORMATS = ("files", "webdataset", "parquet")
+IMAGE_COLUMNS = ("jpg", "png", "webp")  # the parquet format's image bytes, by extension
+
+
+def _shard_rows(output: OutputSettings, lazy: bool) -> Any:
+    """The rows of every finished shard, images left out (pandas, or dask when lazy)."""
+    import pandas as pd
+
+    root = output.root.rstrip("/")
+    paths = [f"{root}/{relpath}" for relpath in shard_files(output)]
+    options = dict(output.storage_options) or None
+    read = pd.read_parquet
+    if lazy:
+        import dask.dataframe as dd
+
+        read = dd.read_parquet
+    frame = read(paths, storage_options=options) if paths else pd.DataFrame(columns=["key"])
+    return frame.drop(columns=[c for c in frame.columns if c in IMAGE_COLUMNS])
+
+
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C (or a notebook's stop button) during :func:`thumbnails`. Finished batches
     are kept (their manifest parts are whole); ``result`` says what was done, and a call
@@ -189,6 +223,8 @@ def thumbnails(
     caption_column: str | None = None,
     keep_columns: Iterable[str] = (),
     verify_hash_column: str | None = None,
+    output_format: str = "files",
+    shard_size: int = DEFAULT_SHARD_SIZE,
     size: tuple[int, int] | None = None,
     mode: str | None = None,
     format: str | None = None,
@@ -227,6 +263,12 @@ def thumbnails(
             to the manifest's ``caption`` column.
         keep_columns: input columns written to the manifest as columns of their own
             (Parquet's and DataFrames' types kept; text from csv/tsv/jsonl).
+        output_format: ``"files"`` (default: a thumbnail file per image and the manifest),
+            ``"webdataset"`` (``00000.tar`` ... with ``<key>.jpg``, ``.json``, ``.txt``,
+            beside each a ``00000.parquet`` of every input line and ``00000_stats.json``,
+            as img2dataset lays them out) or ``"parquet"`` (the images in a binary column
+            of ``00000.parquet`` ...).
+        shard_size: input lines per shard (webdataset/parquet); default 10,000.
         verify_hash_column: a column holding the sha256 (hex) of the expected bytes; a
             body that differs gets status ``hash_mismatch`` and nothing is kept.
         size: thumbnail box (width, height); default (128, 128).
@@ -262,6 +304,8 @@ def thumbnails(
     columns = InputColumns(caption_column, _names(keep_columns), verify_hash_column)
     if window < 0:
         raise ValueError(f"window must be >= 0, got {window}")
+    if output_format not in OUTPUT_FORMATS:
+        raise ValueError(f"output_format must be one of {OUTPUT_FORMATS}; got {output_format!r}")
     listing = url_list(urls, url_column, _positive("batch_size", batch_size), output, columns)
     how = _Execution(client, _cluster_settings(cluster), window, report, progress, resume)
     # Before anything starts: an unwritable output or a scheduler that does not answer is a
@@ -284,11 +328,13 @@ def thumbnails(
         originals=originals,
         kept=kept_kinds(listing) if listing is not None else _frame_kinds(urls, columns),
         keep_names=columns.keep,
+        shards=None if output_format == "files" else ShardSettings(output_format, shard_size),
     )
+    every = job.shards.size if job.shards else 0
     if listing is not None:
-        batches, total = url_batches(listing), None
+        batches, total = url_batches(listing, every), None
     else:
-        batches, total = url_values(urls, url_column, batch_size, columns)
+        batches, total = url_values(urls, url_column, batch_size, columns, every)
     download = download or DownloadSettings()
     if not download.disallowed_header_directives:
         log.warning(
@@ -319,7 +365,8 @@ def _run(
     links: dict[str, str | None] = {"dashboard": None, "sheet": None}
     try:
         with contextlib.ExitStack() as stack:
-            wiring = Wiring(download, job, done=_resumable(job.output, how.resume))
+            wiring = Wiring(download, job, done=_resumable(job, how.resume))
+            batches = _unfinished_shards(batches, job, how.resume, tally)
             batch_log = stack.enter_context(BatchLog(job.output))
             say("outputs: %s  (manifest: %s/%s/)", job.output.root, job.output.root, MANIFEST_DIR)
             tally.started = time.perf_counter()
@@ -327,7 +374,7 @@ def _run(
             progress = Progress(how.progress, total, batch_log)
             stack.callback(progress.close)
             if client is None:
-                run_sync(batches, wiring, tally, progress)
+                (run_sync_shards if job.shards else run_sync)(batches, wiring, tally, progress)
             else:
                 links["dashboard"] = client.dashboard_link
                 wiring = _routed(wiring, client, how)
@@ -340,7 +387,7 @@ def _run(
         raise Interrupted(_result(tally, job, how, links, interrupted=True)) from None
     if not tally.failed_batches:
         keep_only_run(job.output, job.run_id)
-    links["sheet"] = _contact_sheet(job)
+    links["sheet"] = None if job.shards else _contact_sheet(job)
     return _result(tally, job, how, links)
 
 
@@ -369,6 +416,7 @@ def _result(
         interrupted=interrupted,
         total=tally.total,
         failed_hosts=dict(tally.failed_hosts.most_common(10)),
+        output_format=job.shards.format if job.shards else "files",
     )
 
 
@@ -402,9 +450,33 @@ def _close(client: Any, cluster: Any) -> None:
         cluster.close()
 
 
-def _resumable(output: OutputSettings, resume: bool) -> dict:
+def _unfinished_shards(
+    batches: Iterator[UrlBatch], job: JobSettings, resume: bool, tally: Tally
+) -> Iterator[UrlBatch]:
+    """resume with shards: the batches of shards an earlier run finished (stats file
+    present) are skipped, no request made; their stats count as this run's."""
+    if not (resume and job.shards):
+        return batches
+    done = finished_shards(job.output)
+    for stats in done.values():
+        tally.counts.update(shard_counts(stats))
+        tally.entries += int(stats.get("count", 0))
+        tally.resumed += int(stats.get("successes", 0))
+    swept = sweep_temporaries(job.output)
+    say(
+        "resume: %d shards already done in %s (%d stale temporaries removed)",
+        len(done),
+        job.output.root,
+        swept,
+    )
+    shards = job.shards
+    return (b for b in batches if shards.shard_of(b.entries[0].index) not in done)
+
+
+def _resumable(job: JobSettings, resume: bool) -> dict:
     """resume: the URLs an earlier run into the same output already finished."""
-    if not resume:
+    output = job.output
+    if not resume or job.shards:
         return {}
     done = finished_rows(output)
     swept = sweep_temporaries(output)
@@ -450,13 +522,17 @@ def url_list(
 
 
 def url_values(
-    urls: URLs, column: str, batch_size: int, columns: InputColumns = NO_COLUMNS
+    urls: URLs,
+    column: str,
+    batch_size: int,
+    columns: InputColumns = NO_COLUMNS,
+    shard_size: int = 0,
 ) -> tuple[Iterator[UrlBatch], int | None]:
     """The batches of in-memory URLs, lazily, and their count when known up front."""
     values = _url_values(urls, column, columns.names)
     total = len(urls) if isinstance(urls, Sized) and not _is_dask_collection(urls) else None
     rows = ((_string(url), columns.carry(extra)) for url, extra in values)
-    return batched(classify(rows), batch_size), total
+    return batched(classify(rows), batch_size, shard_size), total
 
 
 def _url_values(urls: Any, column: str, names: tuple[str, ...]) -> Iterable[tuple[Any, tuple]]:

@@ -25,6 +25,7 @@ from imgtasks.manifest import (
     record_of,
     write_manifest_part,
 )
+from imgtasks.shards import ShardPiece, ShardSettings, write_shard
 from imgtasks.sinks import OutputSettings, file_exists, output_relpath, write_file
 from imgtasks.sources import UrlBatch, UrlEntry
 from imgtasks.status import DOWNLOAD, NETWORK, SOURCE, Status
@@ -79,6 +80,7 @@ class JobSettings:
     originals: OutputSettings | None = None  # also keep the downloaded files there
     kept: KeptColumns = ()  # the input columns kept in the manifest, with their types
     keep_names: tuple[str, ...] = ()  # InputColumns.keep: the order of UrlEntry.carried.kept
+    shards: ShardSettings | None = None  # None: thumbnail files; else packed into shards
 
     def __post_init__(self) -> None:
         kept_schema(self.kept)  # a kept column named like a manifest column: before any work
@@ -138,6 +140,52 @@ def thumbnail_batch(
     )
 
 
+@dataclass(frozen=True)
+class ShardedBatch:
+    """A thumbnail node's output in shard mode: the piece its shard writer takes, and the
+    report the client tallies (fetched alone, so the thumbnails stay on the worker)."""
+
+    piece: ShardPiece
+    report: BatchReport
+
+
+def thumbnail_piece(downloaded: DownloadedBatch, job: JobSettings) -> ShardedBatch:
+    """Make the thumbnails of one downloaded batch and hold them, with the rows, for the
+    batch's shard; the originals are dropped here."""
+    start = time.perf_counter()
+    samples = [
+        isolated_sample(entry, result, job)
+        for entry, result in zip(downloaded.batch.entries, downloaded.results, strict=True)
+    ]
+    wall = time.perf_counter() - start
+    records = tuple(record for record, _ in samples)
+    batch_id = downloaded.batch.batch_id
+    began = time.time() - wall - downloaded.wall_s
+    piece = ShardPiece(batch_id, records, tuple(image for _, image in samples), began)
+    report = batch_report(
+        batch_id, "", list(records), download_wall_s=downloaded.wall_s, thumbnail_wall_s=wall
+    )
+    return ShardedBatch(piece, report)
+
+
+def report_of(sharded: ShardedBatch) -> BatchReport:
+    return sharded.report
+
+
+def failed_piece(batch: UrlBatch, error: str, job: JobSettings) -> ShardedBatch:
+    """A batch whose node failed every retry, as its shard writer takes it: its rows only."""
+    records = tuple(failed_batch_records(batch, error, job))
+    piece = ShardPiece(batch.batch_id, records, (None,) * len(records), time.time())
+    return ShardedBatch(piece, batch_report(batch.batch_id, "", list(records)))
+
+
+def shard_node(shard_id: int, batches: list[ShardedBatch], job: JobSettings) -> dict:
+    """Write one shard from its batches' pieces; returns its stats."""
+    assert job.shards is not None
+    pieces = [b.piece for b in batches]
+    return write_shard(shard_id, pieces, job.output, job.shards, job.thumb.ext, job.kept)
+
+
 def batch_report(
     batch_id: int, manifest: str, records: list[Record], resumed: int = 0, **walls: float
 ) -> BatchReport:
@@ -184,16 +232,19 @@ def record_failed_batch(
 
 
 def isolated_record(entry: UrlEntry, result: DownloadResult | None, job: JobSettings) -> Record:
-    """``entry_record``, with any unexpected exception turned into this URL's own row:
+    return isolated_sample(entry, result, job)[0]
+
+
+def isolated_sample(entry: UrlEntry, result: DownloadResult | None, job: JobSettings) -> Sample:
+    """``entry_sample``, with any unexpected exception turned into this URL's own row:
     one URL's bug costs that URL, never the rest of its batch."""
     try:
-        record = entry_record(entry, result, job)
+        record, image = entry_sample(entry, result, job)
     except Exception as exc:  # a bug, or a library failing in a way nobody classified
         log.exception("internal error on %s", entry.url)
-        record = Record(
-            entry.index, entry.url, Status.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}"
-        )
-    return job.with_input(record, entry)
+        error = f"{type(exc).__name__}: {exc}"
+        record, image = Record(entry.index, entry.url, Status.INTERNAL_ERROR, error), None
+    return job.with_input(record, entry), image
 
 
 def failed_batch_records(
@@ -217,23 +268,33 @@ def failed_batch_records(
 
 def entry_record(entry: UrlEntry, result: DownloadResult | None, job: JobSettings) -> Record:
     """The manifest row of one entry, writing its thumbnail when there is one."""
+    return entry_sample(entry, result, job)[0]
+
+
+Sample = tuple[Record, bytes | None]  # a row, and its thumbnail when it goes into a shard
+
+
+def entry_sample(entry: UrlEntry, result: DownloadResult | None, job: JobSettings) -> Sample:
+    """The manifest row of one entry; its thumbnail written as a file, or returned for its
+    shard."""
     if result is None:  # invalid or duplicate: nothing fetched
-        path = output_relpath(entry.url, job.thumb.ext) if entry.status == Status.DUPLICATE else ""
-        return Record(entry.index, entry.url, entry.status, entry.error, path=path)
+        duplicate = entry.status == Status.DUPLICATE and job.shards is None
+        path = output_relpath(entry.url, job.thumb.ext) if duplicate else ""
+        return Record(entry.index, entry.url, entry.status, entry.error, path=path), None
     if not result.ok or result.content is None:
-        return _download_record(entry, result, result.status, result.error)
+        return _download_record(entry, result, result.status, result.error), None
     if entry.carried.sha256 and hashlib.sha256(result.content).hexdigest() != entry.carried.sha256:
-        return _download_record(entry, result, Status.HASH_MISMATCH, _mismatch(entry))
-    return _thumbnail_record(entry, result, result.content, job)
+        return _download_record(entry, result, Status.HASH_MISMATCH, _mismatch(entry)), None
+    return _thumbnail_sample(entry, result, result.content, job)
 
 
 def _mismatch(entry: UrlEntry) -> str:
     return f"the body's sha256 is not the expected {entry.carried.sha256[:80]}"
 
 
-def _thumbnail_record(
+def _thumbnail_sample(
     entry: UrlEntry, result: DownloadResult, content: bytes, job: JobSettings
-) -> Record:
+) -> Sample:
     thumb = make_thumbnail(content, job.thumb)
     fields = {
         "bytes": len(content),
@@ -251,11 +312,14 @@ def _thumbnail_record(
         fields["original_path"], error = _keep_original(
             entry.url, content, ext, job.originals, error
         )
-    if thumb.ok:
-        status, error, path = _write_thumbnail(entry.url, thumb, job)
-        fields |= {"path": path, "width": thumb.width, "height": thumb.height}
-        fields |= {"phash": thumb.phash, "encoding": thumb.encoding}
-    return Record(entry.index, entry.url, status, error, **fields)  # type: ignore[arg-type]
+    if not thumb.ok:
+        return Record(entry.index, entry.url, status, error, **fields), None  # type: ignore[arg-type]
+    fields |= {"width": thumb.width, "height": thumb.height}
+    fields |= {"phash": thumb.phash, "encoding": thumb.encoding}
+    if job.shards is not None:  # held for the shard writer
+        return Record(entry.index, entry.url, status, error, **fields), thumb.data  # type: ignore[arg-type]
+    status, error, fields["path"] = _write_thumbnail(entry.url, thumb, job)
+    return Record(entry.index, entry.url, status, error, **fields), None  # type: ignore[arg-type]
 
 
 def _download_record(entry: UrlEntry, result: DownloadResult, status: str, error: str) -> Record:

@@ -362,16 +362,24 @@ def classify(
             yield UrlEntry(index, url, carried=carried)
 
 
-def batched(entries: Iterable[UrlEntry], batch_size: int) -> Iterator[UrlBatch]:
+def batched(
+    entries: Iterable[UrlEntry], batch_size: int, shard_size: int = 0
+) -> Iterator[UrlBatch]:
     """Group entries into batches of ``batch_size`` URLs to fetch.
 
     Invalid and duplicate entries ride along with the batch they fall in (they cost no
-    work), so every batch carries up to ``batch_size`` real downloads.
+    work), so every batch carries up to ``batch_size`` real downloads. With a
+    ``shard_size``, no batch spans two shards (input lines ``s * shard_size`` onwards):
+    a shard is written once its own batches are done.
     """
     chunk: list[UrlEntry] = []
     pending = 0
     batch_id = 0
     for entry in entries:
+        if chunk and shard_size and entry.index // shard_size != chunk[0].index // shard_size:
+            yield UrlBatch(batch_id, tuple(chunk))
+            batch_id += 1
+            chunk, pending = [], 0
         chunk.append(entry)
         pending += entry.pending
         if pending >= batch_size or len(chunk) >= 8 * batch_size:
@@ -382,8 +390,8 @@ def batched(entries: Iterable[UrlEntry], batch_size: int) -> Iterator[UrlBatch]:
         yield UrlBatch(batch_id, tuple(chunk))
 
 
-def url_batches(settings: SourceSettings) -> Iterator[UrlBatch]:
+def url_batches(settings: SourceSettings, shard_size: int = 0) -> Iterator[UrlBatch]:
     """The whole source stage: read, classify, batch; lazily."""
     carry = settings.columns.carry
     rows = ((url, carry(values)) for url, values in read_rows(settings))
-    return batched(classify(rows, settings.max_url_length), settings.batch_size)
+    return batched(classify(rows, settings.max_url_length), settings.batch_size, shard_size)
