@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from imgtasks.manifest import KeptColumns, Record, manifest_row, records_table
-from imgtasks.sinks import OutputSettings, file_exists, filesystem, write_file
+from imgtasks.sinks import OutputSettings, filesystem, write_file
 from imgtasks.status import Status
 
 FORMATS = ("webdataset", "parquet")
@@ -182,10 +182,6 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info.size = len(data)
     info.mtime = 0  # the same inputs make the same bytes: a rerun after a lost worker
     tar.addfile(info, io.BytesIO(data))
-
-
-def shard_done(output: OutputSettings, shard_id: int) -> bool:
-    return file_exists(output, stats_relpath(shard_id))
 
 
 def shard_counts(stats: Mapping[str, Any]) -> dict[str, int]:
