@@ -20,6 +20,7 @@ from test_resume import slow_server, start_flow  # noqa: F401 (a fixture)
 from test_s3 import BUCKET, S3, run_flow, s3  # noqa: F401 (a fixture)
 
 import imgtasks
+from imgtasks.cluster import ClusterSettings
 from imgtasks.shards import ShardSettings
 from imgtasks.sources import batched, classify
 
@@ -123,7 +124,8 @@ def test_webdataset_shards_read_back_with_webdataset_and_tarfile(
 
 def test_parquet_shards_hold_the_images_beside_the_metadata(tmp_path: Path, demo_server) -> None:
     frame = input_frame(demo_server)
-    result = shards_run(frame, tmp_path / "out", output_format="parquet", cluster="threads")
+    threads = ClusterSettings("threads", dashboard_address="127.0.0.1:0")  # no port taken
+    result = shards_run(frame, tmp_path / "out", output_format="parquet", cluster=threads)
     out = tmp_path / "out"
     rows = check_rows(out, frame)
     assert not list(out.glob("*.tar")) and "jpg" not in result.manifest().columns
@@ -165,7 +167,6 @@ def test_a_batch_failing_every_retry_is_rows_of_an_unfinished_shard_that_resume_
     tmp_path: Path, demo_server, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from imgtasks import flow
-    from imgtasks.cluster import ClusterSettings
 
     frame = input_frame(demo_server)
     out = tmp_path / "out"
