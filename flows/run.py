@@ -38,6 +38,7 @@ from imgtasks.imgur import (
     client_id_from_env,
     imgur_links,
 )
+from imgtasks.shards import DEFAULT_SHARD_SIZE
 from imgtasks.sinks import OutputSettings
 from imgtasks.sources import DEFAULT_BATCH_SIZE, SourceSettings
 from imgtasks.thumbnail import ThumbSettings, parse_formats, parse_size
@@ -96,6 +97,23 @@ def build_parser() -> argparse.ArgumentParser:
         default="url",
         help="column/key holding the URL in csv/tsv/parquet/jsonl lists",
     )
+    src.add_argument(
+        "--caption-column",
+        metavar="COL",
+        help="column/key of the list carried to the manifest's caption column (and .txt)",
+    )
+    src.add_argument(
+        "--keep-columns",
+        metavar="A,B,C",
+        default="",
+        help="columns/keys of the list kept in the manifest (and .json), comma-separated",
+    )
+    src.add_argument(
+        "--verify-hash-column",
+        metavar="COL",
+        help="column/key holding the sha256 of the expected bytes: a mismatch is status "
+        "hash_mismatch and nothing is kept",
+    )
     src.add_argument("--count", type=int, default=DEFAULT_COUNT, help="demo: number of images")
     src.add_argument(
         "--latency", type=float, default=0.1, help="demo: injected latency per request, seconds"
@@ -115,6 +133,21 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR|URL",
         help="where thumbnails and the manifest go (local dir or fsspec URL)",
     )
+    out.add_argument(
+        "--output-format",
+        default="files",
+        choices=("files", "webdataset", "parquet"),
+        help="files: a thumbnail per image and the manifest; webdataset: NNNNN.tar shards "
+        "(<key>.jpg/.json/.txt) with NNNNN.parquet and NNNNN_stats.json beside, as img2dataset "
+        "writes them; parquet: NNNNN.parquet with the images in a binary column",
+    )
+    out.add_argument(
+        "--shard-size",
+        type=int,
+        default=DEFAULT_SHARD_SIZE,
+        metavar="N",
+        help="input lines per shard (webdataset, parquet)",
+    )
     out.add_argument("--size", default="128x128", metavar="WxH", help="thumbnail box")
     out.add_argument(
         "--mode",
@@ -133,6 +166,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="image formats decoded, others are recorded as unsupported_format: comma-separated "
         "Pillow names, 'web' (JPEG, MPO, PNG, GIF, WebP, AVIF, BMP) or 'all' (every format "
         "Pillow opens but EPS, which runs Ghostscript: name EPS to add it)",
+    )
+    out.add_argument(
+        "--min-size",
+        type=int,
+        default=0,
+        metavar="PX",
+        help="an original whose shorter side is below PX is status too_small (0: no limit)",
+    )
+    out.add_argument(
+        "--max-aspect-ratio",
+        type=float,
+        default=0.0,
+        metavar="R",
+        help="an original whose longer side / shorter side exceeds R is status "
+        "bad_aspect_ratio (0: no limit)",
+    )
+    out.add_argument(
+        "--keep-fitting",
+        action="store_true",
+        help="an image already in --format and inside the box is kept byte for byte, not "
+        "re-encoded (its metadata too; the manifest's encoding column says 'original')",
     )
     out.add_argument(
         "--resume",
@@ -361,12 +415,18 @@ def job_from_args(args: argparse.Namespace) -> Job:
         "out": args.out,
         "cluster": cluster,
         "url_column": args.url_column,
+        "caption_column": args.caption_column,
+        "keep_columns": tuple(n.strip() for n in args.keep_columns.split(",") if n.strip()),
+        "verify_hash_column": args.verify_hash_column,
         "thumb": ThumbSettings(
             size=parse_size(args.size),
             mode=args.mode,
             format=args.format,
             quality=args.quality,
             source_formats=parse_formats(args.formats),
+            min_size=args.min_size,
+            max_aspect_ratio=args.max_aspect_ratio,
+            keep_fitting=args.keep_fitting,
         ),
         "download": DownloadSettings(
             deadline=args.timeout,
@@ -384,6 +444,8 @@ def job_from_args(args: argparse.Namespace) -> Job:
         "storage_options": parse_storage_options(args.storage_options),
         "keep_originals": args.keep_originals,
         "resume": args.resume,
+        "output_format": args.output_format,
+        "shard_size": _positive("--shard-size", args.shard_size),
         "batch_size": _positive("--batch-size", args.batch_size),
         "window": args.window,
         "max_inflight_bytes": args.max_inflight_bytes,

@@ -27,6 +27,7 @@ from imgtasks.flow import (
     measured_window,
     new_run_id,
     run_sync,
+    run_sync_shards,
     stream_batches,
 )
 from imgtasks.jobfeed import JobFeed
@@ -40,14 +41,25 @@ from imgtasks.manifest import (
 )
 from imgtasks.nodes import JobSettings
 from imgtasks.runlog import RUN_LOG, BatchLog
+from imgtasks.shards import (
+    DEFAULT_SHARD_SIZE,
+    ShardSettings,
+    finished_shards,
+    shard_counts,
+    shard_files,
+)
 from imgtasks.sinks import OutputSettings, sweep_temporaries
 from imgtasks.sources import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_COLUMN,
+    NO_COLUMNS,
+    InputColumns,
     SourceSettings,
     UrlBatch,
     batched,
     classify,
+    dtype_kind,
+    kept_kinds,
     url_batches,
 )
 from imgtasks.status import Status
@@ -86,6 +98,7 @@ class Result:
     errors: Mapping[str, int] = field(default_factory=dict)
     bytes_in: int = 0
     job_page: str | None = None  # the live page's link (imgtasks.job_page: inline in Jupyter)
+    output_format: str = "files"  # or "webdataset", "parquet": shards under out/
 
     @property
     def ok(self) -> int:
@@ -101,6 +114,9 @@ class Result:
 
     @property
     def manifest_dir(self) -> str:
+        """Where the per-URL rows are: the manifest, or the shards' parquet files."""
+        if self.output_format != "files":
+            return f"{self.output.root.rstrip('/')}/"
         return f"{self.output.root.rstrip('/')}/{MANIFEST_DIR}/"
 
     @property
@@ -113,6 +129,8 @@ class Result:
         A pandas DataFrame; ``lazy=True``: a dask DataFrame over every part, unread (it
         holds earlier runs' rows too when a run failed or resumed part-way).
         """
+        if self.output_format != "files":
+            return _shard_rows(self.output, lazy)
         if lazy:
             import dask.dataframe as dd
 
@@ -171,6 +189,26 @@ class Result:
         return "\n".join(lines)
 
 
+OUTPUT_FORMATS = ("files", "webdataset", "parquet")
+IMAGE_COLUMNS = ("jpg", "png", "webp")  # the parquet format's image bytes, by extension
+
+
+def _shard_rows(output: OutputSettings, lazy: bool) -> Any:
+    """The rows of every finished shard, images left out (pandas, or dask when lazy)."""
+    import pandas as pd
+
+    root = output.root.rstrip("/")
+    paths = [f"{root}/{relpath}" for relpath in shard_files(output)]
+    options = dict(output.storage_options) or None
+    read = pd.read_parquet
+    if lazy:
+        import dask.dataframe as dd
+
+        read = dd.read_parquet
+    frame = read(paths, storage_options=options) if paths else pd.DataFrame(columns=["key"])
+    return frame.drop(columns=[c for c in frame.columns if c in IMAGE_COLUMNS])
+
+
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C (or a notebook's stop button) during :func:`thumbnails`. Finished batches
     are kept (their manifest parts are whole); ``result`` says what was done, and a call
@@ -188,6 +226,11 @@ def thumbnails(
     client: Any = None,
     cluster: clusters.ClusterSettings | str | None = None,
     url_column: str = DEFAULT_COLUMN,
+    caption_column: str | None = None,
+    keep_columns: Iterable[str] = (),
+    verify_hash_column: str | None = None,
+    output_format: str = "files",
+    shard_size: int = DEFAULT_SHARD_SIZE,
     size: tuple[int, int] | None = None,
     mode: str | None = None,
     format: str | None = None,
@@ -227,6 +270,18 @@ def thumbnails(
             takes ``ClusterSettings(tls_ca_file=..., tls_cert=..., tls_key=...)`` or
             Dask's ``distributed.comm.tls`` config.
         url_column: the column or key holding the URL (csv/tsv/parquet/jsonl, DataFrames).
+        caption_column: a column of the input (csv/tsv/parquet/jsonl, DataFrames) written
+            to the manifest's ``caption`` column.
+        keep_columns: input columns written to the manifest as columns of their own
+            (Parquet's and DataFrames' types kept; text from csv/tsv/jsonl).
+        output_format: ``"files"`` (default: a thumbnail file per image and the manifest),
+            ``"webdataset"`` (``00000.tar`` ... with ``<key>.jpg``, ``.json``, ``.txt``,
+            beside each a ``00000.parquet`` of every input line and ``00000_stats.json``,
+            as img2dataset lays them out) or ``"parquet"`` (the images in a binary column
+            of ``00000.parquet`` ...).
+        shard_size: input lines per shard (webdataset/parquet); default 10,000.
+        verify_hash_column: a column holding the sha256 (hex) of the expected bytes; a
+            body that differs gets status ``hash_mismatch`` and nothing is kept.
         size: thumbnail box (width, height); default (128, 128).
         mode: ``"fit"`` (default: inside the box, never upscaled), ``"crop"`` or ``"pad"``.
         format: ``"jpeg"`` (default), ``"png"`` or ``"webp"``.
@@ -264,19 +319,14 @@ def thumbnails(
             ``result`` holds what was done.
     """
     output = OutputSettings(os.fspath(out), dict(storage_options or {}))
-    job = JobSettings(
-        _thumb_settings(thumb, size, mode, format, quality),
-        output,
-        run_id=new_run_id(),
-        originals=OutputSettings(os.fspath(keep_originals), output.storage_options)
-        if keep_originals is not None
-        else None,
-    )
+    columns = InputColumns(caption_column, _names(keep_columns), verify_hash_column)
     if window < 0:
         raise ValueError(f"window must be >= 0, got {window}")
     if max_inflight_bytes is not None and max_inflight_bytes < 1:
         raise ValueError(f"max_inflight_bytes must be >= 1, got {max_inflight_bytes}")
-    listing = url_list(urls, url_column, _positive("batch_size", batch_size), output)
+    if output_format not in OUTPUT_FORMATS:
+        raise ValueError(f"output_format must be one of {OUTPUT_FORMATS}; got {output_format!r}")
+    listing = url_list(urls, url_column, _positive("batch_size", batch_size), output, columns)
     if isinstance(job_page, str):
         jobserver.check_loopback(job_page)
     how = _Execution(
@@ -291,16 +341,31 @@ def thumbnails(
     )
     # Before anything starts: an unwritable output or a scheduler that does not answer is a
     # one-line SetupError in seconds, not a traceback after the cluster's start-up.
+    originals = (
+        OutputSettings(os.fspath(keep_originals), output.storage_options)
+        if keep_originals is not None
+        else None
+    )
     preflight.check(
         output,
-        originals=job.originals,
+        originals=originals,
         source=listing,
         cluster=how.cluster if client is None else None,
     )
+    job = JobSettings(
+        _thumb_settings(thumb, size, mode, format, quality),
+        output,
+        run_id=new_run_id(),
+        originals=originals,
+        kept=kept_kinds(listing) if listing is not None else _frame_kinds(urls, columns),
+        keep_names=columns.keep,
+        shards=None if output_format == "files" else ShardSettings(output_format, shard_size),
+    )
+    every = job.shards.size if job.shards else 0
     if listing is not None:
-        batches, total = url_batches(listing), None
+        batches, total = url_batches(listing, every), None
     else:
-        batches, total = url_values(urls, url_column, batch_size)
+        batches, total = url_values(urls, url_column, batch_size, columns, every)
     download = download or DownloadSettings()
     if not download.disallowed_header_directives:
         log.warning(
@@ -334,7 +399,8 @@ def _run(
     links: dict[str, str | None] = {"dashboard": None, "sheet": None, "job_page": None}
     try:
         with contextlib.ExitStack() as stack:
-            wiring = Wiring(download, job, done=_resumable(job.output, how.resume))
+            wiring = Wiring(download, job, done=_resumable(job, how.resume))
+            batches = _unfinished_shards(batches, job, how.resume, tally)
             batch_log = stack.enter_context(BatchLog(job.output))
             say("outputs: %s  (manifest: %s/%s/)", job.output.root, job.output.root, MANIFEST_DIR)
             tally.started = time.perf_counter()
@@ -344,7 +410,7 @@ def _run(
             progress = Progress(how.progress, total, batch_log, watchers=[feed.add])
             stack.callback(progress.close)
             if client is None:
-                run_sync(batches, wiring, tally, progress)
+                (run_sync_shards if job.shards else run_sync)(batches, wiring, tally, progress)
             else:
                 links["dashboard"] = client.dashboard_link
                 wiring = _routed(wiring, client, how)
@@ -357,7 +423,7 @@ def _run(
         raise Interrupted(_result(tally, feed, job, how, links, interrupted=True)) from None
     if not tally.failed_batches:
         keep_only_run(job.output, job.run_id)
-    links["sheet"] = _contact_sheet(job)
+    links["sheet"] = None if job.shards else _contact_sheet(job)
     return _result(tally, feed, job, how, links)
 
 
@@ -390,6 +456,7 @@ def _result(
         errors=dict(feed.figures().errors),
         bytes_in=feed.figures().bytes_in,
         job_page=links["job_page"],
+        output_format=job.shards.format if job.shards else "files",
     )
 
 
@@ -442,9 +509,33 @@ def _close(client: Any, cluster: Any) -> None:
         cluster.close()
 
 
-def _resumable(output: OutputSettings, resume: bool) -> dict:
+def _unfinished_shards(
+    batches: Iterator[UrlBatch], job: JobSettings, resume: bool, tally: Tally
+) -> Iterator[UrlBatch]:
+    """resume with shards: the batches of shards an earlier run finished (stats file
+    present) are skipped, no request made; their stats count as this run's."""
+    if not (resume and job.shards):
+        return batches
+    done = finished_shards(job.output)
+    for stats in done.values():
+        tally.counts.update(shard_counts(stats))
+        tally.entries += int(stats.get("count", 0))
+        tally.resumed += int(stats.get("successes", 0))
+    swept = sweep_temporaries(job.output)
+    say(
+        "resume: %d shards already done in %s (%d stale temporaries removed)",
+        len(done),
+        job.output.root,
+        swept,
+    )
+    shards = job.shards
+    return (b for b in batches if shards.shard_of(b.entries[0].index) not in done)
+
+
+def _resumable(job: JobSettings, resume: bool) -> dict:
     """resume: the URLs an earlier run into the same output already finished."""
-    if not resume:
+    output = job.output
+    if not resume or job.shards:
         return {}
     done = finished_rows(output)
     swept = sweep_temporaries(output)
@@ -471,7 +562,11 @@ def _contact_sheet(job: JobSettings) -> str | None:
 
 
 def url_list(
-    urls: URLs, column: str, batch_size: int, output: OutputSettings
+    urls: URLs,
+    column: str,
+    batch_size: int,
+    output: OutputSettings,
+    columns: InputColumns = NO_COLUMNS,
 ) -> SourceSettings | None:
     """The settings of a URL list file, when ``urls`` names one (a path or fsspec URL)."""
     if not isinstance(urls, str | os.PathLike):
@@ -480,53 +575,95 @@ def url_list(
         os.fspath(urls),
         column=column,
         batch_size=batch_size,
+        columns=columns,
         storage_options=output.storage_options,
     )
 
 
-def url_values(urls: URLs, column: str, batch_size: int) -> tuple[Iterator[UrlBatch], int | None]:
+def url_values(
+    urls: URLs,
+    column: str,
+    batch_size: int,
+    columns: InputColumns = NO_COLUMNS,
+    shard_size: int = 0,
+) -> tuple[Iterator[UrlBatch], int | None]:
     """The batches of in-memory URLs, lazily, and their count when known up front."""
-    values = _url_values(urls, column)
-    total = len(values) if isinstance(values, Sized) else None
-    return batched(classify(_strings(values)), batch_size), total
+    values = _url_values(urls, column, columns.names)
+    total = len(urls) if isinstance(urls, Sized) and not _is_dask_collection(urls) else None
+    rows = ((_string(url), columns.carry(extra)) for url, extra in values)
+    return batched(classify(rows), batch_size, shard_size), total
 
 
-def _url_values(urls: Any, column: str) -> Iterable[Any]:
+def _url_values(urls: Any, column: str, names: tuple[str, ...]) -> Iterable[tuple[Any, tuple]]:
+    """(URL, values of ``names``) of each input line."""
     if _is_dask_collection(urls):
-        return _dask_partitions(_column(urls, column))
+        return _dask_partitions(_columns(urls, column, names))
     if hasattr(urls, "columns") or hasattr(urls, "to_numpy"):  # pandas DataFrame / Series
-        return _column(urls, column).tolist()
+        return _rows(_columns(urls, column, names))
     if isinstance(urls, bytes | Mapping) or not isinstance(urls, Iterable):
         raise ValueError(
             "urls must be a path, an iterable of URL strings, or a pandas/dask DataFrame; "
             f"got {type(urls).__name__}"
         )
-    return urls
+    _no_columns(names, "an iterable of URLs")
+    return ((url, ()) for url in urls)
 
 
-def _column(frame: Any, column: str) -> Any:
+def _no_columns(names: tuple[str, ...], what: str) -> None:
+    if names:
+        raise ValueError(f"{what} has no columns: {list(names)} need a DataFrame or a list file")
+
+
+def _columns(frame: Any, column: str, names: tuple[str, ...]) -> Any:
+    """The URL column, then ``names``: a DataFrame, or the Series itself."""
     if not hasattr(frame, "columns"):
-        return frame  # a Series
-    if column not in frame.columns:
-        raise ValueError(f"column {column!r} not in the DataFrame's {list(frame.columns)}")
-    return frame[column]
+        _no_columns(names, "a Series")
+        return frame
+    for name in (column, *names):
+        if name not in frame.columns:
+            raise ValueError(f"column {name!r} not in the DataFrame's {list(frame.columns)}")
+    return frame[list(dict.fromkeys((column, *names)))], (column, *names)
+
+
+def _rows(selected: Any) -> list[tuple[Any, tuple]]:
+    if not isinstance(selected, tuple):  # a Series
+        return [(url, ()) for url in selected.tolist()]
+    frame, (column, *names) = selected
+    urls = frame[column].tolist()
+    if not names:
+        return [(url, ()) for url in urls]
+    return list(zip(urls, zip(*(frame[n].tolist() for n in names), strict=True), strict=True))
+
+
+def _frame_kinds(urls: Any, columns: InputColumns) -> tuple[tuple[str, str], ...]:
+    """(name, kind) of the kept columns of a DataFrame, from its dtypes."""
+    if not columns.keep:
+        return ()
+    dtypes = urls[list(columns.keep)].dtypes if hasattr(urls, "columns") else {}
+    return tuple((name, dtype_kind(dtypes.get(name))) for name in columns.keep)
+
+
+def _names(keep: Iterable[str]) -> tuple[str, ...]:
+    if isinstance(keep, str):  # "a,b,c", as on the command line
+        keep = keep.split(",")
+    return tuple(name.strip() for name in keep if name.strip())
 
 
 def _is_dask_collection(value: Any) -> bool:
     return hasattr(value, "npartitions") and hasattr(value, "to_delayed")
 
 
-def _dask_partitions(series: Any) -> Iterator[Any]:
+def _dask_partitions(selected: Any) -> Iterator[tuple[Any, tuple]]:
     """One partition at a time: computed where the collection lives (the default client's
     cluster), so only one partition of URLs is ever on the client."""
-    for part in series.to_delayed():
-        yield from part.compute().tolist()
+    frame, names = selected if isinstance(selected, tuple) else (selected, None)
+    for part in frame.to_delayed():
+        yield from _rows((part.compute(), names) if names else part.compute())
 
 
-def _strings(values: Iterable[Any]) -> Iterator[str]:
+def _string(value: Any) -> str:
     # A missing value (None, NaN) is an input line too: an empty URL, so an invalid_url row.
-    for value in values:
-        yield value.strip() if isinstance(value, str) else ""
+    return value.strip() if isinstance(value, str) else ""
 
 
 def _thumb_settings(

@@ -30,10 +30,15 @@ from imgtasks.manifest import Record
 from imgtasks.nodes import (
     BatchReport,
     JobSettings,
+    ShardedBatch,
     download_batch,
+    failed_piece,
     record_failed_batch,
+    report_of,
     resume_batch,
+    shard_node,
     thumbnail_batch,
+    thumbnail_piece,
 )
 from imgtasks.runlog import BatchLog
 from imgtasks.sources import UrlBatch
@@ -76,6 +81,31 @@ class Wiring:
                 previous or None,
                 dask_key_name=f"thumbnail-{self.token}-{batch.batch_id}",
             )
+
+    def piece_graph(self, batch: UrlBatch) -> tuple[Delayed, Delayed]:
+        """Shard mode: a download node feeding a thumbnail node that holds its thumbnails
+        for the shard writer, and the small report the client reads from it."""
+        with _annotate(self.route, clusters.IO_RESOURCE):
+            downloaded = dask.delayed(download_batch, pure=False)(
+                batch, self.download, dask_key_name=f"download-{self.token}-{batch.batch_id}"
+            )
+        with _annotate(self.route, clusters.CPU_RESOURCE):
+            piece = dask.delayed(thumbnail_piece, pure=False)(
+                downloaded, self.job, dask_key_name=f"thumbnail-{self.token}-{batch.batch_id}"
+            )
+            report = dask.delayed(report_of, pure=True)(
+                piece, dask_key_name=f"report-{self.token}-{batch.batch_id}"
+            )
+        return piece, report
+
+    def shard_of(self, batch: UrlBatch) -> int:
+        assert self.job.shards is not None
+        return self.job.shards.shard_of(batch.entries[0].index)
+
+    def failed_piece(self, batch: UrlBatch, exc: BaseException) -> ShardedBatch:
+        error = f"{type(exc).__name__}: {exc}"
+        log.error("batch %d failed: %s", batch.batch_id, error)
+        return failed_piece(batch, error, self.job)
 
     def failed(self, batch: UrlBatch, exc: BaseException) -> BatchReport | None:
         """The client writes the rows of a batch whose node failed on every retry."""
@@ -221,35 +251,141 @@ def stream_batches(
     progress: Progress,
 ) -> None:
     """Keep the window's batches in flight (a number, or a :class:`Window` sized by
-    measurement); submit the next as each one finishes."""
+    measurement); submit the next as each one finishes. In shard mode the batches' pieces
+    wait on the workers for their shard's writer (``_Writers``)."""
     sizer = window if isinstance(window, Window) else Window(1, 1, start=window, fixed=window)
     pending = iter(batches)
     futures = as_completed()
     in_flight: dict[str, tuple[Future, UrlBatch, float]] = {}
+    writers = _Writers(client, wiring, futures) if wiring.job.shards else None
 
     def submit(n: int) -> None:
-        for batch in _take(pending, n):
-            future = client.compute(wiring.graph(batch))
+        taken = _take(pending, n)
+        for batch in taken:
+            future = writers.compute(batch) if writers else client.compute(wiring.graph(batch))
             in_flight[future.key] = (future, batch, time.monotonic())
             futures.add(future)
+        if writers is not None:
+            writers.submitted(exhausted=len(taken) < n)
 
     try:
         submit(sizer.target())
         for future in futures:
+            if writers is not None and writers.written(future, tally):
+                continue
             _, batch, sent = in_flight.pop(future.key)
             try:
                 report = future.result()
             except Exception as exc:  # failed on every retry: infrastructure, not data
-                report = wiring.failed(batch, exc)
+                report = writers.failed(batch, exc) if writers else wiring.failed(batch, exc)
                 tally.failed_batches.append(str(future.key))
+            if writers is not None:
+                writers.batch_done(batch)
             _finished(report, tally, progress)
             if report is not None:
                 sizer.observe(finished(report, time.monotonic() - sent), len(in_flight))
             future.release()
             submit(max(0, sizer.target() - len(in_flight)))
     finally:  # interrupted: on a shared cluster, nothing of ours keeps running
-        if in_flight:
-            client.cancel([f for f, _, _ in in_flight.values()], force=True)
+        running = [f for f, _, _ in in_flight.values()] + (writers.held() if writers else [])
+        if running:
+            client.cancel(running, force=True)
+
+
+@dataclass
+class _Shard:
+    """The batches of one shard the client has heard of: their pieces (futures on the
+    workers, or a failed batch's rows), and how many are still running."""
+
+    pieces: dict[int, Future | ShardedBatch] = field(default_factory=dict)
+    running: int = 0
+    closed: bool = False  # no more batches of it will come
+
+
+class _Writers:
+    """Shard mode's third stage: a shard's pieces stay on the workers until all its
+    batches are done, then one writer node packs them, and they are released."""
+
+    def __init__(self, client: Client, wiring: Wiring, futures: as_completed) -> None:
+        self.client, self.wiring, self.futures = client, wiring, futures
+        self.shards: dict[int, _Shard] = {}
+        self.writers: dict[str, tuple[Future, int]] = {}
+
+    def compute(self, batch: UrlBatch) -> Future:
+        """Submit a batch's graph; returns its report's future, keeps its piece's."""
+        piece, report = self.client.compute(list(self.wiring.piece_graph(batch)))
+        shard = self.shards.setdefault(self.wiring.shard_of(batch), _Shard())
+        for earlier in self.shards.values():
+            earlier.closed = earlier is not shard  # batches come in input order
+        shard.pieces[batch.batch_id], shard.running = piece, shard.running + 1
+        return report
+
+    def failed(self, batch: UrlBatch, exc: BaseException) -> BatchReport:
+        """A batch failed every retry: its rows go into its shard all the same."""
+        piece = self.wiring.failed_piece(batch, exc)
+        self.shards[self.wiring.shard_of(batch)].pieces[batch.batch_id] = piece
+        return piece.report
+
+    def batch_done(self, batch: UrlBatch) -> None:
+        self.shards[self.wiring.shard_of(batch)].running -= 1
+        self.submitted(exhausted=False)
+
+    def submitted(self, exhausted: bool) -> None:
+        """Submit the writer of every shard whose batches are all done and will have no more."""
+        for shard in self.shards.values() if exhausted else ():
+            shard.closed = True
+        ready = [s for s, shard in self.shards.items() if shard.closed and not shard.running]
+        for shard_id in ready:
+            pieces = list(self.shards.pop(shard_id).pieces.values())
+            writer = self.client.submit(
+                shard_node,
+                shard_id,
+                pieces,
+                self.wiring.job,
+                key=f"shard-{self.wiring.token}-{shard_id}",
+                retries=RETRIES,
+                pure=False,
+                resources={clusters.IO_RESOURCE: 1} if self.wiring.route else None,
+            )
+            self.writers[writer.key] = (writer, shard_id)
+            self.futures.add(writer)
+
+    def written(self, future: Future, tally: Tally) -> bool:
+        """Whether ``future`` is a writer's (then done with: its shard is written or not)."""
+        if future.key not in self.writers:
+            return False
+        _, shard_id = self.writers.pop(future.key)
+        try:
+            stats = future.result()
+        except Exception as exc:  # the shard stays absent: --resume writes it again
+            log.error("shard %05d failed: %s: %s", shard_id, type(exc).__name__, exc)
+            tally.failed_batches.append(f"shard-{shard_id:05d}")
+        else:
+            log.debug("shard %05d written: %s", shard_id, stats.get("counts"))
+        future.release()
+        return True
+
+    def held(self) -> list[Future]:
+        """What is still on the cluster: held pieces and running writers."""
+        pieces = [p for shard in self.shards.values() for p in shard.pieces.values()]
+        return [p for p in pieces if isinstance(p, Future)] + [f for f, _ in self.writers.values()]
+
+
+def run_sync_shards(
+    batches: Iterable[UrlBatch], wiring: Wiring, tally: Tally, progress: Progress
+) -> None:
+    """Shard mode with Dask's synchronous scheduler, shard after shard in this thread."""
+    for shard_id, shard_batches in itertools.groupby(batches, wiring.shard_of):
+        pieces = []
+        for batch in shard_batches:
+            try:
+                (piece,) = dask.compute(wiring.piece_graph(batch)[0], scheduler="sync")
+            except Exception as exc:
+                piece = wiring.failed_piece(batch, exc)
+                tally.failed_batches.append(f"batch-{batch.batch_id}")
+            _finished(piece.report, tally, progress)
+            pieces.append(piece)
+        shard_node(shard_id, pieces, wiring.job)
 
 
 def run_sync(batches: Iterable[UrlBatch], wiring: Wiring, tally: Tally, progress: Progress) -> None:

@@ -13,8 +13,9 @@ is written, so no header a file claims can make a part unwritable.
 from __future__ import annotations
 
 import io
+import json
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import pyarrow as pa
@@ -46,6 +47,12 @@ class Record:
     download_s: float = 0.0  # requests and bodies; waits for a per-host slot excluded
     thumbnail_s: float = 0.0
     original_path: str = ""  # kept original, relative to its root, when originals are kept
+    caption: str = ""  # the input's caption column, when one is named
+    phash: str = ""  # the thumbnail's 64-bit difference hash, 16 hex digits
+    encoding: str = ""  # "reencoded", or "original": the image's own bytes kept as they were
+    # The input's kept columns as (name, value) pairs: columns of their own in the part,
+    # after the fixed ones, typed by the run's KeptColumns.
+    kept: tuple[tuple[str, Any], ...] = field(default=(), compare=False)
 
 
 MANIFEST_SCHEMA = pa.schema(
@@ -67,9 +74,24 @@ MANIFEST_SCHEMA = pa.schema(
         ("download_s", pa.float64()),
         ("thumbnail_s", pa.float64()),
         ("original_path", pa.string()),
+        ("caption", pa.string()),
+        ("phash", pa.string()),
+        ("encoding", pa.string()),
     ]
 )
-assert [f.name for f in fields(Record)] == MANIFEST_SCHEMA.names
+assert [f.name for f in fields(Record)] == [*MANIFEST_SCHEMA.names, "kept"]
+
+# The types a kept input column may have in the manifest; anything else is kept as text.
+KINDS = {"int64": pa.int64(), "float64": pa.float64(), "bool": pa.bool_(), "string": pa.string()}
+KeptColumns = tuple[tuple[str, str], ...]  # (name, kind) of each kept input column
+
+
+def kept_schema(kept: KeptColumns) -> pa.Schema:
+    """The manifest's schema with the kept input columns appended."""
+    clash = [name for name, _ in kept if name in MANIFEST_SCHEMA.names or name == "kept"]
+    if clash:
+        raise ValueError(f"kept columns {clash} share a manifest column's name; rename them")
+    return pa.schema([*MANIFEST_SCHEMA, *((name, KINDS[kind]) for name, kind in kept)])
 
 
 def manifest_relpath(run_id: str, batch_id: int) -> str:
@@ -83,30 +105,50 @@ _INT_RANGES = {
 }
 
 
-def records_table(records: Iterable[Record]) -> pa.Table:
-    """The rows as a table of ``MANIFEST_SCHEMA``, whatever values a file put in them."""
-    return pa.Table.from_pylist([manifest_row(r) for r in records], schema=MANIFEST_SCHEMA)
+def records_table(records: Iterable[Record], kept: KeptColumns = ()) -> pa.Table:
+    """The rows as a table of the manifest's schema (with the kept input columns appended),
+    whatever values a file put in them."""
+    schema = kept_schema(kept)
+    return pa.Table.from_pylist([manifest_row(r, kept) for r in records], schema=schema)
 
 
-def manifest_row(record: Record) -> dict[str, Any]:
+def manifest_row(record: Record, kept: KeptColumns = ()) -> dict[str, Any]:
     """A record's fields made to fit the schema: integers clamped to their column's range,
     floats made floats, strings valid UTF-8 (lone surrogates escaped) and at most
-    ``MAX_TEXT`` characters. URLs are kept whole: resume matches rows by URL."""
-    row = asdict(record)
-    for column in MANIFEST_SCHEMA:
-        row[column.name] = _fit(row[column.name], column.type, column.name == "url")
+    ``MAX_TEXT`` characters. URLs are kept whole: resume matches rows by URL. Kept input
+    columns are fitted alike, a missing value staying null."""
+    row = {c.name: _fit(getattr(record, c.name), c.type, c.name == "url") for c in MANIFEST_SCHEMA}
+    values = dict(record.kept)
+    for name, kind in kept:
+        value = values.get(name)
+        row[name] = None if _missing(value) else _fit(value, KINDS[kind], False)
     return row
 
 
+def _missing(value: Any) -> bool:
+    try:
+        return value is None or bool(value != value)  # None, NaN, NaT
+    except (TypeError, ValueError):  # arrays and the like compare element-wise
+        return False
+
+
 def _fit(value: Any, kind: pa.DataType, whole: bool) -> Any:
+    if pa.types.is_boolean(kind):
+        return value if isinstance(value, bool) else bool(_as_int(value))
     if pa.types.is_integer(kind):
         low, high = _INT_RANGES[kind]
         return min(max(_as_int(value), low), high)
     if pa.types.is_floating(kind):
         return _as_float(value)
-    text = value if isinstance(value, str) else "" if value is None else str(value)
+    text = value if isinstance(value, str) else "" if value is None else _as_text(value)
     text = text if whole else text[:MAX_TEXT]
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _as_text(value: Any) -> str:
+    if isinstance(value, dict | list):  # a JSON list's nested value: kept as JSON
+        return json.dumps(value, ensure_ascii=False, default=str)
+    return str(value)
 
 
 def _as_int(value: Any) -> int:
@@ -124,11 +166,15 @@ def _as_float(value: Any) -> float:
 
 
 def write_manifest_part(
-    settings: OutputSettings, run_id: str, batch_id: int, records: Iterable[Record]
+    settings: OutputSettings,
+    run_id: str,
+    batch_id: int,
+    records: Iterable[Record],
+    kept: KeptColumns = (),
 ) -> str:
     """Write one batch's rows as a Parquet file; returns its path relative to the root."""
     buffer = io.BytesIO()
-    pq.write_table(records_table(records), buffer, compression="zstd")
+    pq.write_table(records_table(records, kept), buffer, compression="zstd")
     relpath = manifest_relpath(run_id, batch_id)
     write_file(settings, relpath, buffer.getvalue())
     return relpath
@@ -166,10 +212,32 @@ def read_manifest(settings: OutputSettings, parts: Iterable[str] | None = None) 
     """All manifest rows (of the given parts, or of every part)."""
     tables = []
     for relpath in manifest_parts(settings) if parts is None else parts:
-        tables.append(read_part(settings, relpath).cast(MANIFEST_SCHEMA))
+        tables.append(conformed(read_part(settings, relpath)))
     if not tables:
         return MANIFEST_SCHEMA.empty_table()
-    return pa.concat_tables(tables)
+    # Runs may keep different input columns: a part without one has nulls there.
+    return pa.concat_tables(tables, promote_options="permissive")
+
+
+def conformed(table: pa.Table) -> pa.Table:
+    """A part as ``MANIFEST_SCHEMA`` then its kept columns; a column an older version did
+    not write (``caption``) filled with its empty value."""
+    fixed = [
+        table.column(f.name).cast(f.type)
+        if f.name in table.column_names
+        else pa.array([_fit(None, f.type, False)] * table.num_rows, f.type)
+        for f in MANIFEST_SCHEMA
+    ]
+    extra = [name for name in table.column_names if name not in MANIFEST_SCHEMA.names]
+    columns = fixed + [table.column(name) for name in extra]
+    return pa.table(columns, names=[*MANIFEST_SCHEMA.names, *extra])
+
+
+def record_of(row: dict[str, Any]) -> Record:
+    """A manifest row read back as a Record (its kept columns as ``kept``)."""
+    fixed = {name: row[name] for name in MANIFEST_SCHEMA.names}
+    kept = tuple((k, v) for k, v in row.items() if k not in fixed)
+    return Record(**fixed, kept=kept)
 
 
 def current_rows(settings: OutputSettings) -> dict[str, Record]:
@@ -177,7 +245,7 @@ def current_rows(settings: OutputSettings) -> dict[str, Record]:
     latest: dict[str, Record] = {}
     for part in manifest_parts(settings):
         for row in read_manifest(settings, [part]).to_pylist():
-            latest[row["url"]] = Record(**row)
+            latest[row["url"]] = record_of(row)
     return latest
 
 

@@ -16,7 +16,16 @@ from dataclasses import dataclass, field, replace
 from urllib.parse import urlsplit
 
 from imgtasks.download import DownloadResult, DownloadSettings, fetch_many
-from imgtasks.manifest import Record, manifest_relpath, read_part, write_manifest_part
+from imgtasks.manifest import (
+    KeptColumns,
+    Record,
+    kept_schema,
+    manifest_relpath,
+    read_part,
+    record_of,
+    write_manifest_part,
+)
+from imgtasks.shards import ShardPiece, ShardSettings, write_shard
 from imgtasks.sinks import OutputSettings, file_exists, output_relpath, write_file
 from imgtasks.sources import UrlBatch, UrlEntry
 from imgtasks.status import DOWNLOAD, NETWORK, SOURCE, Status
@@ -69,6 +78,18 @@ class JobSettings:
     output: OutputSettings
     run_id: str
     originals: OutputSettings | None = None  # also keep the downloaded files there
+    kept: KeptColumns = ()  # the input columns kept in the manifest, with their types
+    keep_names: tuple[str, ...] = ()  # InputColumns.keep: the order of UrlEntry.carried.kept
+    shards: ShardSettings | None = None  # None: thumbnail files; else packed into shards
+
+    def __post_init__(self) -> None:
+        kept_schema(self.kept)  # a kept column named like a manifest column: before any work
+
+    def with_input(self, record: Record, entry: UrlEntry) -> Record:
+        """The record with what its input row carries: caption and kept columns."""
+        carried = entry.carried
+        kept = tuple(zip(self.keep_names, carried.kept, strict=True))
+        return replace(record, index=entry.index, caption=carried.caption, kept=kept)
 
 
 def download_batch(batch: UrlBatch, settings: DownloadSettings) -> DownloadedBatch:
@@ -99,12 +120,14 @@ def thumbnail_batch(
     start = time.perf_counter()
     previous = previous or {}
     records = [
-        replace(previous[entry.index], index=entry.index)
+        job.with_input(previous[entry.index], entry)
         if entry.status == RESUMED
         else isolated_record(entry, result, job)
         for entry, result in zip(downloaded.batch.entries, downloaded.results, strict=True)
     ]
-    manifest = write_manifest_part(job.output, job.run_id, downloaded.batch.batch_id, records)
+    manifest = write_manifest_part(
+        job.output, job.run_id, downloaded.batch.batch_id, records, job.kept
+    )
     wall = time.perf_counter() - start
     log.debug("batch %d: %d entries in %.3f s", downloaded.batch.batch_id, len(records), wall)
     return batch_report(
@@ -115,6 +138,52 @@ def thumbnail_batch(
         download_wall_s=downloaded.wall_s,
         thumbnail_wall_s=wall,
     )
+
+
+@dataclass(frozen=True)
+class ShardedBatch:
+    """A thumbnail node's output in shard mode: the piece its shard writer takes, and the
+    report the client tallies (fetched alone, so the thumbnails stay on the worker)."""
+
+    piece: ShardPiece
+    report: BatchReport
+
+
+def thumbnail_piece(downloaded: DownloadedBatch, job: JobSettings) -> ShardedBatch:
+    """Make the thumbnails of one downloaded batch and hold them, with the rows, for the
+    batch's shard; the originals are dropped here."""
+    start = time.perf_counter()
+    samples = [
+        isolated_sample(entry, result, job)
+        for entry, result in zip(downloaded.batch.entries, downloaded.results, strict=True)
+    ]
+    wall = time.perf_counter() - start
+    records = tuple(record for record, _ in samples)
+    batch_id = downloaded.batch.batch_id
+    began = time.time() - wall - downloaded.wall_s
+    piece = ShardPiece(batch_id, records, tuple(image for _, image in samples), began)
+    report = batch_report(
+        batch_id, "", list(records), download_wall_s=downloaded.wall_s, thumbnail_wall_s=wall
+    )
+    return ShardedBatch(piece, report)
+
+
+def report_of(sharded: ShardedBatch) -> BatchReport:
+    return sharded.report
+
+
+def failed_piece(batch: UrlBatch, error: str, job: JobSettings) -> ShardedBatch:
+    """A batch whose node failed every retry, as its shard writer takes it: its rows only."""
+    records = tuple(failed_batch_records(batch, error, job))
+    piece = ShardPiece(batch.batch_id, records, (None,) * len(records), time.time())
+    return ShardedBatch(piece, batch_report(batch.batch_id, "", list(records)))
+
+
+def shard_node(shard_id: int, batches: list[ShardedBatch], job: JobSettings) -> dict:
+    """Write one shard from its batches' pieces; returns its stats."""
+    assert job.shards is not None
+    pieces = [b.piece for b in batches]
+    return write_shard(shard_id, pieces, job.output, job.shards, job.thumb.ext, job.kept)
 
 
 def batch_report(
@@ -155,21 +224,27 @@ def record_failed_batch(
     before it was lost is complete (written atomically) and kept."""
     relpath = manifest_relpath(job.run_id, batch.batch_id)
     if file_exists(job.output, relpath):
-        records = [Record(**row) for row in read_part(job.output, relpath).to_pylist()]
+        records = [record_of(row) for row in read_part(job.output, relpath).to_pylist()]
     else:
         records = failed_batch_records(batch, error, job, previous)
-        write_manifest_part(job.output, job.run_id, batch.batch_id, records)
+        write_manifest_part(job.output, job.run_id, batch.batch_id, records, job.kept)
     return batch_report(batch.batch_id, relpath, records, resumed=len(previous or {}))
 
 
 def isolated_record(entry: UrlEntry, result: DownloadResult | None, job: JobSettings) -> Record:
-    """``entry_record``, with any unexpected exception turned into this URL's own row:
+    return isolated_sample(entry, result, job)[0]
+
+
+def isolated_sample(entry: UrlEntry, result: DownloadResult | None, job: JobSettings) -> Sample:
+    """``entry_sample``, with any unexpected exception turned into this URL's own row:
     one URL's bug costs that URL, never the rest of its batch."""
     try:
-        return entry_record(entry, result, job)
+        record, image = entry_sample(entry, result, job)
     except Exception as exc:  # a bug, or a library failing in a way nobody classified
         log.exception("internal error on %s", entry.url)
-        return Record(entry.index, entry.url, Status.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")
+        error = f"{type(exc).__name__}: {exc}"
+        record, image = Record(entry.index, entry.url, Status.INTERNAL_ERROR, error), None
+    return job.with_input(record, entry), image
 
 
 def failed_batch_records(
@@ -179,35 +254,47 @@ def failed_batch_records(
     was to fetch; sources' verdicts and resumed rows as the node would have written them."""
     previous = previous or {}
     return [
-        replace(previous[e.index], index=e.index)
-        if e.index in previous
-        else Record(e.index, e.url, Status.BATCH_FAILED, error)
-        if e.pending or e.status == RESUMED
-        else entry_record(e, None, job)
+        job.with_input(
+            previous[e.index]
+            if e.index in previous
+            else Record(e.index, e.url, Status.BATCH_FAILED, error)
+            if e.pending or e.status == RESUMED
+            else entry_record(e, None, job),
+            e,
+        )
         for e in batch.entries
     ]
 
 
 def entry_record(entry: UrlEntry, result: DownloadResult | None, job: JobSettings) -> Record:
     """The manifest row of one entry, writing its thumbnail when there is one."""
+    return entry_sample(entry, result, job)[0]
+
+
+Sample = tuple[Record, bytes | None]  # a row, and its thumbnail when it goes into a shard
+
+
+def entry_sample(entry: UrlEntry, result: DownloadResult | None, job: JobSettings) -> Sample:
+    """The manifest row of one entry; its thumbnail written as a file, or returned for its
+    shard."""
     if result is None:  # invalid or duplicate: nothing fetched
-        path = output_relpath(entry.url, job.thumb.ext) if entry.status == Status.DUPLICATE else ""
-        return Record(entry.index, entry.url, entry.status, entry.error, path=path)
+        duplicate = entry.status == Status.DUPLICATE and job.shards is None
+        path = output_relpath(entry.url, job.thumb.ext) if duplicate else ""
+        return Record(entry.index, entry.url, entry.status, entry.error, path=path), None
     if not result.ok or result.content is None:
-        return Record(
-            entry.index,
-            entry.url,
-            result.status,
-            result.error,
-            http_status=result.http_status or 0,
-            download_s=result.network_s,
-        )
-    return _thumbnail_record(entry, result, result.content, job)
+        return _download_record(entry, result, result.status, result.error), None
+    if entry.carried.sha256 and hashlib.sha256(result.content).hexdigest() != entry.carried.sha256:
+        return _download_record(entry, result, Status.HASH_MISMATCH, _mismatch(entry)), None
+    return _thumbnail_sample(entry, result, result.content, job)
 
 
-def _thumbnail_record(
+def _mismatch(entry: UrlEntry) -> str:
+    return f"the body's sha256 is not the expected {entry.carried.sha256[:80]}"
+
+
+def _thumbnail_sample(
     entry: UrlEntry, result: DownloadResult, content: bytes, job: JobSettings
-) -> Record:
+) -> Sample:
     thumb = make_thumbnail(content, job.thumb)
     fields = {
         "bytes": len(content),
@@ -225,10 +312,29 @@ def _thumbnail_record(
         fields["original_path"], error = _keep_original(
             entry.url, content, ext, job.originals, error
         )
-    if thumb.ok:
-        status, error, path = _write_thumbnail(entry.url, thumb, job)
-        fields |= {"path": path, "width": thumb.width, "height": thumb.height}
-    return Record(entry.index, entry.url, status, error, **fields)  # type: ignore[arg-type]
+    if not thumb.ok:
+        return Record(entry.index, entry.url, status, error, **fields), None  # type: ignore[arg-type]
+    fields |= {"width": thumb.width, "height": thumb.height}
+    fields |= {"phash": thumb.phash, "encoding": thumb.encoding}
+    if job.shards is not None:  # held for the shard writer
+        return Record(entry.index, entry.url, status, error, **fields), thumb.data  # type: ignore[arg-type]
+    status, error, fields["path"] = _write_thumbnail(entry.url, thumb, job)
+    return Record(entry.index, entry.url, status, error, **fields), None  # type: ignore[arg-type]
+
+
+def _download_record(entry: UrlEntry, result: DownloadResult, status: str, error: str) -> Record:
+    """The row of a URL whose body is not kept: what the download said, and nothing more."""
+    body = result.content or b""
+    return Record(
+        entry.index,
+        entry.url,
+        status,
+        error,
+        bytes=len(body),
+        sha256=hashlib.sha256(body).hexdigest() if body else "",
+        http_status=result.http_status or 0,
+        download_s=result.network_s,
+    )
 
 
 def _write_thumbnail(url: str, thumb: Thumbnail, job: JobSettings) -> tuple[str, str, str]:

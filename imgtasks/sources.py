@@ -7,6 +7,10 @@ Formats, each optionally gzip'd (``.gz``), from a local path or any fsspec URL:
 - ``.parquet``: column ``url`` (configurable), read one row group slice at a time;
 - ``.jsonl``: one JSON object per line, key ``url`` (configurable).
 
+Besides the URL, csv/tsv/parquet/jsonl lists (and DataFrames, through the API) can carry
+other columns through to the outputs (:class:`Carried`): a caption, columns kept as they
+are, and a sha256 of the expected bytes.
+
 Nothing here holds the whole list: every reader is a generator, and de-duplication keeps
 only an 8-byte hash per URL in a compact open-addressing table (16 bytes per URL).
 A malformed entry never raises: it becomes an ``invalid_url`` entry; a repeat of an
@@ -43,6 +47,59 @@ DUPLICATE = Status.DUPLICATE
 
 
 @dataclass(frozen=True)
+class InputColumns:
+    """The input columns carried to the outputs besides the URL."""
+
+    caption: str | None = None  # into the manifest's caption column, .txt and .json
+    keep: tuple[str, ...] = ()  # into the manifest and .json as columns of their own
+    verify_hash: str | None = None  # a sha256 of the expected bytes: a mismatch is refused
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "keep", tuple(dict.fromkeys(self.keep)))
+        if any(not name for name in self.keep) or "" in (self.caption, self.verify_hash):
+            raise ValueError("column names must not be empty")
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Every column to read besides the URL, in a fixed order, each once."""
+        named = [self.caption, *self.keep, self.verify_hash]
+        return tuple(dict.fromkeys(n for n in named if n is not None))
+
+    def carry(self, values: tuple[Any, ...]) -> Carried:
+        """What one input row carries, from its values of :attr:`names`."""
+        if not values:
+            return NOTHING
+        by_name = dict(zip(self.names, values, strict=True))
+        caption = by_name.get(self.caption) if self.caption else None
+        digest = by_name.get(self.verify_hash) if self.verify_hash else None
+        return Carried(
+            caption=caption if isinstance(caption, str) else _text_of(caption),
+            kept=tuple(by_name[n] for n in self.keep),
+            sha256=digest.strip().lower() if isinstance(digest, str) else "",
+        )
+
+
+def _text_of(value: Any) -> str:
+    # A missing caption (None, NaN) is no caption; a number is written as text.
+    if value is None or value != value:
+        return ""
+    return str(value)
+
+
+@dataclass(frozen=True)
+class Carried:
+    """What an input row carries besides its URL."""
+
+    caption: str = ""
+    kept: tuple[Any, ...] = ()  # the values of InputColumns.keep, in order
+    sha256: str = ""  # expected sha256 (lower-case hex) of the body; "" when not checked
+
+
+NOTHING = Carried()
+NO_COLUMNS = InputColumns()
+
+
+@dataclass(frozen=True)
 class SourceSettings:
     """Where the URL list is and how to read it."""
 
@@ -51,6 +108,7 @@ class SourceSettings:
     format: str | None = None  # None: from the file name (``.csv.gz`` -> ``csv``)
     batch_size: int = DEFAULT_BATCH_SIZE
     max_url_length: int = DEFAULT_MAX_URL_LENGTH
+    columns: InputColumns = NO_COLUMNS
     storage_options: Mapping[str, Any] = field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
@@ -70,6 +128,7 @@ class UrlEntry:
     url: str
     status: str = PENDING  # PENDING, INVALID_URL or DUPLICATE
     error: str = ""
+    carried: Carried = NOTHING
 
     @property
     def pending(self) -> bool:
@@ -104,8 +163,16 @@ def detect_format(path: str) -> str:
     return ext
 
 
+Row = tuple[str, tuple[Any, ...]]  # a URL and its values of InputColumns.names
+
+
 def read_urls(settings: SourceSettings) -> Iterator[str]:
     """Yield the raw URL strings of a list, lazily, in file order."""
+    return (url for url, _ in read_rows(settings))
+
+
+def read_rows(settings: SourceSettings) -> Iterator[Row]:
+    """Yield each line's URL with its values of the carried columns, lazily, in file order."""
     fmt = settings.format or detect_format(settings.path)
     reader = {
         "txt": _read_txt,
@@ -114,8 +181,11 @@ def read_urls(settings: SourceSettings) -> Iterator[str]:
         "parquet": _read_parquet,
         "jsonl": _read_jsonl,
     }[fmt]
+    names = settings.columns.names
+    if names and fmt == "txt":
+        raise ValueError(f"a .txt list has no columns: {list(names)} need csv/tsv/parquet/jsonl")
     with fsspec.open(settings.path, "rb", compression="infer", **settings.storage_options) as f:
-        yield from reader(f, settings.column, fmt)
+        yield from reader(f, (settings.column, *names), fmt)
 
 
 def _text(f: io.IOBase) -> io.TextIOWrapper:
@@ -123,29 +193,39 @@ def _text(f: io.IOBase) -> io.TextIOWrapper:
     return io.TextIOWrapper(f, encoding="utf-8", errors="replace", newline="")
 
 
-def _read_txt(f: io.IOBase, column: str, fmt: str) -> Iterator[str]:
+def _url(value: Any) -> str:
+    return value.strip() if isinstance(value, str) else ""
+
+
+def _read_txt(f: io.IOBase, columns: tuple[str, ...], fmt: str) -> Iterator[Row]:
     for line in _text(f):
         text = line.strip()
         if text and not text.startswith("#"):
-            yield text
+            yield text, ()
 
 
-def _read_delimited(f: io.IOBase, column: str, fmt: str) -> Iterator[str]:
+def _read_delimited(f: io.IOBase, columns: tuple[str, ...], fmt: str) -> Iterator[Row]:
     rows = csv.reader(_text(f), delimiter="\t" if fmt == "tsv" else ",")
     header = next(rows, None)
     if header is None:
         return
     names = [h.strip() for h in header]
-    if column not in names:
-        raise ValueError(f"column {column!r} not in the {fmt} header {names}")
-    at = names.index(column)
+    _check_columns(columns, names, f"{fmt} header")
+    at = [names.index(c) for c in columns]
     for row in rows:
         if not row:
             continue
-        yield row[at].strip() if at < len(row) else ""
+        values = [row[i] if i < len(row) else None for i in at]
+        yield _url(values[0]), tuple(values[1:])
 
 
-def _read_jsonl(f: io.IOBase, column: str, fmt: str) -> Iterator[str]:
+def _check_columns(columns: tuple[str, ...], names: list[str], fmt: str) -> None:
+    for column in columns:
+        if column not in names:
+            raise ValueError(f"column {column!r} not in the {fmt} {names}")
+
+
+def _read_jsonl(f: io.IOBase, columns: tuple[str, ...], fmt: str) -> Iterator[Row]:
     for line in _text(f):
         text = line.strip()
         if not text:
@@ -153,23 +233,55 @@ def _read_jsonl(f: io.IOBase, column: str, fmt: str) -> Iterator[str]:
         try:
             obj = json.loads(text)
         except ValueError:
-            yield text  # not JSON: recorded as an invalid URL, the run goes on
+            # not JSON: recorded as an invalid URL, the run goes on
+            yield text, (None,) * (len(columns) - 1)
             continue
-        value = obj.get(column) if isinstance(obj, dict) else None
-        yield value.strip() if isinstance(value, str) else ""
+        obj = obj if isinstance(obj, dict) else {}
+        yield _url(obj.get(columns[0])), tuple(obj.get(c) for c in columns[1:])
 
 
-def _read_parquet(f: io.IOBase, column: str, fmt: str) -> Iterator[str]:
+def _read_parquet(f: io.IOBase, columns: tuple[str, ...], fmt: str) -> Iterator[Row]:
     import pyarrow.parquet as pq  # heavy import: only when a Parquet list is read
 
     parquet = pq.ParquetFile(f)
-    if column not in parquet.schema_arrow.names:
-        raise ValueError(
-            f"column {column!r} not in the Parquet schema {parquet.schema_arrow.names}"
-        )
-    for record_batch in parquet.iter_batches(batch_size=65536, columns=[column]):
-        for value in record_batch.column(0).to_pylist():
-            yield value.strip() if isinstance(value, str) else ""
+    _check_columns(columns, parquet.schema_arrow.names, "Parquet schema")
+    wanted = list(dict.fromkeys(columns))  # the URL column may be kept too
+    for record_batch in parquet.iter_batches(batch_size=65536, columns=wanted):
+        values = [record_batch.column(wanted.index(c)).to_pylist() for c in columns]
+        for row in zip(*values, strict=True):
+            yield _url(row[0]), row[1:]
+
+
+def kept_kinds(settings: SourceSettings) -> tuple[tuple[str, str], ...]:
+    """(name, kind) of each kept column: Parquet's own types; text in csv/tsv/jsonl lists
+    (JSON's numbers are written as text: one line's type must not decide a column's)."""
+    keep = settings.columns.keep
+    if not keep or (settings.format or detect_format(settings.path)) != "parquet":
+        return tuple((name, "string") for name in keep)
+    import pyarrow.parquet as pq
+
+    with fsspec.open(settings.path, "rb", **settings.storage_options) as f:
+        schema = pq.ParquetFile(f).schema_arrow
+    _check_columns(keep, schema.names, "Parquet schema")
+    return tuple((name, arrow_kind(schema.field(name).type)) for name in keep)
+
+
+def arrow_kind(kind: Any) -> str:
+    """The manifest kind of an Arrow type: int64, float64, bool or string."""
+    import pyarrow as pa
+
+    if pa.types.is_integer(kind):
+        return "int64"
+    if pa.types.is_floating(kind):
+        return "float64"
+    return "bool" if pa.types.is_boolean(kind) else "string"
+
+
+def dtype_kind(dtype: Any) -> str:
+    """The manifest kind of a numpy/pandas dtype."""
+    return {"i": "int64", "u": "int64", "f": "float64", "b": "bool"}.get(
+        getattr(dtype, "kind", "O"), "string"
+    )
 
 
 class SeenSet:
@@ -233,30 +345,41 @@ class SeenSet:
 
 
 def classify(
-    urls: Iterable[str], max_url_length: int = DEFAULT_MAX_URL_LENGTH
+    urls: Iterable[str] | Iterable[tuple[str, Carried]],
+    max_url_length: int = DEFAULT_MAX_URL_LENGTH,
 ) -> Iterator[UrlEntry]:
-    """Number the URLs and mark the invalid ones and the repeats."""
+    """Number the URLs (plain, or with what their row carries) and mark the invalid ones
+    and the repeats."""
     seen = SeenSet()
-    for index, url in enumerate(urls):
+    for index, item in enumerate(urls):
+        url, carried = (item, NOTHING) if isinstance(item, str) else item
         problem = validate_url(url, max_url_length)
         if problem is not None:
-            yield UrlEntry(index, url, INVALID_URL, problem)
+            yield UrlEntry(index, url, INVALID_URL, problem, carried)
         elif not seen.add(url):
-            yield UrlEntry(index, url, DUPLICATE, "URL seen earlier in this run")
+            yield UrlEntry(index, url, DUPLICATE, "URL seen earlier in this run", carried)
         else:
-            yield UrlEntry(index, url)
+            yield UrlEntry(index, url, carried=carried)
 
 
-def batched(entries: Iterable[UrlEntry], batch_size: int) -> Iterator[UrlBatch]:
+def batched(
+    entries: Iterable[UrlEntry], batch_size: int, shard_size: int = 0
+) -> Iterator[UrlBatch]:
     """Group entries into batches of ``batch_size`` URLs to fetch.
 
     Invalid and duplicate entries ride along with the batch they fall in (they cost no
-    work), so every batch carries up to ``batch_size`` real downloads.
+    work), so every batch carries up to ``batch_size`` real downloads. With a
+    ``shard_size``, no batch spans two shards (input lines ``s * shard_size`` onwards):
+    a shard is written once its own batches are done.
     """
     chunk: list[UrlEntry] = []
     pending = 0
     batch_id = 0
     for entry in entries:
+        if chunk and shard_size and entry.index // shard_size != chunk[0].index // shard_size:
+            yield UrlBatch(batch_id, tuple(chunk))
+            batch_id += 1
+            chunk, pending = [], 0
         chunk.append(entry)
         pending += entry.pending
         if pending >= batch_size or len(chunk) >= 8 * batch_size:
@@ -267,6 +390,8 @@ def batched(entries: Iterable[UrlEntry], batch_size: int) -> Iterator[UrlBatch]:
         yield UrlBatch(batch_id, tuple(chunk))
 
 
-def url_batches(settings: SourceSettings) -> Iterator[UrlBatch]:
+def url_batches(settings: SourceSettings, shard_size: int = 0) -> Iterator[UrlBatch]:
     """The whole source stage: read, classify, batch; lazily."""
-    return batched(classify(read_urls(settings), settings.max_url_length), settings.batch_size)
+    carry = settings.columns.carry
+    rows = ((url, carry(values)) for url, values in read_rows(settings))
+    return batched(classify(rows, settings.max_url_length), settings.batch_size, shard_size)

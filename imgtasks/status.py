@@ -7,9 +7,9 @@ and it formats and hashes as its value. Whether a result is ok follows from its 
     sources      invalid_url  duplicate
     download     http_4xx  http_5xx  http_error  timeout  connection_error  too_large
                  too_many_redirects  incomplete_body  empty_body  opted_out
-                 robots_disallowed
+                 robots_disallowed  hash_mismatch
     thumbnail    decode_error  truncated_image  too_many_pixels  unsupported_format
-                 encode_error
+                 encode_error  too_small  bad_aspect_ratio
     writing      write_error
     flow         internal_error  batch_failed
     ok           ok
@@ -42,12 +42,15 @@ class Status(str, Enum):
     EMPTY_BODY = "empty_body"
     OPTED_OUT = "opted_out"  # X-Robots-Tag says noai/noindex/... to all agents or to us
     ROBOTS_DISALLOWED = "robots_disallowed"  # --respect-robots-txt: the host's robots.txt
+    HASH_MISMATCH = "hash_mismatch"  # the body's sha256 is not the input's; nothing kept
     # thumbnail
     DECODE_ERROR = "decode_error"
     TRUNCATED_IMAGE = "truncated_image"
     TOO_MANY_PIXELS = "too_many_pixels"  # a decompression bomb
     UNSUPPORTED_FORMAT = "unsupported_format"  # an image format outside the allowed list
     ENCODE_ERROR = "encode_error"
+    TOO_SMALL = "too_small"  # --min-size: the original's shorter side is below it
+    BAD_ASPECT_RATIO = "bad_aspect_ratio"  # --max-aspect-ratio: longer / shorter side above it
     # writing the outputs
     WRITE_ERROR = "write_error"
     # the flow
@@ -83,6 +86,8 @@ THUMBNAIL = frozenset(
         Status.TOO_MANY_PIXELS,
         Status.UNSUPPORTED_FORMAT,
         Status.ENCODE_ERROR,
+        Status.TOO_SMALL,
+        Status.BAD_ASPECT_RATIO,
     }
 )
 # Failures of the network rather than of the URL: many of them at once mean DNS or the

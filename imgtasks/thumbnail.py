@@ -177,6 +177,11 @@ class ThumbSettings:
     background: tuple[int, int, int] = (255, 255, 255)
     max_pixels: int = 100_000_000
     source_formats: tuple[str, ...] = WEB_FORMATS
+    min_size: int = 0  # the original's shorter side below it: too_small (0: no limit)
+    max_aspect_ratio: float = 0.0  # longer side / shorter side above it: bad_aspect_ratio
+    # An original that already fits the box, in the output format, is kept byte for byte
+    # (its metadata included: off by default, since re-encoding is what strips EXIF/GPS).
+    keep_fitting: bool = False
 
     def __post_init__(self) -> None:
         # Settings often come from JSON/CLI as lists; store tuples so they stay hashable.
@@ -195,6 +200,12 @@ class ThumbSettings:
             raise ValueError(f"background must be three integers in 0..255; got {bg!r}")
         if not (isinstance(self.max_pixels, int) and self.max_pixels >= 1):
             raise ValueError(f"max_pixels must be a positive integer; got {self.max_pixels!r}")
+        if not (isinstance(self.min_size, int) and self.min_size >= 0):
+            raise ValueError(f"min_size must be an integer >= 0; got {self.min_size!r}")
+        if not (self.max_aspect_ratio == 0 or self.max_aspect_ratio >= 1):
+            raise ValueError(
+                f"max_aspect_ratio must be >= 1 (0: none); got {self.max_aspect_ratio}"
+            )
 
     @property
     def ext(self) -> str:
@@ -231,10 +242,16 @@ class Thumbnail:
     source_format: str = ""
     format: str = ""
     elapsed_s: float = 0.0
+    phash: str = ""  # 64-bit difference hash of the thumbnail, 16 hex digits
+    encoding: str = ""  # REENCODED, or ORIGINAL when the image's own bytes were kept
 
     @property
     def ok(self) -> bool:
         return self.status == Status.OK
+
+
+REENCODED = "reencoded"
+ORIGINAL = "original"
 
 
 class ThumbnailError(Exception):
@@ -261,6 +278,7 @@ class Rendered:
     orig_width: int
     orig_height: int
     source_format: str
+    untouched: bool = False  # neither resized, rotated, padded nor re-moded: fits as it is
 
 
 def make_thumbnail(data: bytes, settings: ThumbSettings = DEFAULT_THUMB) -> Thumbnail:
@@ -271,7 +289,8 @@ def make_thumbnail(data: bytes, settings: ThumbSettings = DEFAULT_THUMB) -> Thum
     start = time.perf_counter()
     try:
         rendered = render_thumbnail(data, settings)
-        encoded = _encode(rendered, settings)
+        keep = settings.keep_fitting and rendered.untouched
+        encoded = data if keep else _encode(rendered, settings)
     except ThumbnailError as exc:
         return _failure(exc, settings, start)
     except Exception as exc:  # MemoryError included; KeyboardInterrupt is not
@@ -288,7 +307,18 @@ def make_thumbnail(data: bytes, settings: ThumbSettings = DEFAULT_THUMB) -> Thum
         source_format=rendered.source_format,
         format=settings.format,
         elapsed_s=time.perf_counter() - start,
+        phash=difference_hash(rendered.image),
+        encoding=ORIGINAL if keep else REENCODED,
     )
+
+
+def difference_hash(im: Image.Image) -> str:
+    """dHash: 64 bits, each whether a pixel of the 9x8 grey image is brighter than its right
+    neighbour; 16 hex digits. Near-duplicates (re-encoded, resized, lightly edited) differ
+    in a few bits; equal pictures under different URLs hash alike, so a group-by finds them."""
+    grey = np.asarray(im.convert("L").resize((9, 8), Image.Resampling.BILINEAR), dtype=np.int16)
+    bits = (grey[:, 1:] > grey[:, :-1]).flatten()
+    return f"{int(''.join('1' if b else '0' for b in bits), 2):016x}"
 
 
 def _failure(exc: ThumbnailError, settings: ThumbSettings, start: float) -> Thumbnail:
@@ -365,6 +395,18 @@ def _check_opened(im: ImageFile.ImageFile, settings: ThumbSettings) -> None:
         raise ThumbnailError(Status.TOO_MANY_PIXELS, msg, (width, height), fmt)
     if width < 1 or height < 1:
         raise ThumbnailError(Status.DECODE_ERROR, f"empty image {width}x{height}", (0, 0), fmt)
+    _filter(width, height, fmt, settings)
+
+
+def _filter(width: int, height: int, fmt: str, settings: ThumbSettings) -> None:
+    """The size filters, from the header: no pixel of a refused image is decoded."""
+    short, long = sorted((width, height))
+    if short < settings.min_size:
+        message = f"{width}x{height}: shorter side below min_size={settings.min_size}"
+        raise ThumbnailError(Status.TOO_SMALL, message, (width, height), fmt)
+    if settings.max_aspect_ratio and long / short > settings.max_aspect_ratio:
+        message = f"{width}x{height}: aspect ratio {long / short:.2f} > {settings.max_aspect_ratio}"
+        raise ThumbnailError(Status.BAD_ASPECT_RATIO, message, (width, height), fmt)
 
 
 @functools.lru_cache(maxsize=64)
@@ -545,6 +587,7 @@ def _orientation(im: Image.Image) -> int:
 
 def _render_open(im: ImageFile.ImageFile, settings: ThumbSettings) -> Rendered:
     file_size = im.size
+    plain = _plain(im, settings)  # before draft() or load() change the mode
     scale = _draft(im, settings)
     im.load()
     # EXIF is read again after load: PNG may carry its eXIf chunk after the pixels.
@@ -563,7 +606,17 @@ def _render_open(im: ImageFile.ImageFile, settings: ThumbSettings) -> Rendered:
     if settings.mode == "pad":
         small = _pad(small, settings)
     oriented = (src_size[1], src_size[0]) if orientation in _SWAPS_AXES else src_size
-    return Rendered(small, oriented[0], oriented[1], im.format or "")
+    untouched = plain and plan.transpose is None and small.size == file_size == plan.out_size
+    return Rendered(small, oriented[0], oriented[1], im.format or "", untouched)
+
+
+def _plain(im: ImageFile.ImageFile, settings: ThumbSettings) -> bool:
+    """Whether the file could be the thumbnail itself: one frame of the output format in a
+    mode every decoder shows alike (no CMYK JPEG, no 16-bit PNG)."""
+    modes = ("RGB", "L", "RGBA", "LA", "P") if settings.keeps_alpha else ("RGB", "L")
+    return (
+        im.format == settings.pillow_format and im.mode in modes and getattr(im, "n_frames", 1) == 1
+    )
 
 
 def _draft(im: ImageFile.ImageFile, settings: ThumbSettings) -> tuple[float, float] | None:

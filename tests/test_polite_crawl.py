@@ -149,22 +149,24 @@ def gaps(times: list[float]) -> list[float]:
 
 def test_a_burst_to_one_host_is_spaced_by_the_rate(server: DemoServer) -> None:
     """16 threads ask for 12 images of one host at once; at 20 requests/s the server sees
-    them at least 50 ms apart (less a little for clock reading)."""
+    them spread over at least 11 x 50 ms, and never two together. (Requests leave 50 ms
+    apart; one may reach the server late and the next on time, hence the margins.)"""
     settings = DownloadSettings(**FAST, per_host_rate=20.0, parallel=16, per_host=16)
     assert all(r.ok for r in fetch_many(server.urls(12), settings))
-    seen = [t for t, _, _ in server.request_log("/img/")]
+    seen = sorted(t for t, _, _ in server.request_log("/img/"))
     assert len(seen) == 12
-    assert min(gaps(seen)) >= 0.045, gaps(seen)
+    assert seen[-1] - seen[0] >= 11 * 0.05 * 0.95, gaps(seen)
+    assert min(gaps(seen)) >= 0.025, gaps(seen)
 
 
 def test_retries_and_redirects_wait_for_the_rate_too(server: DemoServer) -> None:
     settings = DownloadSettings(retries=3, backoff=0.0, backoff_jitter=0.0, per_host_rate=10.0)
     flaky = f"{server.base_url}/flaky/rate/2/503/1.jpg"  # 503, 503, then the image
     assert fetch(flaky, settings).ok
-    assert min(gaps([t for t, _, _ in server.request_log("/flaky/")])) >= 0.09
+    assert min(gaps([t for t, _, _ in server.request_log("/flaky/")])) >= 0.07
     assert fetch(f"{server.base_url}/redirect/3/2.jpg", settings).ok
     hops = [t for t, _, path in server.request_log() if path.startswith(("/redirect/", "/img/"))]
-    assert len(hops) == 4 and min(gaps(hops)) >= 0.09  # three redirects, then the image
+    assert len(hops) == 4 and min(gaps(hops)) >= 0.07  # three redirects, then the image
 
 
 def test_each_host_keeps_its_own_spacing(server: DemoServer) -> None:
@@ -176,7 +178,7 @@ def test_each_host_keeps_its_own_spacing(server: DemoServer) -> None:
     hosts = {h for _, h, _ in log}
     assert len(hosts) == 2
     for host in hosts:
-        assert min(gaps([t for t, h, _ in log if h == host])) >= 0.19
+        assert min(gaps([t for t, h, _ in log if h == host])) >= 0.15
 
 
 # --- error storms -----------------------------------------------------------------------------
@@ -220,4 +222,4 @@ def test_the_command_line_flags_reach_the_downloads(
     # the robots.txt rules name imgtasks, not mybot; the X-Robots-Tag names mybot
     assert list(df["status"]) == ["ok"] * 6 + ["opted_out"]
     times = [t for t, _, path in server.request_log() if not path.startswith("/robots.txt")]
-    assert min(gaps(times)) >= 0.09  # 10 requests/s to this one host
+    assert min(gaps(times)) >= 0.07  # 10 requests/s to this one host (less arrival jitter)
