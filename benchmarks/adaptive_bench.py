@@ -5,7 +5,7 @@
     python benchmarks/adaptive_bench.py --img2dataset ~/.venvs/img2dataset/bin/img2dataset
 
 1. One host answering in 500 ms, ``--count`` web-size JPEGs (512 px, ~30 KB): ``flows/run.py``
-   with default settings, with ``--per-host-fixed`` (the fixed cap of 16 per host), and
+   with ``--per-host-adaptive --window auto``, with the defaults (a fixed 16 per host), and
    img2dataset (2 processes x 32 threads) when it is installed; ratios printed.
 2. ``--hosts`` hosts (127.0.0.1 and up) answering in 1 s: how busy the flow keeps the CPU
    pool (the thumbnail nodes' time over CPU slots x wall time after start-up).
@@ -156,10 +156,10 @@ def one_host(args, work: Path, files: Path, skip: set[str]) -> list[Run]:
         hosts = url_list(base, 1, args.count, urls)
         watch = LoadWatch(hosts)
         common = ["--cpu-workers", str(args.processes)]
-        runs = [run_flow("adaptive (default)", urls, work, common, server, watch)]
+        adaptive = [*common, "--per-host-adaptive", "--window", "auto"]
+        runs = [run_flow("--per-host-adaptive", urls, work, adaptive, server, watch)]
         if "fixed" not in skip:
-            fixed = [*common, "--per-host-fixed"]
-            runs.append(run_flow("--per-host-fixed (16)", urls, work, fixed, server, watch))
+            runs.append(run_flow("fixed 16 per host (default)", urls, work, common, server, watch))
         if "img2dataset" not in skip:
             cfg = Config(args.count, args.latency, ("img2dataset",), args.processes,
                          32 * args.processes, args.img2dataset, None, Path(args.html))  # fmt: skip
@@ -174,7 +174,7 @@ def many_hosts(args, work: Path, files: Path) -> Run:
     with server_process(args.hosts_latency, 0.05, *extra) as (base, pid):
         urls = work / "many-hosts.txt"
         hosts = url_list(base, args.hosts, args.hosts_count, urls)
-        options = ["--cpu-workers", str(args.processes)]
+        options = ["--cpu-workers", str(args.processes), "--per-host-adaptive", "--window", "auto"]
         return run_flow("many hosts", urls, work, options, psutil.Process(pid), LoadWatch(hosts))
 
 

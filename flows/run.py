@@ -235,9 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--window",
-        type=int,
+        type=window_arg,
         default=0,
-        help="batches in flight (0: sized by measurement: CPU throughput x download latency)",
+        help="batches in flight (0: from the cluster size; 'auto': sized by measurement, "
+        "CPU throughput x download latency, experimental)",
     )
     run.add_argument(
         "--max-inflight-bytes",
@@ -327,7 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         metavar="N",
         help="most concurrent requests to one host per worker process: the ceiling of the "
-        "adaptive limit (default 128), or with --per-host-fixed the fixed cap (default 16)",
+        "fixed cap (default 16), or with --per-host-adaptive the adaptive limit's ceiling "
+        "(default 128)",
     )
     net.add_argument(
         "--per-host-start",
@@ -338,9 +340,10 @@ def build_parser() -> argparse.ArgumentParser:
         "shrinks on 429, 503, time-outs and rising latency",
     )
     net.add_argument(
-        "--per-host-fixed",
+        "--per-host-adaptive",
         action="store_true",
-        help="a fixed per-host cap (--per-host) instead of the adaptive limit",
+        help="an adaptive per-host limit (grows while a host copes, shrinks on 429/503, "
+        "time-outs, a latency climb) instead of the fixed cap; experimental",
     )
 
     p.add_argument(
@@ -387,8 +390,8 @@ def parse_job(argv: list[str] | None = None) -> Job:
 
 def job_from_args(args: argparse.Namespace) -> Job:
     _positive("--count", args.count)
-    if args.window < 0:
-        raise ValueError(f"--window must be >= 0, got {args.window}")
+    if args.window != "auto" and args.window < 0:
+        raise ValueError(f"--window must be >= 0 or 'auto', got {args.window}")
     if args.latency < 0:
         raise ValueError(f"--latency must be >= 0, got {args.latency}")
     cluster = clusters.ClusterSettings(
@@ -435,7 +438,7 @@ def job_from_args(args: argparse.Namespace) -> Job:
             user_agent=args.user_agent,
             per_host=args.per_host,
             per_host_start=args.per_host_start,
-            per_host_fixed=args.per_host_fixed,
+            per_host_fixed=not args.per_host_adaptive,
             user_agent_token=args.user_agent_token,
             disallowed_header_directives=tuple(args.disallowed_header_directives.split(",")),
             respect_robots_txt=args.respect_robots_txt,
@@ -475,6 +478,15 @@ def parse_bytes(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1 byte: {text!r}")
     return value
+
+
+def window_arg(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a number or 'auto', not {text!r}") from None
 
 
 def parse_storage_options(text: str) -> dict:

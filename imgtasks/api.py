@@ -24,6 +24,7 @@ from imgtasks.flow import (
     Progress,
     Tally,
     Wiring,
+    default_window,
     measured_window,
     new_run_id,
     run_sync,
@@ -241,7 +242,7 @@ def thumbnails(
     keep_originals: str | os.PathLike[str] | None = None,
     resume: bool = False,
     batch_size: int = DEFAULT_BATCH_SIZE,
-    window: int = 0,
+    window: int | str = 0,
     max_inflight_bytes: int | None = None,
     report: str | None = None,
     progress: bool = True,
@@ -295,8 +296,9 @@ def thumbnails(
         resume: skip the URLs an earlier run into the same ``out`` finished (``ok`` row,
             thumbnail present); their rows are carried over.
         batch_size: URLs per download node and thumbnail node.
-        window: batches in flight; 0: sized by measurement (Little's law: the CPU pool's
-            throughput times the download time of a batch; see ``imgtasks.window``).
+        window: batches in flight; 0: from the cluster's size (4 per CPU slot + 8);
+            ``"auto"``: sized by measurement (Little's law: the CPU pool's throughput times
+            the download time of a batch; see ``imgtasks.window``), experimental.
         max_inflight_bytes: memory budget of the measured window: downloaded bytes in
             flight at most about this (default 512 MiB).
         report: write Dask's performance report (HTML) to this file.
@@ -320,8 +322,8 @@ def thumbnails(
     """
     output = OutputSettings(os.fspath(out), dict(storage_options or {}))
     columns = InputColumns(caption_column, _names(keep_columns), verify_hash_column)
-    if window < 0:
-        raise ValueError(f"window must be >= 0, got {window}")
+    if window != "auto" and not (isinstance(window, int) and window >= 0):
+        raise ValueError(f"window must be >= 0 or 'auto', got {window!r}")
     if max_inflight_bytes is not None and max_inflight_bytes < 1:
         raise ValueError(f"max_inflight_bytes must be >= 1, got {max_inflight_bytes}")
     if output_format not in OUTPUT_FORMATS:
@@ -379,7 +381,7 @@ def thumbnails(
 class _Execution:
     client: Any
     cluster: clusters.ClusterSettings | None
-    window: int
+    window: int | str
     report: str | None
     progress: bool
     resume: bool
@@ -414,7 +416,11 @@ def _run(
             else:
                 links["dashboard"] = client.dashboard_link
                 wiring = _routed(wiring, client, how)
-                window = measured_window(client, how.window, how.max_inflight_bytes)
+                window = (
+                    measured_window(client, 0, how.max_inflight_bytes)
+                    if how.window == "auto"
+                    else how.window or default_window(client)
+                )
                 tally.ready = tally.elapsed
                 if how.report:
                     stack.enter_context(performance_report(filename=how.report, mode="inline"))

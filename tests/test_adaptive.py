@@ -4,14 +4,13 @@ and the limits saw (requests in flight, 429s, limits), never on wall-clock speed
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
-import sys
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
+from conftest import run_flow
 
 import imgtasks
 from imgtasks import download
@@ -55,7 +54,7 @@ def servers() -> Iterator[ExitStack]:
 
 def test_a_healthy_slow_host_gets_far_more_than_16_at_once(servers: ExitStack) -> None:
     server = serve(servers, latency=0.5)
-    settings = DownloadSettings(parallel=96, retries=0)
+    settings = DownloadSettings(parallel=96, retries=0, per_host_fixed=False)
     results = fetch_many(tiny(server, 300), settings)
     assert all(r.ok for r in results)
     assert server.load.peak > 48  # started at 8, doubled while the host coped
@@ -73,7 +72,7 @@ def test_the_fixed_cap_stays_at_16(servers: ExitStack) -> None:
 
 def test_a_fragile_host_is_kept_at_or_below_k(servers: ExitStack) -> None:
     server = serve(servers, latency=0.2, fragile=Fragility(4))
-    settings = DownloadSettings(parallel=32)
+    settings = DownloadSettings(parallel=32, per_host_fixed=False)
     results = fetch_many(tiny(server, 150), settings)
     assert [r.status for r in results] == ["ok"] * 150  # the 429s were retried
     after = settled(server, 2.0)
@@ -85,7 +84,7 @@ def test_a_fragile_host_is_kept_at_or_below_k(servers: ExitStack) -> None:
 
 def test_retry_after_pauses_the_host(servers: ExitStack) -> None:
     server = serve(servers, latency=0.05, fragile=Fragility(2, retry_after=1.0))
-    settings = DownloadSettings(parallel=16, per_host_start=8, backoff=0.0)
+    settings = DownloadSettings(parallel=16, per_host_start=8, backoff=0.0, per_host_fixed=False)
     results = fetch_many(tiny(server, 40), settings)
     assert all(r.ok for r in results)
     arrivals = [t for t, _ in server.load.log()]
@@ -101,7 +100,7 @@ def test_several_hosts_each_find_their_own_limit(servers: ExitStack) -> None:
     lists = [tiny(healthy, 240), tiny(fragile, 60), tiny(middling, 120)]
     urls = [u for group in zip(*(lst * 4 for lst in lists), strict=False) for u in group]
     urls = list(dict.fromkeys(urls))  # interleaved, each once
-    settings = DownloadSettings(parallel=160)
+    settings = DownloadSettings(parallel=160, per_host_fixed=False)
     results = fetch_many(urls, settings)
     assert all(r.ok for r in results), {r.status for r in results}
     assert limit_of(fragile, settings).limit < 5  # probing 4 now and then
@@ -116,7 +115,11 @@ def test_a_flow_through_a_fragile_host_makes_every_thumbnail(
 ) -> None:
     server = serve(servers, latency=0.1, fragile=Fragility(4))
     result = imgtasks.thumbnails(
-        tiny(server, 200), tmp_path / "out", cluster="hybrid", progress=False
+        tiny(server, 200),
+        tmp_path / "out",
+        cluster="hybrid",
+        download=DownloadSettings(per_host_fixed=False),
+        progress=False,
     )
     assert result.counts == {"ok": 200}
     assert server.load.refused <= 0.15 * 200
@@ -124,16 +127,12 @@ def test_a_flow_through_a_fragile_host_makes_every_thumbnail(
     assert sum(n <= 4 for n in after) >= 0.85 * len(after)
 
 
-def test_the_command_line_sets_the_per_host_limits(monkeypatch: pytest.MonkeyPatch) -> None:
-    spec = importlib.util.spec_from_file_location(
-        "run", Path(__file__).parents[1] / "flows" / "run.py"
-    )
-    run = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-    monkeypatch.setitem(sys.modules, "run", run)
-    spec.loader.exec_module(run)  # type: ignore[union-attr]
-    default = run.parse_job([]).options["download"]
-    assert (default.per_host, default.per_host_start, default.per_host_fixed) == (128, 8, False)
-    fixed = run.parse_job(["--per-host-fixed"]).options["download"]
-    assert (fixed.per_host, fixed.per_host_fixed) == (16, True)
-    tuned = run.parse_job(["--per-host", "64", "--per-host-start", "4"]).options["download"]
-    assert (tuned.per_host, tuned.per_host_start) == (64, 4)
+def test_the_limits_default_to_the_fixed_cap_and_adapt_when_asked(
+    tmp_path: Path, subprocess_env: dict[str, str]
+) -> None:
+    default = DownloadSettings()
+    assert (default.per_host, default.per_host_fixed) == (16, True)
+    adaptive = DownloadSettings(per_host_fixed=False)
+    assert (adaptive.per_host, adaptive.per_host_start) == (128, 8)
+    proc = run_flow(["--per-host-adaptive", "--per-host-start", "0"], subprocess_env, timeout=60)
+    assert proc.returncode == 2 and "per_host_start must be > 0" in proc.stderr, proc.stderr
