@@ -13,11 +13,11 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import run_flow
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import imgtasks
-from flows.run import parse_job
 from imgtasks.manifest import KINDS, Record, manifest_row, read_manifest, write_manifest_part
 from imgtasks.sinks import OutputSettings
 from imgtasks.sources import InputColumns, SourceSettings, kept_kinds, url_batches
@@ -153,16 +153,33 @@ def test_a_body_whose_sha256_differs_is_hash_mismatch_and_nothing_is_kept(
     assert len(list((tmp_path / "orig").rglob("*.*"))) == 2
 
 
-def test_the_command_line_maps_the_column_flags() -> None:
-    job = parse_job(
-        [
-            *("--urls", __file__, "--url-column", "URL", "--caption-column", "TEXT"),
-            *("--keep-columns", "similarity, LICENSE", "--verify-hash-column", "sha"),
-        ]
-    )
-    assert job.options["caption_column"] == "TEXT"
-    assert job.options["keep_columns"] == ("similarity", "LICENSE")
-    assert job.options["verify_hash_column"] == "sha"
+def test_the_command_line_maps_the_column_flags(
+    tmp_path: Path, demo_server, subprocess_env: dict[str, str]
+) -> None:
+    urls = demo_server.urls(2)
+    with urllib.request.urlopen(urls[0], timeout=30) as response:  # its true sha256
+        good = hashlib.sha256(response.read()).hexdigest()
+    listing = tmp_path / "laion.csv"
+    pd.DataFrame(
+        {
+            "URL": urls,
+            "TEXT": ["a cat", "a dog"],
+            "similarity": [0.31, 0.42],
+            "LICENSE": ["cc-by", "?"],
+            "sha": [good, "0" * 64],
+        }
+    ).to_csv(listing, index=False)
+    out = tmp_path / "out"
+    args = ["--urls", str(listing), "--out", str(out), "--scheduler", "sync"]
+    args += ["--url-column", "URL", "--caption-column", "TEXT"]
+    args += ["--keep-columns", "similarity, LICENSE", "--verify-hash-column", "sha"]
+    proc = run_flow(args, subprocess_env)
+    assert proc.returncode == 0, proc.stderr
+    df = pd.read_parquet(out / "manifest").sort_values("index")
+    assert list(df["status"]) == ["ok", "hash_mismatch"]
+    assert list(df["caption"]) == ["a cat", "a dog"]
+    assert list(df["LICENSE"]) == ["cc-by", "?"]
+    assert [float(v) for v in df["similarity"]] == [0.31, 0.42]
 
 
 _ANY = st.none() | st.integers() | st.floats() | st.text(max_size=20) | st.booleans()

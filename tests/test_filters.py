@@ -5,11 +5,12 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+import pandas as pd
 import pytest
+from conftest import run_flow
 from PIL import Image, ImageFilter
 
 import imgtasks
-from flows.run import parse_job
 from imgtasks.thumbnail import ORIGINAL, REENCODED, ThumbSettings, difference_hash, make_thumbnail
 
 
@@ -96,9 +97,29 @@ def test_the_manifest_has_phash_and_encoding_and_the_filters_statuses(
     assert (huge.manifest()["phash"] == "").all()
 
 
-def test_the_command_line_maps_the_filter_flags() -> None:
-    job = parse_job(["--min-size", "64", "--max-aspect-ratio", "3", "--keep-fitting"])
-    thumb = job.options["thumb"]
-    assert (thumb.min_size, thumb.max_aspect_ratio, thumb.keep_fitting) == (64, 3.0, True)
+def test_the_command_line_maps_the_filter_flags(
+    tmp_path: Path, demo_server, subprocess_env: dict[str, str]
+) -> None:
+    listing = tmp_path / "urls.txt"
+    listing.write_text("\n".join(f"{demo_server.base_url}/tiny/{i}.jpg" for i in range(3)))
+    base = ["--urls", str(listing), "--scheduler", "sync"]
+    statuses = {}
+    for name, flags in {
+        "small": ["--min-size", "100000"],
+        "fitting": ["--keep-fitting", "--size", "4000x4000"],
+        "default": ["--size", "4000x4000"],
+    }.items():
+        proc = run_flow([*base, "--out", str(tmp_path / name), *flags], subprocess_env)
+        assert proc.returncode == 0, proc.stderr
+        df = pd.read_parquet(tmp_path / name / "manifest")
+        statuses[name] = sorted(zip(df["status"], df["encoding"], strict=True))
+    assert statuses["small"] == [("too_small", "")] * 3
+    assert statuses["fitting"] == [("ok", ORIGINAL)] * 3  # tiny JPEGs fit: kept as they are
+    assert statuses["default"] == [("ok", REENCODED)] * 3
+    proc = run_flow([*base, "--out", str(tmp_path / "bad"), "--max-aspect-ratio", "0.5"])
+    assert proc.returncode == 2 and "max_aspect_ratio" in proc.stderr, proc.stderr
+
+
+def test_a_max_aspect_ratio_below_one_is_refused() -> None:
     with pytest.raises(ValueError, match="max_aspect_ratio"):
         ThumbSettings(max_aspect_ratio=0.5)
