@@ -417,7 +417,7 @@ def _run(
                 links["dashboard"] = client.dashboard_link
                 wiring = _routed(wiring, client, how)
                 window = (
-                    measured_window(client, 0, how.max_inflight_bytes)
+                    measured_window(client, how.max_inflight_bytes)
                     if how.window == "auto"
                     else how.window or default_window(client)
                 )
@@ -441,6 +441,7 @@ def _result(
     links: Mapping[str, str | None],
     interrupted: bool = False,
 ) -> Result:
+    figures = feed.figures()  # the job page's: failing hosts and errors counted once
     return Result(
         counts={str(status): n for status, n in tally.counts.items()},
         entries=tally.entries,
@@ -458,9 +459,9 @@ def _result(
         contact_sheet=links["sheet"],
         interrupted=interrupted,
         total=tally.total,
-        failed_hosts=dict(tally.failed_hosts.most_common(10)),
-        errors=dict(feed.figures().errors),
-        bytes_in=feed.figures().bytes_in,
+        failed_hosts=dict(figures.failed_hosts),
+        errors=dict(figures.errors),
+        bytes_in=figures.bytes_in,
         job_page=links["job_page"],
         output_format=job.shards.format if job.shards else "files",
     )

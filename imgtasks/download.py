@@ -681,7 +681,9 @@ def _fetch_robots(progress: _Progress, robots_url: str) -> RobotsAnswer:
             _polite_slot(progress, robots_url, "fetching robots.txt") as remaining,
             _get(settings, robots_url, remaining) as resp,
         ):
-            text = resp.raw.read(ROBOTS_MAX_BYTES, decode_content=True)
+            # the images' size cap holds here too (RFC 9309 asks for at least 500 KiB)
+            cap = min(ROBOTS_MAX_BYTES, settings.max_bytes)
+            text = resp.raw.read(cap, decode_content=True)
             return RobotsAnswer(resp.status_code, text.decode("utf-8", "replace"))
     except Exception as exc:  # unreachable, timed out: RFC 9309 says disallow
         logger.debug("robots.txt %s unreachable: %r", robots_url, exc)

@@ -139,11 +139,9 @@ class Tally:
     resumed: int = 0
     ready: float = 0.0  # seconds until the cluster was up and the first batch went out
     failed_batches: list[str] = field(default_factory=list)
-    failed_hosts: Counter = field(default_factory=Counter)
     storms: StormWatch = field(default_factory=lambda: StormWatch())
 
     def add(self, report: BatchReport) -> None:
-        self.failed_hosts.update(report.failed_hosts)
         self.storms.add(report)
         self.resumed += report.resumed
         self.counts.update(report.counts)
@@ -426,14 +424,14 @@ def finished(report: BatchReport, turnaround_s: float) -> Finished:
     )
 
 
-def measured_window(client: Client, fixed: int = 0, max_bytes: int | None = None) -> Window:
-    """The window sized by measurement on this cluster (``fixed``: ``--window N``)."""
+def measured_window(client: Client, max_bytes: int | None = None) -> Window:
+    """The window sized by measurement on this cluster (``--window auto``)."""
     workers = client.scheduler_info(n_workers=-1)["workers"].values()
     io = sum((w.get("resources") or {}).get(clusters.IO_RESOURCE, 0) for w in workers)
     cpu = sum(w.get("nthreads", 1) for w in workers if "io" not in (w.get("resources") or {}))
     options = {} if max_bytes is None else {"max_bytes": max_bytes}
     # Without an I/O pool, the download nodes share the CPU slots.
-    return Window(cpu, int(io) or cpu, default_window(client), fixed or None, **options)
+    return Window(cpu, int(io) or cpu, default_window(client), **options)
 
 
 def default_window(client: Client) -> int:
