@@ -46,6 +46,7 @@ from imgtasks.shards import (
     DEFAULT_SHARD_SIZE,
     ShardSettings,
     finished_shards,
+    manifest_view,
     shard_counts,
     shard_files,
 )
@@ -128,7 +129,8 @@ class Result:
         """The manifest: one current row per input line (the latest run's row wins).
 
         A pandas DataFrame; ``lazy=True``: a dask DataFrame over every part, unread (it
-        holds earlier runs' rows too when a run failed or resumed part-way).
+        holds earlier runs' rows too when a run failed or resumed part-way). With shards,
+        the shards' rows in the manifest's names (their files use img2dataset's).
         """
         if self.output_format != "files":
             return _shard_rows(self.output, lazy)
@@ -207,7 +209,8 @@ def _shard_rows(output: OutputSettings, lazy: bool) -> Any:
 
         read = dd.read_parquet
     frame = read(paths, storage_options=options) if paths else pd.DataFrame(columns=["key"])
-    return frame.drop(columns=[c for c in frame.columns if c in IMAGE_COLUMNS])
+    frame = frame.drop(columns=[c for c in frame.columns if c in IMAGE_COLUMNS])
+    return manifest_view(frame) if paths else frame
 
 
 class Interrupted(KeyboardInterrupt):

@@ -7,7 +7,14 @@ reads ours)::
     00000.parquet        one row per input line of the shard, failures included;
                          the parquet format: the image bytes in a column named like the
                          extension (``jpg``), null where there is no thumbnail
-    00000_stats.json     count, counts per status, start, end, duration: written last
+    00000_stats.json     count, successes, failed_to_download, failed_to_resize,
+                         status_dict, our counts per status, start, end, duration: last
+
+The rows (the shard parquet and each sample's ``.json``) speak img2dataset's vocabulary
+where it has a word for ours, so a filter written for its datasets
+(``df[df.status == "success"]``, ``error_message``, ``original_width``) works unchanged:
+``status`` is ``success``, ``failed_to_download`` or ``failed_to_resize``, and our finer
+status (``http_4xx``, ``decode_error``, ...) is ``imgtasks_status`` beside it.
 
 Shard ``s`` holds input lines ``s * size`` to ``(s + 1) * size - 1``; a line's key is
 ``s * 10**ceil(log10(size)) + row``, zero-padded (``000010005``: shard 1, row 5 for
@@ -34,11 +41,19 @@ import pyarrow.parquet as pq
 
 from imgtasks.manifest import KeptColumns, Record, manifest_row, records_table
 from imgtasks.sinks import OutputSettings, filesystem, write_file
-from imgtasks.status import Status
+from imgtasks.status import THUMBNAIL, Status
 
 FORMATS = ("webdataset", "parquet")
 DEFAULT_SHARD_SIZE = 10_000  # img2dataset's number_sample_per_shard
 STATS_SUFFIX = "_stats.json"
+# Our manifest's column names -> img2dataset's, for the rows written into shards.
+PEER_NAMES = {
+    "status": "imgtasks_status",
+    "error": "error_message",
+    "orig_width": "original_width",
+    "orig_height": "original_height",
+}
+SUCCESS, FAILED_TO_DOWNLOAD, FAILED_TO_RESIZE = "success", "failed_to_download", "failed_to_resize"
 
 
 @dataclass(frozen=True)
@@ -113,7 +128,7 @@ def write_shard(
     records = [r for piece in sorted(pieces, key=lambda p: p.batch_id) for r in piece.records]
     images = [i for piece in sorted(pieces, key=lambda p: p.batch_id) for i in piece.images]
     keys = [shards.key(r.index) for r in records]
-    table = records_table(records, kept).add_column(0, "key", pa.array(keys, pa.string()))
+    table = peer_table(records_table(records, kept), keys)
     name = shard_name(shard_id)
     if shards.format == "webdataset":
         write_file(output, f"{name}.tar", tar_bytes(keys, records, images, ext, kept))
@@ -127,13 +142,41 @@ def write_shard(
     return stats
 
 
+def peer_status(status: str) -> str:
+    """img2dataset's word for one of our statuses: a failure of the image itself is
+    failed_to_resize, any other failure (the URL, the fetch, the flow) failed_to_download."""
+    if status == Status.OK:
+        return SUCCESS
+    return FAILED_TO_RESIZE if status in THUMBNAIL else FAILED_TO_DOWNLOAD
+
+
+def peer_table(table: pa.Table, keys: Sequence[str]) -> pa.Table:
+    """Manifest rows as img2dataset names them: key first, its status beside ours."""
+    ours = table.column("status").to_pylist()
+    table = table.rename_columns([PEER_NAMES.get(name, name) for name in table.column_names])
+    table = table.add_column(0, "key", pa.array(keys, pa.string()))
+    at = table.column_names.index("imgtasks_status")
+    return table.add_column(at, "status", pa.array([peer_status(s) for s in ours], pa.string()))
+
+
+def manifest_view(frame: Any) -> Any:
+    """Shard rows (pandas or dask) back in the manifest's own names and statuses."""
+    frame = frame.drop(columns=["status"])
+    return frame.rename(columns={peer: ours for ours, peer in PEER_NAMES.items()})
+
+
 def shard_stats(records: Iterable[Record], started: float) -> dict[str, Any]:
     counts = Counter(str(r.status) for r in records)
+    peers = Counter(peer_status(s) for s in counts.elements())
     end = time.time()
     return {
         "count": sum(counts.values()),
         "successes": counts.get(Status.OK, 0),
+        "failed_to_download": peers[FAILED_TO_DOWNLOAD],
+        "failed_to_resize": peers[FAILED_TO_RESIZE],
         "failed": sum(n for s, n in counts.items() if s != Status.OK),
+        # img2dataset's key: n per outcome ("success" or what went wrong)
+        "status_dict": {(SUCCESS if s == Status.OK else s): n for s, n in sorted(counts.items())},
         "counts": dict(sorted(counts.items())),
         "start_time": started,
         "end_time": end,
@@ -169,7 +212,9 @@ def tar_bytes(
 
 def sample_json(key: str, record: Record, kept: KeptColumns) -> bytes:
     """A sample's metadata: its manifest row (kept columns included) and its key."""
-    row = {"key": key, **manifest_row(record, kept)}
+    row = manifest_row(record, kept)
+    row = {PEER_NAMES.get(name, name): value for name, value in row.items()}
+    row = {"key": key, "status": peer_status(record.status), **row}
     return json.dumps(row, indent=4, ensure_ascii=False, default=_plain).encode("utf-8")
 
 

@@ -65,13 +65,25 @@ def check_rows(out: Path, frame: pd.DataFrame) -> pd.DataFrame:
     assert list(rows["caption"]) == list(frame["caption"])
     assert list(rows["similarity"]) == list(frame["similarity"])
     assert list(rows["license"]) == list(frame["license"])
-    assert rows.loc[5, "status"] == "invalid_url" and rows.loc[13, "status"] == "http_4xx"
-    assert (rows.drop(index=[5, 13])["status"] == "ok").all()
+    # img2dataset's vocabulary in `status`, ours beside it: filters written for its datasets work
+    assert rows.loc[5, "imgtasks_status"] == "invalid_url"
+    assert rows.loc[13, "imgtasks_status"] == "http_4xx"
+    assert list(rows.loc[[5, 13], "status"]) == ["failed_to_download"] * 2
+    assert rows.loc[13, "error_message"] and rows.loc[13, "original_width"] == 0
+    assert (rows.drop(index=[5, 13])["imgtasks_status"] == "ok").all()
+    assert (rows.drop(index=[5, 13])["status"] == "success").all()
+    assert (rows.drop(index=[5, 13])["original_width"] > 0).all()
     assert list(rows["key"]) == [f"{i // SHARD * 10 + i % SHARD:06d}" for i in range(len(frame))]
     for shard in range(3):
         stats = json.loads((out / f"{shard:05d}_stats.json").read_text())
         ids = rows[rows["index"] // SHARD == shard]
-        assert stats["count"] == len(ids) and stats["counts"] == dict(ids["status"].value_counts())
+        ours = dict(ids["imgtasks_status"].value_counts())
+        assert stats["count"] == len(ids) and stats["counts"] == ours
+        peers = ids["status"].value_counts()
+        assert stats["successes"] == peers.get("success", 0)
+        assert stats["failed_to_download"] == peers.get("failed_to_download", 0)
+        assert stats["failed_to_resize"] == 0
+        assert sum(stats["status_dict"].values()) == len(ids)
         assert stats["end_time"] >= stats["start_time"]
     assert not list(out.rglob(".tmp-*")) and not (out / "manifest").exists()
     return rows
@@ -96,9 +108,13 @@ def test_webdataset_shards_read_back_with_webdataset_and_tarfile(
     out = tmp_path / "out"
     assert result.counts == {"ok": 18, "invalid_url": 1, "http_4xx": 1}
     rows = check_rows(out, frame)
-    pd.testing.assert_frame_equal(
-        result.manifest().sort_values("index").reset_index(drop=True), rows
+    view = rows.drop(columns=["status"]).rename(  # the manifest's own names and statuses
+        columns={"imgtasks_status": "status", "error_message": "error"}
+        | {"original_width": "orig_width", "original_height": "orig_height"}
     )
+    manifest = result.manifest().sort_values("index").reset_index(drop=True)
+    pd.testing.assert_frame_equal(manifest, view)
+    assert list(manifest["status"]).count("ok") == 18
 
     tars = sorted(str(p) for p in out.glob("*.tar"))
     assert [Path(t).name for t in tars] == ["00000.tar", "00001.tar", "00002.tar"]
@@ -107,13 +123,15 @@ def test_webdataset_shards_read_back_with_webdataset_and_tarfile(
         .decode("pil")
         .to_tuple("__key__", "jpg", "txt", "json")
     )
-    ok = rows[rows["status"] == "ok"]
+    ok = rows[rows["status"] == "success"]
     assert [key for key, *_ in samples] == list(ok["key"])
     for key, image, text, meta in samples:
         assert isinstance(image, Image.Image) and max(image.size) <= 128
         assert meta["key"] == key and meta["caption"] == text
         assert (meta["width"], meta["height"]) == image.size and len(meta["phash"]) == 16
         assert meta["license"] in ("cc-by", "?") and isinstance(meta["similarity"], float)
+        assert (meta["status"], meta["imgtasks_status"]) == ("success", "ok")
+        assert meta["original_width"] > 0 and meta["error_message"] == ""
 
     with tarfile.open(tars[1]) as tar:  # plain tarfile: the members side by side, in key order
         names = tar.getnames()
@@ -130,7 +148,7 @@ def test_parquet_shards_hold_the_images_beside_the_metadata(tmp_path: Path, demo
     rows = check_rows(out, frame)
     assert not list(out.glob("*.tar")) and "jpg" not in result.manifest().columns
     for image, status, width in zip(rows["jpg"], rows["status"], rows["width"], strict=True):
-        if status != "ok":
+        if status != "success":
             assert image is None
             continue
         with Image.open(io.BytesIO(image)) as im:
@@ -182,7 +200,7 @@ def test_a_batch_failing_every_retry_is_rows_of_an_unfinished_shard_that_resume_
     result = shards_run(frame, out, output_format="webdataset", cluster=cluster)
     assert len(result.failed_batches) == 1 and result.counts["batch_failed"] == 3
     rows = pd.read_parquet(out / "00001.parquet")
-    assert list(rows["status"][:3]) == ["batch_failed"] * 3 and len(rows) == SHARD
+    assert list(rows["imgtasks_status"][:3]) == ["batch_failed"] * 3 and len(rows) == SHARD
     assert not (out / "00001_stats.json").exists()  # unfinished
 
     monkeypatch.setattr(flow, "thumbnail_piece", real)
@@ -250,9 +268,19 @@ def test_a_run_killed_mid_shard_leaves_whole_shards_and_resume_completes_it(
     assert second.returncode == 0, stdout[-2000:] + stderr[-3000:]
     assert f"resume: {len(finished)} shards already done" in stdout
     rows = shard_rows(out)
-    assert list(rows["url"]) == list(frame["url"]) and (rows["status"] == "ok").all()
+    assert list(rows["url"]) == list(frame["url"]) and (rows["status"] == "success").all()
     done = {int(p.name[:5]) for p in finished}
     done_urls = {url for i, url in enumerate(frame["url"]) if i // size in done}
     fetched = {slow_server.base_url + p for p in slow_server.request_counts()}
     assert not fetched & done_urls  # finished shards: not a single request
     assert not list(out.rglob(".tmp-*"))
+
+
+def test_statuses_map_to_img2dataset_outcomes() -> None:
+    from imgtasks.shards import peer_status
+    from imgtasks.status import DOWNLOAD, FLOW, SOURCE, THUMBNAIL, Status
+
+    assert peer_status(Status.OK) == "success"
+    assert {peer_status(s) for s in THUMBNAIL} == {"failed_to_resize"}
+    assert {peer_status(s) for s in DOWNLOAD | SOURCE | FLOW} == {"failed_to_download"}
+    assert {peer_status(s) for s in Status} == {"success", "failed_to_download", "failed_to_resize"}
