@@ -9,14 +9,18 @@ cluster, against one demo server process. "on": the page is served on the Dask d
 and a viewer keeps a session of it open for the whole run (bokeh's own Python client,
 in this process: the page's periodic callbacks, the thumbnails it reads and the patches it
 sends all happen, as with a browser watching). "off": ``--no-job-page``. The figure is the
-flow's own ``wall_s - startup_s`` from its result JSON (cluster start-up excluded); the
-ratio is median(on) / median(off). The issue asks for under 2 %.
+flow's own ``wall_s - startup_s`` from its result JSON (cluster start-up excluded), and the
+CPU-seconds of the flow's whole process tree (client, scheduler, workers; the viewer in
+this process is not counted). The ratios are median(on) / median(off). The issue asks for
+under 2 %; on a shared 2-core machine single runs' wall times spread by 20 % and more, so
+the verdict (and the exit code) is the CPU ratio's, which other load moves far less.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import resource
 import statistics
 import sys
 import tempfile
@@ -41,6 +45,13 @@ class Run:
     seconds: float  # wall_s - startup_s
     ok: int
     viewed_s: float = 0.0  # how long a viewer had the page open
+    cpu_s: float = 0.0  # the flow's process tree, user + system
+
+
+def children_cpu() -> float:
+    """CPU-seconds of every process this one has waited for, and theirs."""
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return kids.ru_utime + kids.ru_stime
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -104,6 +115,7 @@ def one_run(urls: Path, work: Path, page: bool, args: argparse.Namespace, i: int
     if not page:
         options.append("--no-job-page")
     stop = threading.Event()
+    cpu0 = children_cpu()
     with viewer(f"http://127.0.0.1:{port}/imgtasks", stop) if page else _nothing() as viewed:
         proc = subprocess.run(
             flow_command(urls, out, figures_file, options),
@@ -112,6 +124,7 @@ def one_run(urls: Path, work: Path, page: bool, args: argparse.Namespace, i: int
             timeout=RUN_TIMEOUT,
         )
         stop.set()
+    cpu = children_cpu() - cpu0
     try:
         figures = read_figures(figures_file)
     except NoFigures as exc:
@@ -120,7 +133,7 @@ def one_run(urls: Path, work: Path, page: bool, args: argparse.Namespace, i: int
     if count.ok != figures["ok"] or count.rows != figures["entries"]:
         raise SystemExit(f"{tag}: the manifest disagrees with the result: {count} vs {figures}")
     seconds = figures["wall_s"] - figures["startup_s"]
-    return Run(page, seconds, figures["ok"], viewed[0] if viewed else 0.0)
+    return Run(page, seconds, figures["ok"], viewed[0] if viewed else 0.0, cpu)
 
 
 @contextlib.contextmanager
@@ -129,17 +142,23 @@ def _nothing() -> Iterator[list[float]]:
 
 
 def report(runs: list[Run], args: argparse.Namespace) -> float:
-    on = [r.seconds for r in runs if r.page]
-    off = [r.seconds for r in runs if not r.page]
-    ratio = statistics.median(on) / statistics.median(off)
+    """Prints every run and both ratios; returns the CPU ratio (the verdict's)."""
     print(f"\n{args.count} images, {args.latency * 1000:.0f} ms latency, {args.repeat} pairs")
-    print(f"{'run':<6}{'page':<6}{'s':>8}{'ok':>7}{'viewed s':>10}")
+    print(f"{'run':<6}{'page':<6}{'s':>8}{'CPU-s':>8}{'ok':>7}{'viewed s':>10}")
     for i, r in enumerate(runs):
-        print(f"{i:<6}{'on' if r.page else 'off':<6}{r.seconds:>8.2f}{r.ok:>7}{r.viewed_s:>10.1f}")
-    print(f"\nmedian on  {statistics.median(on):.2f} s   median off {statistics.median(off):.2f} s")
-    verdict = "within" if ratio - 1 < BUDGET else "OVER"
-    print(f"ratio on/off {ratio:.3f} ({100 * (ratio - 1):+.1f} %): {verdict} the 2 % budget")
-    return ratio
+        page = "on" if r.page else "off"
+        print(f"{i:<6}{page:<6}{r.seconds:>8.2f}{r.cpu_s:>8.2f}{r.ok:>7}{r.viewed_s:>10.1f}")
+    ratios = {}
+    for what, unit in (("seconds", "s"), ("cpu_s", "CPU-s")):
+        on = statistics.median(getattr(r, what) for r in runs if r.page)
+        off = statistics.median(getattr(r, what) for r in runs if not r.page)
+        ratios[what] = on / off
+        verdict = "within" if on / off - 1 < BUDGET else "OVER"
+        print(
+            f"median on {on:.2f} {unit}, off {off:.2f} {unit}: ratio {on / off:.3f} "
+            f"({100 * (on / off - 1):+.1f} %): {verdict} the 2 % budget"
+        )
+    return ratios["cpu_s"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
