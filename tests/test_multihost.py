@@ -41,7 +41,7 @@ from conftest import ROOT, subprocess_environment
 
 PREFIX = "imtmh"
 HOSTS = ("sched", "fetch", "crunch", "store", "images")
-URL_COUNT = 120
+URL_COUNT = 64
 BATCH_SIZE = 8
 IO_THREADS = 16
 CPU_WORKERS = 2
@@ -52,7 +52,11 @@ CALL_TIMEOUT = 30  # seconds, for each `ip`/`nsenter` set-up command
 START_TIMEOUT = 90  # seconds, for the servers and workers to come up (2 loaded cores)
 FLOW_TIMEOUT = 150
 # What `dask scheduler` leaves in its host's /tmp (its work directory's locks).
-SCHEDULER_FILES = re.compile(r"dask-scratch-space/(global\.lock|purge\.lock|scheduler-\w+\.dirlock)")
+SCHEDULER_FILES = re.compile(
+    r"dask-scratch-space/(global\.lock|purge\.lock|scheduler-\w+\.dirlock)"
+)
+UNSHARE = ("unshare", "--mount", "--uts", "--propagation", "private")
+DASHBOARD = ("--dashboard-address", "127.0.0.1:8787")  # the README's: loopback only
 FAKE_AWS = {
     "AWS_ACCESS_KEY_ID": "testing",
     "AWS_SECRET_ACCESS_KEY": "testing",
@@ -61,9 +65,10 @@ FAKE_AWS = {
 }
 
 
-def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+def ip(command: str, check: bool = True) -> subprocess.CompletedProcess:
+    """``ip COMMAND`` (words split on spaces), output captured."""
     return subprocess.run(
-        ["ip", *args], capture_output=True, text=True, timeout=CALL_TIMEOUT, check=check
+        ["ip", *command.split()], capture_output=True, text=True, timeout=CALL_TIMEOUT, check=check
     )
 
 
@@ -77,19 +82,18 @@ def why_namespaces_cannot_be_made() -> str | None:
     if os.geteuid() != 0:
         return "needs root to make network namespaces (CI runs it as root)"
     probe = f"{PREFIX}{os.getpid()}-probe"
-    made = ip("netns", "add", probe, check=False)
+    made = ip(f"netns add {probe}", check=False)
     if made.returncode != 0:
         return f"`ip netns add` failed: {made.stderr.strip()}"
     try:
         tmpfs = subprocess.run(
-            ["ip", "netns", "exec", probe, "unshare", "--mount", "--uts", "--propagation"]
-            + ["private", "sh", "-c", "mount -t tmpfs none /tmp && hostname probe"],
+            ["ip", "netns", "exec", probe, *UNSHARE, "sh", "-c", "mount -t tmpfs none /tmp"],
             capture_output=True,
             text=True,
             timeout=CALL_TIMEOUT,
         )
     finally:
-        ip("netns", "del", probe, check=False)
+        ip(f"netns del {probe}", check=False)
     if tmpfs.returncode != 0:
         return f"cannot give a namespace a private /tmp: {tmpfs.stderr.strip()}"
     return None
@@ -98,17 +102,17 @@ def why_namespaces_cannot_be_made() -> str | None:
 def remove_namespace(name: str) -> None:
     """Kill what still runs in netns ``name`` (all started by this test) and delete it;
     its veth ends (and, for the switch, the bridge) go with it."""
-    pids = ip("netns", "pids", name, check=False).stdout.split()
+    pids = ip(f"netns pids {name}", check=False).stdout.split()
     for pid in pids:
         with contextlib.suppress(ProcessLookupError, ValueError):
             os.kill(int(pid), signal.SIGKILL)
-    ip("netns", "del", name, check=False)
+    ip(f"netns del {name}", check=False)
 
 
 def remove_leftovers() -> None:
     """Namespaces of earlier runs of this test whose pytest process is gone (a crash, a
     SIGKILL): found by the prefix and the pid in their names."""
-    for line in ip("netns", "list").stdout.splitlines():
+    for line in ip("netns list").stdout.splitlines():
         match = re.match(rf"({PREFIX}(\d+)-\S+)", line)
         if match and not Path(f"/proc/{match.group(2)}").exists():
             remove_namespace(match.group(1))
@@ -118,7 +122,7 @@ def private_subnet() -> ipaddress.IPv4Network:
     """A /24 in 10.0.0.0/8 that overlaps none of this machine's routes. The hosts cannot
     reach those routes anyway (their namespaces route only this subnet), but addresses
     that mean nothing else here keep the logs unambiguous."""
-    routes = ip("-4", "route", "show", "table", "all").stdout.split("\n")
+    routes = ip("-4 route show table all").stdout.splitlines()
     taken = []
     for line in routes:
         word = line.split(" ", 1)[0]
@@ -188,61 +192,28 @@ class Network:
     def build(self) -> None:
         stem = f"{PREFIX}{os.getpid()}"
         self.switch = f"{stem}-switch"
-        ip("netns", "add", self.switch)
-        ip("-n", self.switch, "link", "add", "br0", "type", "bridge")
-        ip("-n", self.switch, "link", "set", "br0", "up")
+        ip(f"netns add {self.switch}")
+        ip(f"-n {self.switch} link add br0 type bridge")
+        ip(f"-n {self.switch} link set br0 up")
         for number, name in enumerate(HOSTS, start=10):
             host = Host(name, f"{stem}-{name}", str(self.subnet[number]))
             self.hosts[name] = host
             self.add_host(host)
 
     def add_host(self, host: Host) -> None:
-        ip("netns", "add", host.netns)
+        ns, switch = host.netns, self.switch
+        ip(f"netns add {ns}")
         # a veth pair: eth0 in the host, a port named after the host on the switch's bridge
-        ip(
-            "link",
-            "add",
-            "eth0",
-            "netns",
-            host.netns,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            host.name,
-            "netns",
-            self.switch,
-        )
-        ip("-n", self.switch, "link", "set", host.name, "master", "br0", "up")
-        ip(
-            "-n",
-            host.netns,
-            "addr",
-            "add",
-            f"{host.address}/{self.subnet.prefixlen}",
-            "dev",
-            "eth0",
-        )
-        ip("-n", host.netns, "link", "set", "eth0", "up")
-        ip("-n", host.netns, "link", "set", "lo", "up")  # dashboards and job page: loopback
+        ip(f"link add eth0 netns {ns} type veth peer name {host.name} netns {switch}")
+        ip(f"-n {switch} link set {host.name} master br0 up")
+        ip(f"-n {ns} addr add {host.address}/{self.subnet.prefixlen} dev eth0")
+        ip(f"-n {ns} link set eth0 up")
+        ip(f"-n {ns} link set lo up")  # the dashboard and the job page listen on loopback
         # The host's own hostname and /tmp: a tmpfs in a mount namespace of its own, held by
         # a sleeping process that every later process of this host joins (nsenter).
         setup = f"hostname {host.name} && mount -t tmpfs -o mode=1777 none /tmp && exec sleep 1800"
         host.init = subprocess.Popen(
-            [
-                "ip",
-                "netns",
-                "exec",
-                host.netns,
-                "unshare",
-                "--mount",
-                "--uts",
-                "--propagation",
-                "private",
-                "sh",
-                "-c",
-                setup,
-            ],
+            ["ip", "netns", "exec", ns, *UNSHARE, "sh", "-c", setup],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             start_new_session=True,
@@ -279,10 +250,12 @@ class Network:
                 raise AssertionError(f"{label} exited with {proc.returncode}\n{self.tails()}")
 
     def tails(self) -> str:
-        return "\n".join(
-            f"--- {label}.log (tail)\n{(self.logs / f'{label}.log').read_text(errors='replace')[-2000:]}"
-            for label, _ in self.procs
-        )
+        """The end of every process's log, for a failure's message."""
+        out = []
+        for label, _ in self.procs:
+            text = (self.logs / f"{label}.log").read_text(errors="replace")
+            out.append(f"--- {label}.log (tail)\n{text[-2000:]}")
+        return "\n".join(out)
 
     def close(self) -> None:
         for _, proc in reversed(self.procs):
@@ -351,8 +324,7 @@ def start_services(net: Network) -> None:
     net.start(
         "sched",
         "scheduler",
-        [*dask, "scheduler", "--host", sched, "--port", str(SCHEDULER_PORT)]
-        + ["--dashboard-address", "127.0.0.1:8787"],
+        [*dask, "scheduler", "--host", sched, "--port", str(SCHEDULER_PORT), *DASHBOARD],
     )
     io = ["--nthreads", str(IO_THREADS), "--resources", f"io={IO_THREADS}"]
     net.start(
@@ -449,14 +421,9 @@ def host_of(address: str) -> str:
 @pytest.mark.timeout(240)
 def test_hosts_that_share_nothing(network: Network) -> None:
     net = network
-    for host in net.hosts.values():  # no way out: the subnet is the only route
-        routes = ip("-n", host.netns, "-4", "route").stdout.strip().splitlines()
-        assert routes == [
-            f"{net.subnet} dev eth0 proto kernel scope link src {host.address} ".strip()
-        ], routes
+    check_isolated(net)
     start_services(net)
     storage = {"endpoint_url": net.store, "key": "testing", "secret": "testing"}
-    out = f"{BUCKET}/run"
     cfg = {
         "storage": storage,
         "bucket": BUCKET,
@@ -465,44 +432,74 @@ def test_hosts_that_share_nothing(network: Network) -> None:
         "urls": f"{net.url('images', IMAGES_PORT)}/urls?count={URL_COUNT}",
         "list": f"{CLIENT_DIR}/urls.txt",
         "timeout": START_TIMEOUT,
-        "out": out,
+        "out": f"{BUCKET}/run",
     }
     client_python(net, PREPARE, cfg, START_TIMEOUT + 30)
     net.check_alive()
     urls = (net.hosts["sched"].root / CLIENT_DIR.lstrip("/") / "urls.txt").read_text().split()
-    assert len(urls) == URL_COUNT and all(
-        u.startswith(net.url("images", IMAGES_PORT)) for u in urls
-    )
+    assert len(urls) == URL_COUNT
+    assert all(url.startswith(net.url("images", IMAGES_PORT)) for url in urls)
 
     flow = [sys.executable, str(ROOT / "flows" / "run.py"), "--no-progress"]
-    flow += ["--scheduler", net.scheduler, "--urls", "urls.txt", "--out", f"s3://{out}"]
-    flow += ["--storage-options", json.dumps(storage), "--batch-size", str(BATCH_SIZE)]
-    proc = net.run("sched", flow, cwd=CLIENT_DIR, timeout=FLOW_TIMEOUT)
+    flow += ["--scheduler", net.scheduler, "--urls", "urls.txt", "--batch-size", str(BATCH_SIZE)]
+    store = ["--out", f"s3://{cfg['out']}", "--storage-options", json.dumps(storage)]
+    proc = net.run("sched", [*flow, *store], cwd=CLIENT_DIR, timeout=FLOW_TIMEOUT)
     assert proc.returncode == 0, f"{proc.stdout[-2000:]}{proc.stderr[-3000:]}\n{net.tails()}"
     assert "have no io/cpu resources" not in proc.stdout
     # nothing on the client's host but its URL list (and the scheduler's lock files): no
-    # thumbnails, manifest parts, run.log or contact sheet
+    # thumbnails, manifest parts, run.log or contact sheet, nothing in HOME
     written = files_on(net.hosts["sched"]) - {"client/urls.txt"}
     assert all(SCHEDULER_FILES.fullmatch(path) for path in written), written
 
     found = json.loads(client_python(net, INSPECT, cfg, 60).splitlines()[-1])
+    check_store(found, urls)
+    check_placement(found, net)
+    check_local_out_refused(net, flow)
+    net.check_alive()
+
+
+def check_isolated(net: Network) -> None:
+    """No host has a way out: its only route is the subnet's."""
+    for host in net.hosts.values():
+        routes = ip(f"-n {host.netns} -4 route").stdout.split("\n")
+        assert [r.strip() for r in routes if r.strip()] == [
+            f"{net.subnet} dev eth0 proto kernel scope link src {host.address}"
+        ], routes
+
+
+def check_store(found: dict, urls: list[str]) -> None:
+    """A manifest row per URL, all ok, and each row's thumbnail in the store."""
     rows = sorted(found["rows"], key=lambda row: row["index"])
-    assert [row["url"] for row in rows] == urls  # a row per URL
-    assert [row["index"] for row in rows] == list(range(URL_COUNT))
+    assert [row["url"] for row in rows] == urls
+    assert [row["index"] for row in rows] == list(range(len(urls)))
     bad = [row for row in rows if row["status"] != "ok"]
     assert not bad, bad[:5]
     sizes = found["sizes"]
     thumbs = {p for p in sizes if p.endswith(".jpg") and p != "contact_sheet.jpg"}
-    assert thumbs == {row["path"] for row in rows}  # thumbnails in the store
+    assert thumbs == {row["path"] for row in rows}
     assert all(sizes[p] > 0 for p in thumbs)
     assert set(found["magic"].values()) == {"ffd8"}  # JPEG
-    assert "run.log" in sizes
+    assert {"run.log", "contact_sheet.jpg"} <= set(sizes)  # the client's, made from the store
 
-    ran: dict[str, set[str]] = {}
+
+def check_placement(found: dict, net: Network) -> None:
+    """Every download task ran on the I/O host, every thumbnail task on the CPU host."""
+    ran: dict[str, list[str]] = {}
     for key, worker in found["tasks"]:
-        ran.setdefault(key.split("-", 1)[0], set()).add(host_of(worker))
-    assert ran.get("download") == {net.hosts["fetch"].address}, ran
-    assert ran.get("thumbnail") == {net.hosts["crunch"].address}, ran
-    names = {host_of(a): n for a, n in found["workers"].items()}
+        ran.setdefault(key.split("-", 1)[0], []).append(host_of(worker))
+    batches = URL_COUNT // BATCH_SIZE
+    for stage, host in (("download", "fetch"), ("thumbnail", "crunch")):
+        assert len(ran.get(stage, [])) >= batches, ran
+        assert set(ran[stage]) == {net.hosts[host].address}, (stage, ran)
+    names = {host_of(address): name for address, name in found["workers"].items()}
     assert names[net.hosts["fetch"].address] == "io-fetch", found["workers"]
-    net.check_alive()
+
+
+def check_local_out_refused(net: Network, flow: list[str]) -> None:
+    """A local --out would be each host's own disk: refused before any work."""
+    proc = net.run("sched", [*flow, "--out", "local-out"], cwd=CLIENT_DIR, timeout=FLOW_TIMEOUT)
+    assert proc.returncode == 2, f"{proc.stdout[-2000:]}{proc.stderr[-3000:]}"
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "worker(s)" in lines[0] and "do not see" in lines[0], lines
+    for worker in ("fetch", "crunch"):
+        assert not any("local-out" in path for path in files_on(net.hosts[worker])), worker
