@@ -86,6 +86,13 @@ def why_namespaces_cannot_be_made() -> str | None:
     if made.returncode != 0:
         return f"`ip netns add` failed: {made.stderr.strip()}"
     try:
+        for what, command in (
+            ("a bridge", f"-n {probe} link add br0 type bridge"),
+            ("a veth pair", f"-n {probe} link add probe0 type veth peer name probe1"),
+        ):
+            made = ip(command, check=False)
+            if made.returncode != 0:
+                return f"cannot make {what} in a namespace: {made.stderr.strip()}"
         tmpfs = subprocess.run(
             ["ip", "netns", "exec", probe, *UNSHARE, "sh", "-c", "mount -t tmpfs none /tmp"],
             capture_output=True,
@@ -93,7 +100,7 @@ def why_namespaces_cannot_be_made() -> str | None:
             timeout=CALL_TIMEOUT,
         )
     finally:
-        ip(f"netns del {probe}", check=False)
+        remove_namespace(probe)
     if tmpfs.returncode != 0:
         return f"cannot give a namespace a private /tmp: {tmpfs.stderr.strip()}"
     return None
