@@ -1,7 +1,8 @@
 """The README's cluster recipe on five hosts that share nothing, made on one machine.
 
 Each host is a Linux network namespace with its own mount namespace (a private tmpfs on
-/tmp, HOME and the working directory in it) and hostname:
+/tmp, HOME and the working directory in it; the project and its Python environment
+read-only) and hostname:
 
 - ``sched``: ``dask scheduler`` and the client (``flows/run.py``, cwd in its private /tmp);
 - ``fetch``: an I/O worker (``--nthreads N --resources io=N``);
@@ -12,8 +13,9 @@ Each host is a Linux network namespace with its own mount namespace (a private t
 They are joined by veth pairs to a bridge in a sixth ("switch") namespace, on a private
 /24 that no host routes out of: every packet stays between the namespaces the test made.
 The test asserts a manifest row per URL, the thumbnails in the store, download tasks on the
-I/O host and thumbnail tasks on the CPU host (from the scheduler's task stream), and that
-nothing was written on the client's host but its URL list.
+I/O host and thumbnail tasks on the CPU host (from the scheduler's task stream), that
+nothing was written on the client's host but its URL list, and that a local ``--out``
+(each host's own disk) is refused before any work.
 
 Root only (CI runs as root); elsewhere it skips, saying why. Namespaces are named
 ``imtmh<pid>-<host>`` and removed by the fixture's finalizer, pass or fail; those of
@@ -27,6 +29,7 @@ import ipaddress
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -55,6 +58,8 @@ FLOW_TIMEOUT = 150
 SCHEDULER_FILES = re.compile(
     r"dask-scratch-space/(global\.lock|purge\.lock|scheduler-\w+\.dirlock)"
 )
+# Shared with every host, read-only: the project and its Python environment.
+SHARED = tuple(shlex.quote(str(d)) for d in dict.fromkeys([ROOT, Path(sys.prefix).resolve()]))
 UNSHARE = ("unshare", "--mount", "--uts", "--propagation", "private")
 DASHBOARD = ("--dashboard-address", "127.0.0.1:8787")  # the README's: loopback only
 FAKE_AWS = {
@@ -217,10 +222,15 @@ class Network:
         ip(f"-n {ns} link set eth0 up")
         ip(f"-n {ns} link set lo up")  # the dashboard and the job page listen on loopback
         # The host's own hostname and /tmp: a tmpfs in a mount namespace of its own, held by
-        # a sleeping process that every later process of this host joins (nsenter).
-        setup = f"hostname {host.name} && mount -t tmpfs -o mode=1777 none /tmp && exec sleep 1800"
+        # a sleeping process that every later process of this host joins (nsenter). The
+        # source tree and the Python environment stay shared ("the same environment on
+        # every host"), read-only, so that no host can leave files there for another.
+        readonly = [f"mount --bind {d} {d} && mount -o remount,bind,ro {d}" for d in SHARED]
+        setup = " && ".join(
+            [f"hostname {host.name}", *readonly, "mount -t tmpfs -o mode=1777 none /tmp"]
+        )
         host.init = subprocess.Popen(
-            ["ip", "netns", "exec", ns, *UNSHARE, "sh", "-c", setup],
+            ["ip", "netns", "exec", ns, *UNSHARE, "sh", "-c", f"{setup} && exec sleep 1800"],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             start_new_session=True,
