@@ -410,12 +410,12 @@ def _run(
         with contextlib.ExitStack() as stack:
             wiring = Wiring(download, job, done=_resumable(job, how.resume))
             batches = _unfinished_shards(batches, job, how.resume, tally)
-            batch_log = stack.enter_context(BatchLog(job.output))
             say("outputs: %s  (manifest: %s/%s/)", job.output.root, job.output.root, MANIFEST_DIR)
             tally.started = time.perf_counter()
             client = _client(how, stack)
             if client is not None:
                 _check_shared_disk(client, job)
+            batch_log = stack.enter_context(BatchLog(job.output))  # after: not on a refused --out
             links["job_page"] = _job_page(client, feed, how, stack)
             feed.start()
             progress = Progress(how.progress, total, batch_log, watchers=[feed.add])

@@ -41,6 +41,9 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT, subprocess_environment
+from distributed import Client, LocalCluster
+
+import imgtasks
 
 PREFIX = "imtmh"
 HOSTS = ("sched", "fetch", "crunch", "store", "images")
@@ -518,5 +521,31 @@ def check_local_out_refused(net: Network, flow: list[str]) -> None:
     assert proc.returncode == 2, f"{proc.stdout[-2000:]}{proc.stderr[-3000:]}"
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "worker(s)" in lines[0] and "do not see" in lines[0], lines
-    for worker in ("fetch", "crunch"):
-        assert not any("local-out" in path for path in files_on(net.hosts[worker])), worker
+    for host in ("sched", "fetch", "crunch"):  # not even run.log or the marker
+        assert not any("local-out" in path for path in files_on(net.hosts[host])), host
+
+
+@pytest.mark.timeout(120)
+def test_a_local_out_the_workers_do_not_see_is_refused(
+    tmp_path: Path, demo_server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same check without namespaces (any user): a worker process in another working
+    directory resolves a relative ``out`` to a directory the client does not write."""
+    elsewhere = tmp_path / "worker-cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(tmp_path)
+    with (
+        LocalCluster(
+            n_workers=1,
+            threads_per_worker=1,
+            processes=True,  # its own working directory
+            host="127.0.0.1",
+            dashboard_address="127.0.0.1:0",
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        client.run(os.chdir, str(elsewhere))
+        with pytest.raises(imgtasks.SetupError, match=r"--out out: .* 1 worker\(s\)"):
+            imgtasks.thumbnails(demo_server.urls(3), "out", client=client, progress=False)
+        assert not (elsewhere / "out").exists()
+        assert [p.name for p in (tmp_path / "out").iterdir()] == []  # the marker is gone
