@@ -36,6 +36,7 @@ from distributed.security import Security
 from distributed.utils import clean_dashboard_address
 
 from imgtasks import preflight
+from imgtasks.sinks import OutputSettings, file_exists
 
 log = logging.getLogger(__name__)
 
@@ -331,3 +332,10 @@ def has_routing(client: Client) -> bool:
     has_io = any(r.get(IO_RESOURCE, 0) >= 1 for r in resources)
     has_cpu = any(r.get(CPU_RESOURCE, 0) >= 1 for r in resources)
     return has_io and has_cpu
+
+
+def workers_without_file(client: Client, output: OutputSettings, relpath: str) -> list[str]:
+    """The workers on which ``relpath`` under ``output`` does not exist, each resolving the
+    output as its tasks would (a local path: on its own host's disk and working directory)."""
+    found = client.run(file_exists, output, relpath)
+    return sorted(address for address, exists in found.items() if not exists)
