@@ -10,7 +10,8 @@ read-only) and hostname:
 - ``store``: moto's S3-compatible server, where all outputs go;
 - ``images``: the demo image server.
 
-They are joined by veth pairs to a bridge in a sixth ("switch") namespace, on a private
+The Dask hosts speak TLS, as the README's recipe does (a CA made by the test, its files
+copied to each host's /tmp). They are joined by veth pairs to a bridge in a sixth ("switch") namespace, on a private
 /24 that no host routes out of: every packet stays between the namespaces the test made.
 The test asserts a manifest row per URL, the thumbnails in the store, download tasks on the
 I/O host and thumbnail tasks on the CPU host (from the scheduler's task stream), that
@@ -40,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from certs import make_ca, make_cert
 from conftest import ROOT, subprocess_environment
 from distributed import Client, LocalCluster
 
@@ -54,6 +56,14 @@ CPU_WORKERS = 2
 BUCKET = "multihost"
 SCHEDULER_PORT, STORE_PORT, IMAGES_PORT = 8786, 5000, 8000
 CLIENT_DIR = "/tmp/client"  # the client's working directory, on its host's private /tmp
+# The README's TLS files, copied to each Dask host's private /tmp as the recipe says.
+TLS_DIR = "/tmp/tls"
+TLS = (
+    *("--tls-ca-file", f"{TLS_DIR}/ca.pem"),
+    *("--tls-cert", f"{TLS_DIR}/cert.pem"),
+    *("--tls-key", f"{TLS_DIR}/key.pem"),
+)
+DASK_HOSTS = ("sched", "fetch", "crunch")
 CALL_TIMEOUT = 30  # seconds, for each `ip`/`nsenter` set-up command
 START_TIMEOUT = 90  # seconds, for the servers and workers to come up (2 loaded cores)
 FLOW_TIMEOUT = 150
@@ -198,7 +208,20 @@ class Network:
 
     @property
     def scheduler(self) -> str:
-        return f"tcp://{self.hosts['sched'].address}:{SCHEDULER_PORT}"
+        return f"tls://{self.hosts['sched'].address}:{SCHEDULER_PORT}"
+
+    def hand_out_certificates(self, directory: Path) -> None:
+        """A CA and one certificate it signs, copied to every Dask host (the README's
+        "copy ca.pem, cert.pem and key.pem to every host and to the client")."""
+        ca = make_ca(directory)
+        node = make_cert(directory, "node", ca)
+        for name in DASK_HOSTS:
+            tls = self.hosts[name].root / TLS_DIR.lstrip("/")
+            tls.mkdir()
+            for source, target in ((ca.cert, "ca.pem"), (node.cert, "cert.pem")):
+                shutil.copyfile(source, tls / target)
+            shutil.copyfile(node.key, tls / "key.pem")
+            (tls / "key.pem").chmod(0o600)
 
     @property
     def store(self) -> str:
@@ -331,7 +354,7 @@ def tool(name: str, module: str) -> list[str]:
 
 
 def start_services(net: Network) -> None:
-    """The README's recipe (without TLS: "Trusted private network only"), smaller. Servers
+    """The README's recipe, over TLS, smaller. Servers
     listen on their host's subnet address (workers on every address of their host): safe,
     as nothing outside these namespaces can reach them."""
     dask = tool("dask", "dask")
@@ -344,15 +367,24 @@ def start_services(net: Network) -> None:
     net.start(
         "sched",
         "scheduler",
-        [*dask, "scheduler", "--host", sched, "--port", str(SCHEDULER_PORT), *DASHBOARD],
+        [*dask, "scheduler", "--host", sched, "--port", str(SCHEDULER_PORT), *DASHBOARD, *TLS],
     )
-    io = ["--nthreads", str(IO_THREADS), "--resources", f"io={IO_THREADS}"]
+    io = ["--nthreads", str(IO_THREADS), "--resources", f"io={IO_THREADS}", "--no-dashboard", *TLS]
     net.start(
         "fetch",
         "io-worker",
         [*dask, "worker", net.scheduler, "--name", "io-fetch", *io, "--memory-limit", "2GiB"],
     )
-    cpu = ["--nworkers", str(CPU_WORKERS), "--nthreads", "1", "--resources", "cpu=1"]
+    cpu = [
+        "--nworkers",
+        str(CPU_WORKERS),
+        "--nthreads",
+        "1",
+        "--resources",
+        "cpu=1",
+        "--no-dashboard",
+        *TLS,
+    ]
     net.start(
         "crunch",
         "cpu-workers",
@@ -366,8 +398,10 @@ PREPARE = """
 import json, os, sys, time, urllib.request
 import s3fs
 from distributed import Client
+from distributed.security import Security
 
 cfg = json.loads(sys.argv[1])
+tls = Security(**cfg["tls"], require_encryption=True)
 deadline = time.monotonic() + cfg["timeout"]
 
 def retry(what, call):
@@ -385,7 +419,7 @@ urls = retry("image server", lambda: urllib.request.urlopen(cfg["urls"], timeout
 os.makedirs(os.path.dirname(cfg["list"]), exist_ok=True)
 with open(cfg["list"], "wb") as f:
     f.write(urls)
-with retry("scheduler", lambda: Client(cfg["scheduler"], timeout="5s")) as client:
+with retry("scheduler", lambda: Client(cfg["scheduler"], timeout="5s", security=tls)) as client:
     client.wait_for_workers(cfg["workers"], timeout=max(1.0, deadline - time.monotonic()))
     client.get_task_stream()  # installs the scheduler's task-stream recorder before the run
 """
@@ -394,14 +428,16 @@ INSPECT = """
 import json, sys
 import pandas as pd, s3fs
 from distributed import Client
+from distributed.security import Security
 
 cfg = json.loads(sys.argv[1])
+tls = Security(**cfg["tls"], require_encryption=True)
 out = cfg["out"]
 fs = s3fs.S3FileSystem(**cfg["storage"], skip_instance_cache=True)
 manifest = pd.read_parquet(f"s3://{out}/manifest", storage_options=cfg["storage"])
 sizes = {p.removeprefix(out + "/"): d["size"] for p, d in fs.find(out, detail=True).items()}
 jpegs = sorted(p for p in sizes if p.endswith(".jpg"))[:3]
-with Client(cfg["scheduler"], timeout="10s") as client:
+with Client(cfg["scheduler"], timeout="10s", security=tls) as client:
     workers = client.scheduler_info(n_workers=-1)["workers"]
     stream = [[str(r["key"]), r["worker"]] for r in client.get_task_stream()]
 print(json.dumps({
@@ -442,6 +478,7 @@ def host_of(address: str) -> str:
 def test_hosts_that_share_nothing(network: Network) -> None:
     net = network
     check_isolated(net)
+    net.hand_out_certificates(net.logs / "certs")
     start_services(net)
     storage = {"endpoint_url": net.store, "key": "testing", "secret": "testing"}
     cfg = {
@@ -453,6 +490,11 @@ def test_hosts_that_share_nothing(network: Network) -> None:
         "list": f"{CLIENT_DIR}/urls.txt",
         "timeout": START_TIMEOUT,
         "out": f"{BUCKET}/run",
+        "tls": {
+            "tls_ca_file": f"{TLS_DIR}/ca.pem",
+            "tls_client_cert": f"{TLS_DIR}/cert.pem",
+            "tls_client_key": f"{TLS_DIR}/key.pem",
+        },
     }
     client_python(net, PREPARE, cfg, START_TIMEOUT + 30)
     net.check_alive()
@@ -461,7 +503,8 @@ def test_hosts_that_share_nothing(network: Network) -> None:
     assert all(url.startswith(net.url("images", IMAGES_PORT)) for url in urls)
 
     flow = [sys.executable, str(ROOT / "flows" / "run.py"), "--no-progress"]
-    flow += ["--scheduler", net.scheduler, "--urls", "urls.txt", "--batch-size", str(BATCH_SIZE)]
+    flow += ["--scheduler", net.scheduler, *TLS, "--urls", "urls.txt"]
+    flow += ["--batch-size", str(BATCH_SIZE)]
     store = ["--out", f"s3://{cfg['out']}", "--storage-options", json.dumps(storage)]
     proc = net.run("sched", [*flow, *store], cwd=CLIENT_DIR, timeout=FLOW_TIMEOUT)
     assert proc.returncode == 0, f"{proc.stdout[-2000:]}{proc.stderr[-3000:]}\n{net.tails()}"
@@ -469,6 +512,7 @@ def test_hosts_that_share_nothing(network: Network) -> None:
     # nothing on the client's host but its URL list (and the scheduler's lock files): no
     # thumbnails, manifest parts, run.log or contact sheet, nothing in HOME
     written = files_on(net.hosts["sched"]) - {"client/urls.txt"}
+    written -= {f"tls/{name}" for name in ("ca.pem", "cert.pem", "key.pem")}
     assert all(SCHEDULER_FILES.fullmatch(path) for path in written), written
 
     found = json.loads(client_python(net, INSPECT, cfg, 60).splitlines()[-1])
