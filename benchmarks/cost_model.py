@@ -80,13 +80,13 @@ WEB_FILES, WEB_SIDE = 64, 512
 # --- the patched node functions (worker host process only) --------------------------------
 
 
-def fake_download_batch(batch, settings):  # noqa: ANN001, ANN201 - same shape as the real one
+def fake_download_batch(batch, settings):
     from imgtasks.nodes import DownloadedBatch
 
     return DownloadedBatch(batch, (None,) * len(batch.entries), 0.001)
 
 
-def fake_thumbnail_batch(downloaded, job, previous=None):  # noqa: ANN001, ANN201
+def fake_thumbnail_batch(downloaded, job, previous=None):
     """A report like a real crawl's: 85 % ok, 10 % http_4xx, 5 % time-outs."""
     from imgtasks.nodes import BatchReport, host_of
 
@@ -205,11 +205,11 @@ def cost_cluster(cpu_workers: int, io_threads: int, work: Path) -> Iterator[tupl
         logs.close()
 
 
-def scheduler_cpu(client) -> float:  # noqa: ANN001
+def scheduler_cpu(client) -> float:
     return float(client.run_on_scheduler(time.process_time))
 
 
-def idle_rate(client, seconds: float) -> float:  # noqa: ANN001
+def idle_rate(client, seconds: float) -> float:
     """The scheduler's CPU-s per s with nothing to do: heartbeats and its own timers."""
     before, started = scheduler_cpu(client), time.perf_counter()
     time.sleep(seconds)
@@ -266,7 +266,9 @@ def source_cpu(urls: Path, batch_size: int) -> tuple[float, int]:
     from imgtasks.sources import SourceSettings, url_batches
 
     started = time.process_time()
-    seen = sum(len(b.entries) for b in url_batches(SourceSettings(str(urls), batch_size=batch_size)))
+    seen = sum(
+        len(b.entries) for b in url_batches(SourceSettings(str(urls), batch_size=batch_size))
+    )
     return time.process_time() - started, seen
 
 
@@ -283,8 +285,15 @@ def thread_names() -> dict[int, str]:
     return {t.native_id: t.name for t in threading.enumerate() if t.native_id is not None}
 
 
-def client_run(client, urls: Path, count: int, batch_size: int, idle: float, work: Path,
-               profile: cProfile.Profile | None = None) -> Run:  # fmt: skip  # noqa: ANN001
+def client_run(
+    client,
+    urls: Path,
+    count: int,
+    batch_size: int,
+    idle: float,
+    work: Path,
+    profile: cProfile.Profile | None = None,
+) -> Run:
     import imgtasks
 
     out = work / f"out-{batch_size}-{time.monotonic_ns()}"
@@ -350,8 +359,8 @@ def measure_cluster(args: argparse.Namespace, work: Path) -> Measured:
                     worker_runs.append(run)
                 print(progress(run), flush=True)
             if args.profile and workers == sweep_at:
-                profile_client(client, url_file(urls_for(args.profile, args.urls, args.max_batches)),
-                               args, idle[workers], work)  # fmt: skip
+                count = urls_for(args.profile, args.urls, args.max_batches)
+                profile_client(client, url_file(count), count, args, idle[workers], work)
     return Measured(batch_runs, worker_runs, idle, sweep_at, 0.0, "")
 
 
@@ -363,8 +372,9 @@ def progress(run: Run) -> str:
     )
 
 
-def profile_client(client, urls: Path, args: argparse.Namespace, idle: float, work: Path) -> None:  # noqa: ANN001
-    count = sum(1 for _ in open(urls))  # noqa: SIM115
+def profile_client(
+    client, urls: Path, count: int, args: argparse.Namespace, idle: float, work: Path
+) -> None:
     profile = cProfile.Profile()
     run = client_run(client, urls, count, args.profile, idle, work, profile)
     text = io.StringIO()
@@ -409,9 +419,13 @@ def node_throughput(count: int, cpu_workers: int, work: Path) -> tuple[float, st
             procs = [psutil.Process(pid) for pid in client.run(os.getpid).values()]
             before = sum(sum(p.cpu_times()[:2]) for p in procs)
             result = imgtasks.thumbnails(
-                urls, work / "node-out", client=client, batch_size=64, progress=False,
+                urls,
+                work / "node-out",
+                client=client,
+                batch_size=64,
+                progress=False,
                 job_page=False,
-            )  # fmt: skip
+            )
             cpu = sum(sum(p.cpu_times()[:2]) for p in procs) - before
         finally:
             client.close()
@@ -465,7 +479,9 @@ class Model:
 
     def busy(self, batch_size: int, nodes: float, images_s: float) -> float:
         tasks_s = 2 * images_s / batch_size
-        return self.idle(self.workers(nodes)) + tasks_s * self.task_s(batch_size, self.workers(nodes))
+        return self.idle(self.workers(nodes)) + tasks_s * self.task_s(
+            batch_size, self.workers(nodes)
+        )
 
     def images_s(self, nodes: float) -> float:
         return nodes * self.node_cores * self.measured.images_per_core
@@ -532,8 +548,11 @@ def prediction(model: Model, args: argparse.Namespace) -> list[str]:
         best = model.recommend(nodes, images)
         lines.append(
             f"  {nodes} nodes: "
-            + (f"batch {best} keeps the scheduler under half busy" if best else
-               "no measured batch size keeps the scheduler under half busy")  # fmt: skip
+            + (
+                f"batch {best} keeps the scheduler under half busy"
+                if best
+                else "no measured batch size keeps the scheduler under half busy"
+            )
         )
     return lines + goals(model)
 

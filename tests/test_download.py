@@ -409,6 +409,14 @@ def test_validate_url_accepts_http_and_https() -> None:
     assert validate_url("http://example.com/a.jpg", 10) is not None
 
 
+def test_validate_url_refuses_every_whitespace_and_control_character() -> None:
+    bad = [chr(c) for c in range(0x3100) if chr(c).isspace() or c < 32 or c == 127]
+    assert {"\t", "\x00", "\x7f", "\x85", "\xa0", "\u2003", "\u3000"} <= set(bad)
+    for char in bad:
+        assert validate_url(f"http://example.com/a{char}b.jpg", 2048) is not None, repr(char)
+    assert validate_url("http://example.com/\u00e9t\u00e9-\u65e5\u672c.jpg", 2048) is None
+
+
 def test_per_host_cap(local: LocalServer) -> None:
     local.reset_concurrency()
     settings = fast(per_host=2, parallel=8)
