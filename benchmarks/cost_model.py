@@ -180,7 +180,7 @@ def stop(proc: subprocess.Popen) -> None:
 
 @contextlib.contextmanager
 def cost_cluster(cpu_workers: int, io_threads: int, work: Path) -> Iterator[tuple]:
-    """A ``dask scheduler`` process and a worker host process; yields (client, pids)."""
+    """A ``dask scheduler`` process and a worker host process; yields (client, their pids)."""
     from distributed import Client
 
     sched_file = work / f"scheduler-{cpu_workers}.json"
@@ -197,7 +197,7 @@ def cost_cluster(cpu_workers: int, io_threads: int, work: Path) -> Iterator[tupl
         host = subprocess.Popen(cmd, env=env, stdout=logs, stderr=subprocess.STDOUT)
         with Client(address, timeout=60) as client:
             client.wait_for_workers(cpu_workers + 1, timeout=120)
-            yield client, scheduler.pid
+            yield client, {"scheduler": scheduler.pid, "worker host": host.pid}
     finally:
         for proc in (host, scheduler):
             if proc is not None:
@@ -375,14 +375,14 @@ def progress(run: Run) -> str:
 def profile_client(
     client, urls: Path, count: int, args: argparse.Namespace, idle: float, work: Path
 ) -> None:
-    profile = cProfile.Profile()
+    profile = cProfile.Profile(time.thread_time)  # CPU, not waits: the machine is shared
     run = client_run(client, urls, count, args.profile, idle, work, profile)
     text = io.StringIO()
     pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(args.profile_top)
     lines = [ln for ln in text.getvalue().splitlines() if ln.strip()]
     start = next(i for i, ln in enumerate(lines) if ln.lstrip().startswith("ncalls"))
     print(
-        f"\ncProfile of the client's main thread, batch {args.profile}, {count} URLs "
+        f"\ncProfile (CPU time) of the client's main thread, batch {args.profile}, {count} URLs "
         f"({run.client_us_per_url:.1f} us/URL with the profiler on; other threads: "
         + ", ".join(f"{k} {v:.2f} s" for k, v in sorted(run.threads.items()) if k != "main")
         + "), top by own time:"
@@ -440,6 +440,69 @@ def node_throughput(count: int, cpu_workers: int, work: Path) -> tuple[float, st
     return count / cpu, note
 
 
+# --- peak memory by list length (--memory) ------------------------------------------------
+
+
+def client_process(address: str, urls: str, batch_size: int) -> int:
+    """``--client ADDRESS``: one run in a fresh process; its figures as JSON on stdout."""
+    from distributed import Client
+
+    import imgtasks
+
+    with Client(address, timeout=60) as client, tempfile.TemporaryDirectory() as out:
+        result = imgtasks.thumbnails(
+            urls, out, client=client, batch_size=batch_size, progress=False, job_page=False
+        )
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    print(json.dumps({"entries": result.entries, "peak_rss": peak, "cpu_s": own_cpu()}))
+    return 0
+
+
+def memory_check(counts: Sequence[int], batch_size: int, work: Path) -> list[str]:
+    """Peak RSS of a fresh client process, the scheduler and the worker host per list
+    length (issue 16: flat from 10k to 1M URLs)."""
+    rows = []
+    with cost_cluster(2, 8, work) as (client, pids):
+        procs = {name: psutil.Process(pid) for name, pid in pids.items()}
+        for count in counts:
+            urls = work / f"memory-{count}.txt"
+            write_urls(urls, count)
+            peaks = dict.fromkeys(procs, 0)
+            cmd = [sys.executable, str(HERE), "--client", client.scheduler.address]
+            cmd += ["--urls-file", str(urls), "--batch-size-one", str(batch_size)]
+            proc = subprocess.Popen(cmd, env=environment(), stdout=subprocess.PIPE, text=True)
+            while proc.poll() is None:
+                for name, p in procs.items():
+                    peaks[name] = max(peaks[name], p.memory_info().rss)
+                time.sleep(0.2)
+            figures = json.loads(proc.stdout.read().strip().splitlines()[-1])
+            if figures["entries"] != count:
+                raise RuntimeError(f"memory run: {count} URLs gave {figures['entries']} rows")
+            rows.append((count, figures["peak_rss"], peaks, figures["cpu_s"]))
+            print(f"[memory: {count} URLs, client {figures['cpu_s']:.1f} CPU-s]", flush=True)
+            urls.unlink()
+    lines = ["", f"peak RSS by list length (MiB; batch {batch_size}; nodes patched)"]
+    lines.append(
+        f"{'URLs':>9} {'client':>7} {'scheduler':>9} {'worker host':>11} {'client CPU-s':>12}"
+    )
+    for count, client_peak, peaks, cpu in rows:
+        lines.append(
+            f"{count:>9,} {client_peak / 2**20:>7.0f} {peaks['scheduler'] / 2**20:>9.0f} "
+            f"{peaks['worker host'] / 2**20:>11.0f} {cpu:>12.1f}"
+        )
+    (small, c0, p0, _), (big, c1, p1, _) = rows[0], rows[-1]
+    ratios = {"client": c1 / c0} | {name: p1[name] / max(p0[name], 1) for name in p0}
+    flat = all(r <= 1.2 for r in ratios.values())
+    lines.append(
+        f"goal: peak memory flat from {small:,} to {big:,} URLs (within 20 %): "
+        + ("met" if flat else "NOT met")
+        + " ("
+        + ", ".join(f"{name} x{r:.2f}" for name, r in ratios.items())
+        + ")"
+    )
+    return lines
+
+
 # --- the model -----------------------------------------------------------------------------
 
 
@@ -454,6 +517,14 @@ def fit_line(points: Sequence[tuple[float, float]]) -> tuple[float, float]:
     return my - slope * mx, slope
 
 
+def heartbeats_s(workers: float) -> float:
+    """Heartbeats per second the scheduler asks of this many workers: Dask's own rule,
+    which stretches the interval past 200 workers (never much more than 200/s)."""
+    from distributed.scheduler import heartbeat_interval
+
+    return workers / heartbeat_interval(math.ceil(workers))
+
+
 @dataclass
 class Model:
     measured: Measured
@@ -461,8 +532,10 @@ class Model:
 
     def __post_init__(self) -> None:
         m = self.measured
-        self.task_line = fit_line([(r.cpu_workers, r.scheduler_us_per_task) for r in m.worker_runs])
-        self.idle_line = fit_line(list(m.idle.items()))
+        self.task_line = fit_line(
+            [(r.cpu_workers + 1, r.scheduler_us_per_task) for r in m.worker_runs]
+        )
+        self.idle_line = fit_line([(heartbeats_s(w + 1), rate) for w, rate in m.idle.items()])
         self.by_batch = {r.batch_size: r for r in m.batch_runs}
 
     def workers(self, nodes: float) -> float:
@@ -471,11 +544,11 @@ class Model:
     def task_s(self, batch_size: int, workers: float) -> float:
         """Scheduler CPU-s per task: measured at this batch size, grown with the workers."""
         run = self.by_batch[batch_size]
-        extra = self.task_line[1] * (workers - self.measured.sweep_workers)
+        extra = self.task_line[1] * (workers - self.measured.sweep_workers - 1)
         return max(0.0, run.scheduler_us_per_task + extra) / 1e6
 
     def idle(self, workers: float) -> float:
-        return max(0.0, self.idle_line[0] + self.idle_line[1] * workers)
+        return max(0.0, self.idle_line[0] + self.idle_line[1] * heartbeats_s(workers))
 
     def busy(self, batch_size: int, nodes: float, images_s: float) -> float:
         tasks_s = 2 * images_s / batch_size
@@ -520,8 +593,9 @@ def report(model: Model, args: argparse.Namespace) -> list[str]:
     a, k = model.task_line
     ia, ik = model.idle_line
     lines.append(
-        f"  fit: {a:.0f} + {k:.2f} x workers us/task; idle {100 * ia:.2f} + "
-        f"{100 * ik:.3f} x workers % (extrapolated far beyond {max(m.idle)} workers)"
+        f"  fit: {a:.0f} + {k:.2f} x workers us/task (linear far beyond {max(m.idle) + 1} "
+        f"workers); idle {100 * ia:.2f} % + {100 * ik:.3f} % per heartbeat/s "
+        f"({heartbeats_s(170):.0f}/s at 170 workers, {heartbeats_s(1700):.0f}/s at 1700)"
     )
     lines += ["", f"worker: {m.images_per_core:.0f} images/s per core ({m.images_note})"]
     lines += prediction(model, args)
@@ -597,7 +671,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-sizes", type=int_list, default=[16, 64, 256, 1024])
     p.add_argument("--workers", type=int_list, default=[2, 8, 32], help="CPU workers")
     p.add_argument("--urls", type=int, default=100_000, help="URLs per client run, at most")
-    p.add_argument("--max-batches", type=int, default=2000, help="batches per run, at most")
+    p.add_argument("--max-batches", type=int, default=1000, help="batches per run, at most")
     p.add_argument("--io-threads", type=int, default=8, help="threads of the I/O worker")
     p.add_argument("--idle-seconds", type=float, default=3.0, help="idle scheduler sample")
     p.add_argument("--node-cores", type=int, default=16)
@@ -606,7 +680,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", type=int, metavar="BATCH", help="cProfile a client run")
     p.add_argument("--profile-top", type=int, default=15)
     p.add_argument("--quick", action="store_true", help="a smoke run: small and fast")
+    p.add_argument(
+        "--memory",
+        type=int_list,
+        metavar="COUNTS",
+        help="also: peak RSS of client, scheduler, workers at these list lengths (slow at 1M)",
+    )
+    p.add_argument("--memory-batch-size", type=int, default=1024)
     p.add_argument("--worker-host", metavar="ADDRESS", help=argparse.SUPPRESS)
+    p.add_argument("--client", metavar="ADDRESS", help=argparse.SUPPRESS)
+    p.add_argument("--urls-file", help=argparse.SUPPRESS)
+    p.add_argument("--batch-size-one", type=int, default=1024, help=argparse.SUPPRESS)
     p.add_argument("--cpu-workers", type=int, default=2, help=argparse.SUPPRESS)
     return p
 
@@ -615,6 +699,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.worker_host:
         return worker_host(args.worker_host, args.cpu_workers, args.io_threads)
+    if args.client:
+        return client_process(args.client, args.urls_file, args.batch_size_one)
     if args.quick:
         args.batch_sizes, args.workers, args.urls = [16, 256], [2, 4], 4096
         args.idle_seconds, args.node_images = 0.5, 64
@@ -629,7 +715,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             per_core, note = node_throughput(args.node_images, 2, work)
             measured.images_per_core, measured.images_note = per_core, note
-    print("\n".join(report(Model(measured, args.node_cores), args)))
+        memory = memory_check(args.memory, args.memory_batch_size, work) if args.memory else []
+    print("\n".join(report(Model(measured, args.node_cores), args) + memory))
     print(f"\nload average at the end {os.getloadavg()[0]:.1f} (2-core machine, shared)")
     return 0
 
