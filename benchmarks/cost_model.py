@@ -63,7 +63,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import psutil
@@ -529,6 +529,7 @@ def heartbeats_s(workers: float) -> float:
 class Model:
     measured: Measured
     node_cores: int
+    node_workers: int = 0  # Dask workers per node; 0: node_cores + 1
 
     def __post_init__(self) -> None:
         m = self.measured
@@ -539,7 +540,8 @@ class Model:
         self.by_batch = {r.batch_size: r for r in m.batch_runs}
 
     def workers(self, nodes: float) -> float:
-        return nodes * (self.node_cores + 1)  # a CPU worker per core and an I/O worker
+        """Default: the README's recipe, a CPU worker per core and an I/O worker."""
+        return nodes * (self.node_workers or self.node_cores + 1)
 
     def task_s(self, batch_size: int, workers: float) -> float:
         """Scheduler CPU-s per task: measured at this batch size, grown with the workers."""
@@ -564,7 +566,7 @@ class Model:
         return fits[0] if fits else None
 
 
-def report(model: Model, args: argparse.Namespace) -> list[str]:
+def report(model: Model, smallest_batch: int) -> list[str]:
     m = model.measured
     lines = ["", f"client: CPU per URL by batch size ({m.sweep_workers} CPU workers)"]
     lines.append(
@@ -583,7 +585,7 @@ def report(model: Model, args: argparse.Namespace) -> list[str]:
         for r in m.batch_runs
     )
     lines.append(f"  client CPU-s by thread: {split}")
-    lines += ["", f"scheduler: CPU per task at batch {min(args.batch_sizes)} by CPU workers"]
+    lines += ["", f"scheduler: CPU per task at batch {smallest_batch} by CPU workers"]
     lines.append(f"{'workers':>8} {'tasks':>7} {'us/task':>8} {'idle CPU %':>10}")
     for r in m.worker_runs:
         lines.append(
@@ -598,13 +600,13 @@ def report(model: Model, args: argparse.Namespace) -> list[str]:
         f"({heartbeats_s(170):.0f}/s at 170 workers, {heartbeats_s(1700):.0f}/s at 1700)"
     )
     lines += ["", f"worker: {m.images_per_core:.0f} images/s per core ({m.images_note})"]
-    lines += prediction(model, args)
+    lines += prediction(model)
     return lines
 
 
-def prediction(model: Model, args: argparse.Namespace) -> list[str]:
-    cores = model.node_cores
-    lines = ["", f"predicted ceiling, nodes of {cores} cores ({cores} CPU workers + 1 I/O each)"]
+def prediction(model: Model) -> list[str]:
+    cores, workers = model.node_cores, model.workers(1)
+    lines = ["", f"predicted ceiling, nodes of {cores} cores, {workers:.0f} Dask workers each"]
     lines.append(
         f"{'nodes':>5} {'workers':>7} {'images/s':>9} {'batch':>6} {'sched tasks/s':>13} "
         f"{'sched busy':>10} {'client URLs/s':>13} {'clients':>7}"
@@ -649,6 +651,19 @@ def goals(model: Model) -> list[str]:
     ]
 
 
+def save(measured: Measured, path: str) -> None:
+    Path(path).write_text(json.dumps(asdict(measured), indent=1))
+
+
+def load(path: str) -> Measured:
+    """Measurements saved by ``--save``: the model again without measuring."""
+    data = json.loads(Path(path).read_text())
+    data["batch_runs"] = [Run(**r) for r in data["batch_runs"]]
+    data["worker_runs"] = [Run(**r) for r in data["worker_runs"]]
+    data["idle"] = {int(w): rate for w, rate in data["idle"].items()}
+    return Measured(**data)
+
+
 # --- the command line ----------------------------------------------------------------------
 
 
@@ -675,11 +690,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--io-threads", type=int, default=8, help="threads of the I/O worker")
     p.add_argument("--idle-seconds", type=float, default=3.0, help="idle scheduler sample")
     p.add_argument("--node-cores", type=int, default=16)
+    p.add_argument(
+        "--node-workers", type=int, default=0, help="Dask workers per node; 0: node cores + 1"
+    )
     p.add_argument("--node-images", type=int, default=600, help="web images, worker run")
     p.add_argument("--images-per-core", type=float, help="use this instead of measuring")
     p.add_argument("--profile", type=int, metavar="BATCH", help="cProfile a client run")
     p.add_argument("--profile-top", type=int, default=15)
     p.add_argument("--quick", action="store_true", help="a smoke run: small and fast")
+    p.add_argument("--save", metavar="JSON", help="write the measurements here")
+    p.add_argument("--load", metavar="JSON", help="model these measurements; measure nothing")
     p.add_argument(
         "--memory",
         type=int_list,
@@ -702,10 +722,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.client:
         return client_process(args.client, args.urls_file, args.batch_size_one)
     if args.quick:
-        args.batch_sizes, args.workers, args.urls = [16, 256], [2, 4], 4096
-        args.idle_seconds, args.node_images = 0.5, 64
-    load = os.getloadavg()[0]
-    print(f"python {sys.version.split()[0]}, {os.cpu_count()} cores, load average {load:.1f}")
+        args.batch_sizes, args.workers, args.urls = [16, 256], [2], 2048
+        args.idle_seconds, args.node_images = 0.3, 64
+    if args.load:
+        measured = load(args.load)
+        if args.images_per_core:
+            measured.images_per_core = args.images_per_core
+        model = Model(measured, args.node_cores, args.node_workers)
+        print("\n".join(report(model, min(r.batch_size for r in measured.worker_runs))))
+        return 0
+    average = os.getloadavg()[0]
+    print(f"python {sys.version.split()[0]}, {os.cpu_count()} cores, load average {average:.1f}")
     with tempfile.TemporaryDirectory(prefix="cost-model-") as tmp:
         work = Path(tmp)
         measured = measure_cluster(args, work)
@@ -716,7 +743,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             per_core, note = node_throughput(args.node_images, 2, work)
             measured.images_per_core, measured.images_note = per_core, note
         memory = memory_check(args.memory, args.memory_batch_size, work) if args.memory else []
-    print("\n".join(report(Model(measured, args.node_cores), args) + memory))
+    if args.save:
+        save(measured, args.save)
+    model = Model(measured, args.node_cores, args.node_workers)
+    print("\n".join(report(model, min(args.batch_sizes)) + memory))
     print(f"\nload average at the end {os.getloadavg()[0]:.1f} (2-core machine, shared)")
     return 0
 
