@@ -66,11 +66,13 @@ def test_goals_name_the_client_and_scheduler_verdicts() -> None:
     assert re.match(r"goal: scheduler <= 50% busy at 50,000 URLs/s \(38 nodes", lines[2])
 
 
+QUICK = ("--images-per-core", "80")  # the worker's run needs a local cluster: ~10 s more
+
+
 @pytest.mark.timeout(180)
 def test_quick_run_prints_the_measurements_the_prediction_and_the_goals() -> None:
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "cost_model.py"), "--quick"]
-        + ["--images-per-core", "80"],
+        [sys.executable, str(ROOT / "benchmarks" / "cost_model.py"), "--quick", *QUICK],
         env=subprocess_environment(),
         capture_output=True,
         text=True,
