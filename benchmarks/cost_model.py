@@ -1,9 +1,11 @@
 """A measured cost model: how far one client and one scheduler go at 10 and 100 nodes.
 
-    python benchmarks/cost_model.py                   # ~2-4 min on 2 cores
-    python benchmarks/cost_model.py --quick           # smoke run, ~20 s
+    python benchmarks/cost_model.py                   # ~2-4 min on 2 quiet cores, ~8 at load 20
+    python benchmarks/cost_model.py --quick           # smoke run, ~10-25 s
     python benchmarks/cost_model.py --profile 256     # + cProfile of the client at batch 256
     python benchmarks/cost_model.py --images-per-core 85   # skip measuring a worker
+    python benchmarks/cost_model.py --memory 10000,1000000 # + peak RSS by list length
+    python benchmarks/cost_model.py --load m.json --node-workers 2   # model a --save again
 
 Three measurements on this machine, then a model:
 
