@@ -40,6 +40,7 @@ import http.client
 import http.cookiejar
 import logging
 import os
+import re
 import socket
 import threading
 import time
@@ -102,6 +103,15 @@ DEFAULT_USER_AGENT = f"imgtasks/{__version__} (+https://github.com/imgtasks/imgt
 
 def _is_bad_char(char: str) -> bool:
     return char.isspace() or ord(char) < 32 or ord(char) == 127
+
+
+# The same test as _is_bad_char over a whole URL (checked on every code point; re's \s is
+# str.isspace), ~1 us instead of ~10 for a 78-character URL: the client checks every URL.
+_BAD_URL_CHAR = re.compile(r"[\s\x00-\x1f\x7f]")
+# Most URLs are plain http(s)://host/...: no user, port or IPv6 address, where urlsplit
+# finds nothing wrong. Telling them apart costs ~0.5 us; urlsplit ~3 us, most of the
+# client's check of each URL.
+_PLAIN_URL = re.compile(r"https?://[a-z0-9.-]+(?:[/?#]|\Z)", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -234,8 +244,15 @@ def validate_url(url: str, max_length: int) -> str | None:
         return "empty URL"
     if len(url) > max_length:
         return f"URL longer than {max_length} characters ({len(url)})"
-    if any(_is_bad_char(c) for c in url):
+    if _BAD_URL_CHAR.search(url):
         return "URL contains whitespace or control characters"
+    if _PLAIN_URL.match(url):
+        return None
+    return _parsed_problem(url)
+
+
+def _parsed_problem(url: str) -> str | None:
+    """What urlsplit finds wrong with a URL without whitespace or control characters."""
     try:
         parts = urlsplit(url)
         host = parts.hostname

@@ -19,6 +19,7 @@ import uuid
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 
 import dask
 from dask.delayed import Delayed
@@ -68,30 +69,33 @@ class Wiring:
     done: Mapping[str, Record] = field(default_factory=dict, hash=False)  # --resume
 
     def graph(self, batch: UrlBatch) -> Delayed:
-        """One download node feeding one thumbnail node; keys named after the stage."""
+        """One download node feeding one thumbnail node; keys named after the stage.
+
+        The batch and settings go in bound to the function (``partial``), not as
+        arguments: ``dask.delayed`` walks dataclass arguments field by field looking for
+        collections, which cost the client ~60 us per URL (every ``UrlEntry``; measured
+        by ``benchmarks/cost_model.py``); a function it passes as it is."""
         batch, previous = resume_batch(batch, self.done)
         with _annotate(self.route, clusters.IO_RESOURCE):
-            downloaded = dask.delayed(download_batch, pure=False)(
-                batch, self.download, dask_key_name=f"download-{self.token}-{batch.batch_id}"
+            downloaded = dask.delayed(partial(download_batch, batch, self.download), pure=False)(
+                dask_key_name=f"download-{self.token}-{batch.batch_id}"
             )
         with _annotate(self.route, clusters.CPU_RESOURCE):
-            return dask.delayed(thumbnail_batch, pure=False)(
-                downloaded,
-                self.job,
-                previous or None,
-                dask_key_name=f"thumbnail-{self.token}-{batch.batch_id}",
+            thumbnail = partial(thumbnail_batch, job=self.job, previous=previous or None)
+            return dask.delayed(thumbnail, pure=False)(
+                downloaded, dask_key_name=f"thumbnail-{self.token}-{batch.batch_id}"
             )
 
     def piece_graph(self, batch: UrlBatch) -> tuple[Delayed, Delayed]:
         """Shard mode: a download node feeding a thumbnail node that holds its thumbnails
         for the shard writer, and the small report the client reads from it."""
         with _annotate(self.route, clusters.IO_RESOURCE):
-            downloaded = dask.delayed(download_batch, pure=False)(
-                batch, self.download, dask_key_name=f"download-{self.token}-{batch.batch_id}"
+            downloaded = dask.delayed(partial(download_batch, batch, self.download), pure=False)(
+                dask_key_name=f"download-{self.token}-{batch.batch_id}"
             )
         with _annotate(self.route, clusters.CPU_RESOURCE):
-            piece = dask.delayed(thumbnail_piece, pure=False)(
-                downloaded, self.job, dask_key_name=f"thumbnail-{self.token}-{batch.batch_id}"
+            piece = dask.delayed(partial(thumbnail_piece, job=self.job), pure=False)(
+                downloaded, dask_key_name=f"thumbnail-{self.token}-{batch.batch_id}"
             )
             report = dask.delayed(report_of, pure=True)(
                 piece, dask_key_name=f"report-{self.token}-{batch.batch_id}"

@@ -14,6 +14,7 @@ from urllib.parse import parse_qs, quote, urlsplit
 
 import pytest
 
+from imgtasks import download
 from imgtasks.demo import DemoServer, ServerSettings
 from imgtasks.demo.corpus import load_corpus
 from imgtasks.download import (
@@ -407,6 +408,43 @@ def test_validate_url_accepts_http_and_https() -> None:
     assert validate_url("http://example.com/a.jpg", 2048) is None
     assert validate_url("HTTPS://example.com:8443/a.jpg?x=1", 2048) is None
     assert validate_url("http://example.com/a.jpg", 10) is not None
+
+
+def test_validate_url_refuses_every_whitespace_and_control_character() -> None:
+    bad = [chr(c) for c in range(0x3100) if chr(c).isspace() or c < 32 or c == 127]
+    assert {"\t", "\x00", "\x7f", "\x85", "\xa0", "\u2003", "\u3000"} <= set(bad)
+    for char in bad:
+        assert validate_url(f"http://example.com/a{char}b.jpg", 2048) is not None, repr(char)
+    assert validate_url("http://example.com/\u00e9t\u00e9-\u65e5\u672c.jpg", 2048) is None
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://example.com",
+        "HTTPS://Example.COM/a.jpg",
+        "http://a.b/?x=1#f",
+        "https://1.2.3.4/x",
+        "http://-.-/",
+        "https://example.com?q=a:b@c",
+        "http://example.com#frag",
+        "http://example.com/\u00e9.jpg",
+    ],
+)
+def test_plain_urls_skip_urlsplit_only_where_it_would_find_nothing(url: str) -> None:
+    assert download._PLAIN_URL.match(url)
+    assert download._parsed_problem(url) is None
+    assert validate_url(url, 2048) is None
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["http://example.com:0/a", "http://example.com:99999/a", "http://[::1/a", "ftp://a.b/",
+     "http://user@:80/", "http:///a", "https://exa_mple.com/a", "http://\u00e9.com/"],
+)  # fmt: skip
+def test_other_urls_are_parsed(url: str) -> None:
+    assert not download._PLAIN_URL.match(url)
+    assert validate_url(url, 2048) == download._parsed_problem(url)
 
 
 def test_per_host_cap(local: LocalServer) -> None:
