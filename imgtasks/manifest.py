@@ -278,6 +278,23 @@ def _within(spans: list[tuple[int, int]], batch: int) -> bool:
     return i >= 0 and spans[i][0] <= batch <= spans[i][1]
 
 
+def covering_part(settings: OutputSettings, relpath: str) -> str | None:
+    """The compacted part that now holds a batch part's rows (None: no part does)."""
+    name = part_name(relpath)
+    if name is None:
+        return None
+    for candidate in _part_files(settings):
+        other = part_name(candidate)
+        if (
+            other
+            and other.compacted
+            and other.run == name.run
+            and _within([(other.first, other.last)], name.first)
+        ):
+            return candidate
+    return None
+
+
 def keep_only_run(settings: OutputSettings, run_id: str) -> None:
     """After a complete run, drop earlier runs' parts and covered batch parts: one current
     row per URL remains, even for a reader that takes every file."""
@@ -410,11 +427,14 @@ def record_of(row: dict[str, Any]) -> Record:
 
 
 def current_rows(settings: OutputSettings) -> dict[str, Record]:
-    """The latest manifest row of every URL (parts are named by run, oldest first)."""
+    """The latest manifest row of every URL (parts are named by run, oldest first). A
+    ``duplicate`` row (a repeat of a URL seen earlier in its run) never replaces its URL's
+    row: resume would fetch a finished URL again for each line that repeats it."""
     latest: dict[str, Record] = {}
     for part in manifest_parts(settings):
         for row in read_manifest(settings, [part]).to_pylist():
-            latest[row["url"]] = record_of(row)
+            if row["status"] != Status.DUPLICATE or row["url"] not in latest:
+                latest[row["url"]] = record_of(row)
     return latest
 
 
