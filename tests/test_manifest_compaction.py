@@ -12,6 +12,7 @@ from distributed import Client, LocalCluster
 
 import imgtasks
 from imgtasks import manifest
+from imgtasks.jobfeed import JobFeed
 from imgtasks.manifest import (
     Record,
     Rollup,
@@ -24,6 +25,7 @@ from imgtasks.manifest import (
     read_manifest,
     write_manifest_part,
 )
+from imgtasks.nodes import BatchReport
 from imgtasks.sinks import OutputSettings
 
 RUN = "20261130T120000.000000Z-abc123"  # as flow.new_run_id makes them: hyphens inside
@@ -229,7 +231,9 @@ def test_a_run_ends_with_compacted_parts_only_and_resume_reads_them(
     assert dict(df["status"].value_counts()) == again.counts
 
 
-def test_sync_mode_compacts_too(tmp_path: Path, demo_server) -> None:
+def test_sync_mode_compacts_too_and_the_job_page_finds_the_compacted_rows(
+    tmp_path: Path, demo_server
+) -> None:
     out = OutputSettings(str(tmp_path), manifest_part_rows=8)
     result = imgtasks.thumbnails(
         demo_server.urls(20), out, cluster="sync", batch_size=4, progress=False, job_page=False
@@ -241,3 +245,11 @@ def test_sync_mode_compacts_too(tmp_path: Path, demo_server) -> None:
         f"part-{result.run_id}-00000004_00000004.parquet",
     ]
     assert sorted(pd.read_parquet(tmp_path / "manifest")["index"]) == list(range(20))
+    # the page heard of the batch parts while they existed; it reads the compacted ones
+    feed = JobFeed(out, result.run_id)
+    for batch_id in range(5):
+        path = manifest.manifest_relpath(result.run_id, batch_id)
+        feed.add(BatchReport(batch_id, path, {"ok": 4}, entries=4))
+    tiles = feed.recent_tiles(6)
+    assert [t.index for t in tiles] == [19, 18, 17, 16, 15, 14]
+    assert all(t.image for t in tiles)
