@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
+from scale_bench import int_list
 
 from imgtasks.manifest import (
     MANIFEST_DIR,
@@ -180,16 +181,6 @@ def print_table(rows: int, batch: int, part_rows: int, before: Layout, after: La
         ratio = f"x{y / x:.3f}" if x and y is not None else "-"
         cells = [fmt.format(v) if v is not None else "not timed" for v in (x, y)]
         print(f"{name:<28}{cells[0]:>14}{cells[1]:>14}{ratio:>9}")
-
-
-def int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers: {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers: {text!r}")
-    return values
 
 
 def main(argv: Sequence[str] | None = None) -> int:

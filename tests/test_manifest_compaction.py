@@ -58,6 +58,20 @@ def roll_up(settings: OutputSettings, batches: int, rows: int, run: str = RUN) -
         compact_parts(settings, run, *span)
 
 
+def compact_failing(
+    monkeypatch: pytest.MonkeyPatch, step: str, settings: OutputSettings, last: int
+) -> None:
+    """Compact batches 0..last with ``manifest.<step>`` failing as a crash or a full disk."""
+
+    def fail(*_: object) -> None:
+        raise OSError(f"{step} failed")
+
+    monkeypatch.setattr(manifest, step, fail)
+    with pytest.raises(OSError, match=f"{step} failed"):
+        compact_parts(settings, RUN, 0, last)
+    monkeypatch.undo()
+
+
 def assert_exact(settings: OutputSettings, n: int) -> None:
     """Every library reader sees rows 0..n-1 once each, in index order."""
     table = read_manifest(settings)
@@ -120,14 +134,7 @@ def test_a_crash_after_the_compacted_write_leaves_readers_exact_and_a_rerun_tidi
 ) -> None:
     settings = OutputSettings(str(tmp_path), manifest_part_rows=1000)
     write_batches(settings, batches=6, rows=5)
-
-    def crash(*_: object) -> None:
-        raise OSError("killed before the batch parts were deleted")
-
-    monkeypatch.setattr(manifest, "_remove", crash)
-    with pytest.raises(OSError, match="killed"):
-        compact_parts(settings, RUN, 0, 5)
-    monkeypatch.undo()
+    compact_failing(monkeypatch, "_remove", settings, 5)  # killed before the deletion
     assert len(part_files(tmp_path)) == 7  # the compacted part and the 6 it covers
     assert manifest_parts(settings) == [f"manifest/part-{RUN}-00000000_00000005.parquet"]
     assert_exact(settings, 30)
@@ -163,14 +170,7 @@ def test_a_failed_compacted_write_or_a_missing_part_keeps_the_batch_parts(
 ) -> None:
     settings = OutputSettings(str(tmp_path))
     write_batches(settings, batches=4, rows=3)
-
-    def full(*_: object) -> None:
-        raise OSError("No space left on device")
-
-    monkeypatch.setattr(manifest, "write_file", full)
-    with pytest.raises(OSError, match="No space"):
-        compact_parts(settings, RUN, 0, 3)
-    monkeypatch.undo()
+    compact_failing(monkeypatch, "write_file", settings, 3)  # the store refuses the write
     with pytest.raises(FileNotFoundError, match="missing"):
         compact_parts(settings, RUN, 0, 4)  # batch 4 was never written
     assert len(part_files(tmp_path)) == 4
