@@ -253,3 +253,14 @@ def test_sync_mode_compacts_too_and_the_job_page_finds_the_compacted_rows(
     tiles = feed.recent_tiles(6)
     assert [t.index for t in tiles] == [19, 18, 17, 16, 15, 14]
     assert all(t.image for t in tiles)
+
+
+def test_the_bench_compacts_through_the_real_path_and_checks_every_reader(capsys) -> None:
+    import manifest_bench  # benchmarks/ (on sys.path: conftest)
+
+    assert manifest_bench.main(["--counts", "320", "--part-rows", "100"]) == 0
+    printed = capsys.readouterr().out
+    files = next(line for line in printed.splitlines() if line.startswith("files"))
+    # 20 batches of 16 rows: 2 parts of 7 batches (112 rows), the last 96 rows at the end
+    assert files.split()[1:3] == ["20", "3"]
+    assert "goal" in printed and ": met" in printed
