@@ -319,13 +319,15 @@ def compact_parts(settings: OutputSettings, run_id: str, first: int, last: int) 
     sources = [manifest_relpath(run_id, b) for b in range(first, last + 1)]
     fs, root = filesystem(settings)
     fs.invalidate_cache(f"{root}/{MANIFEST_DIR}")  # object stores: no stale listing
-    if not file_exists(settings, target):
+    if file_exists(settings, target):  # a rerun: delete what the first run left
+        listed = set(_part_files(settings))
+        sources = [p for p in sources if p in listed]
+    else:
         table = pa.concat_tables(_read_parts(settings, sources), promote_options="permissive")
         buffer = io.BytesIO()
         pq.write_table(table, buffer, compression="zstd")
         write_file(settings, target, buffer.getvalue())  # atomic: whole or absent
-    present = [p for p in sources if fs.exists(f"{root}/{p}")]
-    _remove(settings, present)
+    _remove(settings, sources)
     log.debug("manifest batches %d-%d of %s compacted into %s", first, last, run_id, target)
     return target
 
