@@ -15,7 +15,8 @@ and an object-store PUT per batch; 100k URLs made 6,250 parts (44.6 MB) that too
 to read. So once the batches ``first..last`` of a run are all finished and hold at least
 ``OutputSettings.manifest_part_rows`` rows (default 10,000, img2dataset's shard size),
 :func:`compact_parts` rolls them into one part; the run's last batches are rolled up at its
-end. The batch part stays the crash-safe unit, in this order:
+end. Measured (``benchmarks/manifest_bench.py``): 1M rows in 100 parts, 96 bytes a row,
+read by pandas in 2.2 CPU s. The batch part stays the crash-safe unit, in this order:
 
 1. every batch part of the span is on the store (the client heard back from each batch);
 2. the compacted part is written atomically (temp + rename; one PUT on object stores);
