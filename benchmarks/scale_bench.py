@@ -99,6 +99,7 @@ class Result:
     rows: int  # manifest rows
     ok: int  # manifest rows with status ok and the thumbnail file present
     client: Sample
+    manifest_files: int = 0  # parts under out/manifest at the end (compacted: ~1 per 10k)
     workers: list[Sample] = field(default_factory=list)
     server_cpu_s: float = 0.0
     expected_workers: int = 0
@@ -170,6 +171,7 @@ def run_flow(
         wall = time.perf_counter() - started
         stderr = (work / "stderr.txt").read_text(encoding="utf-8", errors="replace")
         manifest = manifest_count(out)
+        manifest_files = len(list((out / "manifest").glob("part-*.parquet")))
         try:
             figures, problem = read_figures(figures_file), ""
         except NoFigures as exc:
@@ -194,6 +196,7 @@ def run_flow(
         rows=manifest.rows,
         ok=manifest.ok,
         client=client,
+        manifest_files=manifest_files,
         workers=workers,
         server_cpu_s=sum(server.cpu_times()[:2]) - server_cpu,
         expected_workers=1 + (os.cpu_count() or 1),  # the flow's hybrid default
@@ -214,6 +217,7 @@ def print_scale(results: Sequence[Result]) -> None:
     print(
         f"{'URLs':>8} {'rows ok':>9} {'wall s':>7} {'img/s':>7} {'e2e img/s':>9} "
         f"{'tasks/s':>8} {'client MiB':>10} {'io MiB':>7} {'cpu MiB':>11} {'sched share':>11}"
+        f" {'manifest files':>14}"
     )
     for r in results:
         if not r.valid:
@@ -224,6 +228,7 @@ def print_scale(results: Sequence[Result]) -> None:
             f"{r.count:>8} {r.ok:>9} {r.flow_wall:>7.1f} {r.images_per_s:>7.0f} "
             f"{r.count / r.wall:>9.0f} {r.tasks_per_s:>8.0f} {mib(r.client.peak_rss):>10} "
             f"{mib(r.io_worker.peak_rss):>7} {cpus:>11} {r.sched_share:>10.0%}"
+            f" {r.manifest_files:>14}"
         )
     for r in results:
         if r.valid:

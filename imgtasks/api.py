@@ -232,7 +232,7 @@ class Interrupted(KeyboardInterrupt):
 
 def thumbnails(
     urls: URLs,
-    out: str | os.PathLike[str] = "thumbnails",
+    out: str | os.PathLike[str] | OutputSettings = "thumbnails",
     *,
     client: Any = None,
     cluster: clusters.ClusterSettings | str | None = None,
@@ -268,7 +268,8 @@ def thumbnails(
             repeated URLs get rows too (``invalid_url``, ``duplicate``).
         out: where thumbnails (``ab/cd/<sha256 of the URL>.jpg``), the manifest
             (``manifest/part-*.parquet``), ``run.log`` and ``contact_sheet.jpg`` go: a local
-            directory or an fsspec URL (``s3://bucket/thumbs``).
+            directory or an fsspec URL (``s3://bucket/thumbs``); or ``OutputSettings``,
+            e.g. to set ``manifest_part_rows`` (rows per compacted manifest part, 10,000).
         client: a ``distributed.Client`` to run on; it is never closed. None: the current
             default client if there is one, else the cluster ``cluster`` names is started
             and closed at the end.
@@ -330,7 +331,7 @@ def thumbnails(
         Interrupted: on KeyboardInterrupt, after finished batches are kept; its
             ``result`` holds what was done.
     """
-    output = OutputSettings(os.fspath(out), dict(storage_options or {}))
+    output = _output_settings(out, storage_options)
     columns = InputColumns(caption_column, _names(keep_columns), verify_hash_column)
     if window != "auto" and not (isinstance(window, int) and window >= 0):
         raise ValueError(f"window must be >= 0 or 'auto', got {window!r}")
@@ -728,6 +729,14 @@ def _thumb_settings(
             raise ValueError(f"give thumb= or {', '.join(given)}, not both")
         return thumb
     return ThumbSettings(**given)
+
+
+def _output_settings(
+    out: str | os.PathLike[str] | OutputSettings, storage_options: Mapping[str, Any] | None
+) -> OutputSettings:
+    if isinstance(out, OutputSettings):
+        return replace(out, storage_options=dict(storage_options)) if storage_options else out
+    return OutputSettings(os.fspath(out), dict(storage_options or {}))
 
 
 def _cluster_settings(

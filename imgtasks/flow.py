@@ -27,7 +27,7 @@ from distributed import Client, Future, as_completed
 
 from imgtasks import cluster as clusters
 from imgtasks.download import DownloadSettings
-from imgtasks.manifest import Record
+from imgtasks.manifest import Record, Rollup, compact_parts
 from imgtasks.nodes import (
     BatchReport,
     JobSettings,
@@ -260,6 +260,7 @@ def stream_batches(
     futures = as_completed()
     in_flight: dict[str, tuple[Future, UrlBatch, float]] = {}
     writers = _Writers(client, wiring, futures) if wiring.job.shards else None
+    rollup = None if wiring.job.shards else _Compaction(client, wiring)
 
     def submit(n: int) -> None:
         taken = _take(pending, n)
@@ -287,11 +288,79 @@ def stream_batches(
             if report is not None:
                 sizer.observe(finished(report, time.monotonic() - sent), len(in_flight))
             future.release()
+            if rollup is not None:
+                rollup.batch_done(batch.batch_id, report)
             submit(max(0, sizer.target() - len(in_flight)))
+        if rollup is not None:
+            rollup.finish()
     finally:  # interrupted: on a shared cluster, nothing of ours keeps running
         running = [f for f, _, _ in in_flight.values()] + (writers.held() if writers else [])
+        running += rollup.running if rollup is not None else []
         if running:
             client.cancel(running, force=True)
+
+
+class _Compaction:
+    """The manifest's roll-up (:mod:`imgtasks.manifest`): as the batches of a span are all
+    written, one task compacts their parts (on the I/O pool: it is reads and a write);
+    without a client, here. A compaction that fails leaves the batch parts: every row is
+    still there, only in more files."""
+
+    def __init__(self, client: Client | None, wiring: Wiring) -> None:
+        self.client, self.wiring = client, wiring
+        self.rollup = Rollup(wiring.job.output.manifest_part_rows)
+        self.running: list[Future] = []
+
+    def batch_done(self, batch_id: int, report: BatchReport | None) -> None:
+        if report is not None:  # None: the batch's part could not be written at all
+            for span in self.rollup.add(batch_id, report.entries):
+                self._start(span)
+
+    def finish(self) -> None:
+        """Compact the rest and wait for every compaction: a finished run's manifest is
+        the compacted parts alone."""
+        for span in self.rollup.finish():
+            self._start(span)
+        for future in self.running:
+            self._check(future)
+        self.running.clear()
+
+    def _start(self, span: tuple[int, int]) -> None:
+        output, run_id = self.wiring.job.output, self.wiring.job.run_id
+        if self.client is None:
+            try:
+                compact_parts(output, run_id, *span)
+            except Exception as exc:
+                _not_compacted(exc)
+            return
+        self.running = [f for f in self.running if not (f.done() and self._check(f))]
+        resources = {clusters.IO_RESOURCE: 1} if self.wiring.route else None
+        self.running.append(
+            self.client.submit(
+                compact_parts,
+                output,
+                run_id,
+                *span,
+                key=f"manifest-{self.wiring.token}-{span[0]}",
+                retries=RETRIES,
+                pure=False,
+                resources=resources,
+            )
+        )
+
+    @staticmethod
+    def _check(future: Future) -> bool:
+        """Log a finished compaction's failure; True (it is done with)."""
+        try:
+            future.result()
+        except Exception as exc:
+            _not_compacted(exc)
+        future.release()
+        return True
+
+
+def _not_compacted(exc: BaseException) -> None:
+    log.warning("manifest parts not compacted (they are kept): %s: %s", type(exc).__name__, exc)
 
 
 @dataclass
@@ -392,6 +461,7 @@ def run_sync_shards(
 
 def run_sync(batches: Iterable[UrlBatch], wiring: Wiring, tally: Tally, progress: Progress) -> None:
     """Dask's synchronous scheduler, batch after batch in this thread (for debugging)."""
+    rollup = _Compaction(None, wiring)
     for batch in batches:
         try:
             (report,) = dask.compute(wiring.graph(batch), scheduler="sync")
@@ -399,6 +469,8 @@ def run_sync(batches: Iterable[UrlBatch], wiring: Wiring, tally: Tally, progress
             report = wiring.failed(batch, exc)
             tally.failed_batches.append(f"batch-{batch.batch_id}")
         _finished(report, tally, progress)
+        rollup.batch_done(batch.batch_id, report)
+    rollup.finish()
 
 
 def _finished(report: BatchReport | None, tally: Tally, progress: Progress) -> None:

@@ -10,6 +10,7 @@ thumbnails for the grid) happens only when a page asks, and never on the event l
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import Counter, OrderedDict, deque
@@ -17,7 +18,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 
 from imgtasks.contact_sheet import SHOWN_WITH_IMAGE, Tile, output_reader
-from imgtasks.manifest import read_part
+from imgtasks.manifest import covering_part, read_part
 from imgtasks.nodes import BatchReport
 from imgtasks.sinks import OutputSettings
 
@@ -160,11 +161,9 @@ class JobFeed:
     def _tiles(self, parts: list[str], limit: int) -> list[Tile]:
         assert self.output is not None
         tiles: list[Tile] = []
+        read: set[str] = set()
         for part in reversed(parts):
-            try:
-                rows = read_part(self.output, part, ["index", "status", "path"]).to_pylist()
-            except Exception:  # a part replaced or removed meanwhile: skip it
-                continue
+            rows = self._part_rows(part, read)
             for row in sorted(rows, key=lambda r: -int(r["index"])):
                 status, path = str(row["status"]), str(row["path"] or "")
                 image = self._thumbnail(path) if path and status in SHOWN_WITH_IMAGE else None
@@ -172,6 +171,20 @@ class JobFeed:
                 if len(tiles) >= limit:
                     return tiles
         return tiles
+
+    def _part_rows(self, part: str, read: set[str]) -> list[dict]:
+        """A batch part's rows; once compacted, those of the part holding it (read once)."""
+        assert self.output is not None
+        columns = ["index", "status", "path"]
+        with contextlib.suppress(Exception):  # compacted meanwhile
+            return read_part(self.output, part, columns).to_pylist()
+        holder = covering_part(self.output, part)
+        if holder is None or holder in read:
+            return []
+        read.add(holder)
+        with contextlib.suppress(Exception):  # replaced or removed meanwhile: skip it
+            return read_part(self.output, holder, columns).to_pylist()
+        return []
 
     def _thumbnail(self, path: str) -> bytes | None:
         if path in self._thumbs:

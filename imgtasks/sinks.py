@@ -32,6 +32,10 @@ log = logging.getLogger(__name__)
 TEMP_PREFIX = ".tmp-"  # write_atomic's temporaries; a killed writer leaves them behind
 STALE_TEMP_AGE = 120.0  # seconds: older temporaries belong to no live write
 FANOUT_LEVELS = 2  # 65,536 directories: 15k files each at a billion thumbnails
+# Rows per compacted manifest part (imgtasks.manifest): img2dataset's shard size. Measured
+# (benchmarks/manifest_bench.py): 1M rows make 100 parts, 96 MB, read by pandas in 2.2 CPU s,
+# where a part per batch of 16 made 62,500 parts, 512 MB.
+MANIFEST_PART_ROWS = 10_000
 
 
 @dataclass(frozen=True)
@@ -40,10 +44,13 @@ class OutputSettings:
 
     root: str = "thumbnails"
     storage_options: Mapping[str, Any] = field(default_factory=dict, hash=False)
+    manifest_part_rows: int = MANIFEST_PART_ROWS  # batches' parts rolled up at this many rows
 
     def __post_init__(self) -> None:
         if not self.root:
             raise ValueError("the output location must not be empty")
+        if self.manifest_part_rows < 1:
+            raise ValueError(f"manifest_part_rows must be >= 1, got {self.manifest_part_rows}")
 
 
 def url_key(url: str) -> str:
