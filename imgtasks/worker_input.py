@@ -1,0 +1,162 @@
+"""Orchestration of the input read by the workers (``read_on="workers"``).
+
+The client submits one plan node (a list's partitions, from its size or Parquet footer),
+then one read node per partition, a few ahead of the batches going out; from each
+partition it hears only its size (batches, lines). Each batch then goes out as a
+:class:`~imgtasks.partitions.PartBatch` through the same window as the client's batches
+(``flow.stream_batches``): its download node takes it from the partition on the worker
+that read it, and feeds the usual thumbnail node. The plain functions are in
+:mod:`imgtasks.partitions`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections import deque
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+import dask
+from distributed import Client, Future
+
+from imgtasks import cluster as clusters
+from imgtasks import partitions
+from imgtasks.flow import RETRIES, Wiring
+from imgtasks.manifest import Record
+from imgtasks.partitions import (
+    BatchPlace,
+    PartBatch,
+    partition_size,
+    plan_list,
+    read_frame_part,
+    read_list_part,
+)
+from imgtasks.sources import DEFAULT_BATCH_SIZE, NO_COLUMNS, InputColumns, SourceSettings
+
+log = logging.getLogger(__name__)
+
+# Partitions read ahead of the batches going out: the next partition is ready when the
+# current one runs out, and at most this many partitions wait on the workers besides
+# those with batches in flight (each ~15 MB: see partitions.PART_ROWS).
+READ_AHEAD = 2
+
+
+@dataclass(frozen=True)
+class WorkerInput:
+    """An input the workers read: a URL list file, or a dask DataFrame (its URL column
+    first, then ``names``' others) or Series."""
+
+    listing: SourceSettings | None = None
+    frame: Any = None
+    names: tuple[str, ...] | None = None  # the frame's columns; None: a Series
+    columns: InputColumns = NO_COLUMNS
+    batch_size: int = DEFAULT_BATCH_SIZE
+
+    def start(self, client: Client, wiring: Wiring) -> tuple[Wiring, Iterator[PartBatch]]:
+        """Plan the partitions on a worker; the wiring with the list's kept column kinds,
+        and the batches, lazily (each partition read when its turn comes)."""
+        done = _shared(client, wiring.done)
+        resources = {clusters.IO_RESOURCE: 1} if wiring.route else None
+        token = wiring.token
+        if self.listing is None:
+            return wiring, part_batches(client, self._frame_reads(client, token, done))
+        plan = client.submit(
+            plan_list,
+            self.listing,
+            partitions.BLOCK_SIZE,  # read here, at run time: a test makes them small
+            partitions.PART_ROWS,
+            key=f"plan-{token}",
+            resources=resources,
+            pure=False,
+        ).result()
+        log.debug("%s: %d partitions", self.listing.path, len(plan.parts))
+        reads = (
+            client.submit(
+                read_list_part,
+                part,
+                self.listing,
+                done,
+                key=f"read-{token}-{part.number}",
+                resources=resources,
+                retries=RETRIES,
+                pure=False,
+            )
+            for part in plan.parts
+        )
+        return replace(wiring, job=replace(wiring.job, kept=plan.kept)), part_batches(client, reads)
+
+    def _frame_reads(self, client: Client, token: str, done: Any) -> Iterator[Future]:
+        """Each partition computed on the cluster and batched where it was computed."""
+        for number, part in enumerate(self.frame.to_delayed()):
+            read = dask.delayed(read_frame_part, pure=False)(
+                part,
+                self.names,
+                self.columns,
+                self.batch_size,
+                done,
+                dask_key_name=f"read-{token}-{number}",
+            )
+            yield client.compute(read, retries=RETRIES)
+
+
+def _shared(client: Client, done: Mapping[str, Record]) -> Any:
+    """resume: the finished URLs' rows, sent to the cluster once (not with every read)."""
+    if not done:
+        return {}
+    return client.scatter([dict(done)], hash=False)[0]
+
+
+def part_batches(client: Client, reads: Iterator[Future]) -> Iterator[PartBatch]:
+    """The batches of each partition in input order, each placed after the lines of the
+    partitions before it; partitions read ``READ_AHEAD`` ahead."""
+    ahead: deque[tuple[Future, Future]] = deque()
+
+    def read_ahead() -> None:
+        for part in itertools.islice(reads, READ_AHEAD + 1 - len(ahead)):
+            size = client.submit(partition_size, part, key=f"size-{part.key}", pure=False)
+            ahead.append((part, size))
+
+    offset = batch_id = 0
+    try:
+        read_ahead()
+        while ahead:
+            part, size = ahead.popleft()
+            read_ahead()
+            batches, lines = size.result()
+            for number in range(batches):
+                yield PartBatch(part, BatchPlace(number, offset, batch_id))
+                batch_id += 1
+            offset += lines
+    finally:  # interrupted: the partitions read ahead go too
+        if ahead:
+            client.cancel([f for pair in ahead for f in pair], force=True)
+
+
+READ_ON = ("auto", "client", "workers")
+
+
+def reads_on_workers(
+    read_on: str, urls: Any, listing: SourceSettings | None, sync: bool, sharded: bool
+) -> bool:
+    """Whether the workers read ``urls``: asked for, or (``"auto"``) a dask collection on
+    a distributed cluster. ValueError where they cannot."""
+    if read_on not in READ_ON:
+        raise ValueError(f"read_on must be one of {READ_ON}, got {read_on!r}")
+    frame = is_dask_collection(urls)
+    if read_on == "auto":
+        return frame and not sync and not sharded
+    if read_on == "client":
+        return False
+    if listing is None and not frame:
+        raise ValueError("read_on='workers' reads a URL list path or a dask DataFrame")
+    if sync:
+        raise ValueError("read_on='workers' needs a distributed cluster, not 'sync'")
+    if sharded:
+        raise ValueError("read_on='workers' writes output_format='files' only")
+    return True
+
+
+def is_dask_collection(value: Any) -> bool:
+    return hasattr(value, "npartitions") and hasattr(value, "to_delayed")
