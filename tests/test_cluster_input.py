@@ -206,11 +206,11 @@ def test_a_csv_list_read_by_workers_in_blocks(
 @pytest.mark.parametrize("kind", ["parquet", "csv"])
 def test_a_list_on_s3_read_by_workers(
     kind: str,
-    s3: S3,
+    s3: S3,  # noqa: F811 - the fixture imported above
     demo_server,
     client: Client,
     small_partitions: None,
-    spy: Spy,  # noqa: F811
+    spy: Spy,
 ) -> None:
     urls = input_lines(demo_server)
     key = f"{BUCKET}/lists/urls-{kind}.{kind}"
@@ -276,3 +276,29 @@ def test_the_command_line_switch(tmp_path: Path) -> None:
     )  # fmt: skip
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().count("\n") == 0 and "distributed cluster" in proc.stderr
+
+
+@pytest.mark.timeout(90)
+def test_a_batch_failing_every_retry_still_gives_its_lines_rows(
+    tmp_path: Path, demo_server, client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The client holds no entries of a batch the workers read: a worker writes the
+    ``batch_failed`` rows from the batch's partition."""
+    from imgtasks import flow
+
+    real = flow.thumbnail_part_batch
+
+    def poisoned(downloaded, job):
+        if downloaded.downloaded.batch.batch_id == 1:
+            raise OSError("the store refuses this batch")
+        return real(downloaded, job)
+
+    monkeypatch.setattr(flow, "thumbnail_part_batch", poisoned)  # pickled by value
+    urls = demo_server.urls(20)
+    listing = tmp_path / "urls.txt"
+    listing.write_text("\n".join(urls) + "\n")
+    result = run(str(listing), str(tmp_path / "out"), client, batch_size=5)
+    assert result.counts == {"ok": 15, "batch_failed": 5} and len(result.failed_batches) == 1
+    df = result.manifest().sort_values("index").reset_index(drop=True)
+    assert list(df["url"]) == urls and list(df["index"]) == list(range(20))
+    assert list(df["status"][5:10]) == ["batch_failed"] * 5
