@@ -158,7 +158,10 @@ def _row_group_parts(settings: SourceSettings, part_rows: int) -> tuple[ListPart
     import pyarrow.parquet as pq
 
     with fsspec.open(settings.path, "rb", **settings.storage_options) as f:
-        meta = pq.ParquetFile(f).metadata
+        parquet = pq.ParquetFile(f)
+    columns = (settings.column, *settings.columns.names)
+    _check_columns(columns, parquet.schema_arrow.names, "Parquet schema")  # before any read
+    meta = parquet.metadata
     ranges = [
         (group, start, min(start + part_rows, meta.row_group(group).num_rows))
         for group in range(meta.num_row_groups)

@@ -302,3 +302,10 @@ def test_a_batch_failing_every_retry_still_gives_its_lines_rows(
     df = result.manifest().sort_values("index").reset_index(drop=True)
     assert list(df["url"]) == urls and list(df["index"]) == list(range(20))
     assert list(df["status"][5:10]) == ["batch_failed"] * 5
+
+
+def test_a_missing_column_is_found_by_the_plan(tmp_path: Path) -> None:
+    path = tmp_path / "urls.parquet"
+    pq.write_table(as_table(["http://h/a.jpg"]), path)
+    with pytest.raises(ValueError, match="'link' not in the Parquet schema"):
+        plan_list(SourceSettings(str(path), column="link"))
