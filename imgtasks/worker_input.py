@@ -5,8 +5,9 @@ then one read node per partition, a few ahead of the batches going out; from eac
 partition it hears only its size (batches, lines). Each batch then goes out as a
 :class:`~imgtasks.partitions.PartBatch` through the same window as the client's batches
 (``flow.stream_batches``): its download node takes it from the partition on the worker
-that read it, and feeds the usual thumbnail node. The plain functions are in
-:mod:`imgtasks.partitions`.
+that read it, and feeds the usual thumbnail node. As many partitions as there are I/O
+workers send batches at once, in turn, so every I/O worker downloads. The plain
+functions are in :mod:`imgtasks.partitions`.
 """
 
 from __future__ import annotations
@@ -37,9 +38,9 @@ from imgtasks.sources import DEFAULT_BATCH_SIZE, NO_COLUMNS, InputColumns, Sourc
 
 log = logging.getLogger(__name__)
 
-# Partitions read ahead of the batches going out: the next partition is ready when the
-# current one runs out, and at most this many partitions wait on the workers besides
-# those with batches in flight (each ~15 MB: see partitions.PART_ROWS).
+# Partitions read ahead of those whose batches are going out: the next is ready when one
+# runs out, and at most this many wait on the workers besides those with batches in
+# flight (each ~15 MB: see partitions.PART_ROWS).
 READ_AHEAD = 2
 
 
@@ -61,7 +62,8 @@ class WorkerInput:
         resources = {clusters.IO_RESOURCE: 1} if wiring.route else None
         token = wiring.token
         if self.listing is None:
-            return wiring, part_batches(client, self._frame_reads(client, token, done))
+            reads = self._frame_reads(client, token, done)
+            return wiring, part_batches(client, reads, download_workers(client, wiring.route))
         plan = client.submit(
             plan_list,
             self.listing,
@@ -85,7 +87,8 @@ class WorkerInput:
             )
             for part in plan.parts
         )
-        return replace(wiring, job=replace(wiring.job, kept=plan.kept)), part_batches(client, reads)
+        batches = part_batches(client, reads, download_workers(client, wiring.route))
+        return replace(wiring, job=replace(wiring.job, kept=plan.kept)), batches
 
     def _frame_reads(self, client: Client, token: str, done: Any) -> Iterator[Future]:
         """Each partition computed on the cluster and batched where it was computed."""
@@ -108,30 +111,58 @@ def _shared(client: Client, done: Mapping[str, Record]) -> Any:
     return client.scatter([dict(done)], hash=False)[0]
 
 
-def part_batches(client: Client, reads: Iterator[Future]) -> Iterator[PartBatch]:
-    """The batches of each partition in input order, each placed after the lines of the
-    partitions before it; partitions read ``READ_AHEAD`` ahead."""
-    ahead: deque[tuple[Future, Future]] = deque()
+@dataclass
+class _Open:
+    """A partition whose batches are going out: its place in the input, the next batch."""
+
+    part: Future
+    offset: int
+    batches: int
+    next: int = 0
+
+
+def part_batches(client: Client, reads: Iterator[Future], active: int = 1) -> Iterator[PartBatch]:
+    """The batches of ``active`` partitions at once, one from each in turn, each placed after
+    the lines of the partitions before it; ``READ_AHEAD`` more partitions read meanwhile.
+
+    Dask runs a task where its data is (``decide_worker``): a partition's download nodes
+    all run on the worker that read it. One partition at a time would keep one I/O worker
+    downloading; ``active`` = the I/O workers keeps them all busy."""
+    waiting: deque[tuple[Future, Future]] = deque()  # read or being read, not yet open
+    going: deque[_Open] = deque()
 
     def read_ahead() -> None:
-        for part in itertools.islice(reads, READ_AHEAD + 1 - len(ahead)):
+        for part in itertools.islice(reads, active + READ_AHEAD - len(waiting) - len(going)):
             size = client.submit(partition_size, part, key=f"size-{part.key}", pure=False)
-            ahead.append((part, size))
+            waiting.append((part, size))
 
     offset = batch_id = 0
     try:
         read_ahead()
-        while ahead:
-            part, size = ahead.popleft()
-            read_ahead()
-            batches, lines = size.result()
-            for number in range(batches):
-                yield PartBatch(part, BatchPlace(number, offset, batch_id))
+        while going or waiting:
+            while len(going) < active and waiting:  # partitions open in input order
+                part, size = waiting.popleft()
+                batches, lines = size.result()
+                going.append(_Open(part, offset, batches))
+                offset += lines
+                read_ahead()
+            current = going.popleft()
+            if current.next < current.batches:
+                yield PartBatch(current.part, BatchPlace(current.next, current.offset, batch_id))
                 batch_id += 1
-            offset += lines
+                current.next += 1
+            if current.next < current.batches:
+                going.append(current)
     finally:  # interrupted: the partitions read ahead go too
-        if ahead:
-            client.cancel([f for pair in ahead for f in pair], force=True)
+        if waiting:
+            client.cancel([f for pair in waiting for f in pair], force=True)
+
+
+def download_workers(client: Client, route: bool) -> int:
+    """How many workers run download nodes: those with an ``io`` resource when routed."""
+    workers = client.scheduler_info(n_workers=-1)["workers"].values()
+    io = [w for w in workers if (w.get("resources") or {}).get(clusters.IO_RESOURCE)]
+    return max(1, len(io) if route else len(workers))
 
 
 READ_ON = ("auto", "client", "workers")

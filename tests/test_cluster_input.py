@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import RUN, subprocess_environment
-from distributed import Client, LocalCluster
+from distributed import Client, LocalCluster, get_task_stream
 from test_s3 import BUCKET, S3, s3  # noqa: F401 - the moto server fixture
 
 import imgtasks
@@ -196,10 +196,15 @@ def test_a_csv_list_read_by_workers_in_blocks(
     assert plan_list(SourceSettings(str(listing)), block_size=BLOCK).parts[3] == ListPart(
         3, "bytes", start=3 * BLOCK, stop=4 * BLOCK
     )
-    result = run(str(listing), str(tmp_path / "out"), client, caption_column="cap",
-                 keep_columns="rank")  # fmt: skip
+    with get_task_stream(client) as tasks:
+        result = run(str(listing), str(tmp_path / "out"), client, caption_column="cap",
+                     keep_columns="rank")  # fmt: skip
     spy.never_read(listing.name)
     check_columns(check_rows(result, urls))
+    # A download node runs where its partition was read: two partitions go out at once,
+    # so both workers download (one at a time, only one would).
+    downloads = [t for t in tasks.data if str(t["key"]).startswith("download-")]
+    assert len({t["worker"] for t in downloads}) == 2
 
 
 @pytest.mark.timeout(90)
