@@ -61,9 +61,11 @@ class WorkerInput:
         done = _shared(client, wiring.done)
         resources = {clusters.IO_RESOURCE: 1} if wiring.route else None
         token = wiring.token
+        readers = Readers(client, wiring.route)
+        active = len(readers.addresses()) or 1
         if self.listing is None:
-            reads = self._frame_reads(client, token, done)
-            return wiring, part_batches(client, reads, download_workers(client, wiring.route))
+            reads = self._frame_reads(client, token, done, readers)
+            return wiring, part_batches(client, reads, active)
         plan = client.submit(
             plan_list,
             self.listing,
@@ -84,13 +86,16 @@ class WorkerInput:
                 resources=resources,
                 retries=RETRIES,
                 pure=False,
+                **readers.place(part.number),
             )
             for part in plan.parts
         )
-        batches = part_batches(client, reads, download_workers(client, wiring.route))
+        batches = part_batches(client, reads, active)
         return replace(wiring, job=replace(wiring.job, kept=plan.kept)), batches
 
-    def _frame_reads(self, client: Client, token: str, done: Any) -> Iterator[Future]:
+    def _frame_reads(
+        self, client: Client, token: str, done: Any, readers: Readers
+    ) -> Iterator[Future]:
         """Each partition computed on the cluster and batched where it was computed."""
         for number, part in enumerate(self.frame.to_delayed()):
             read = dask.delayed(read_frame_part, pure=False)(
@@ -101,7 +106,7 @@ class WorkerInput:
                 done,
                 dask_key_name=f"read-{token}-{number}",
             )
-            yield client.compute(read, retries=RETRIES)
+            yield client.compute(read, retries=RETRIES, **readers.place(number))
 
 
 def _shared(client: Client, done: Mapping[str, Record]) -> Any:
@@ -158,11 +163,27 @@ def part_batches(client: Client, reads: Iterator[Future], active: int = 1) -> It
             client.cancel([f for pair in waiting for f in pair], force=True)
 
 
-def download_workers(client: Client, route: bool) -> int:
-    """How many workers run download nodes: those with an ``io`` resource when routed."""
-    workers = client.scheduler_info(n_workers=-1)["workers"].values()
-    io = [w for w in workers if (w.get("resources") or {}).get(clusters.IO_RESOURCE)]
-    return max(1, len(io) if route else len(workers))
+@dataclass(frozen=True)
+class Readers:
+    """Where partitions are read: the download workers in turn (partition n on the n-th,
+    modulo their number), so the partitions going out at once are on different workers.
+    Asked per partition: workers that joined since are used too."""
+
+    client: Client
+    route: bool
+
+    def addresses(self) -> list[str]:
+        """The workers that run download nodes: with an ``io`` resource when routed."""
+        workers = self.client.scheduler_info(n_workers=-1)["workers"]
+        io = [a for a, w in workers.items() if (w.get("resources") or {}).get(clusters.IO_RESOURCE)]
+        return sorted(io if self.route else workers)
+
+    def place(self, number: int) -> dict[str, Any]:
+        """``submit``/``compute`` keywords: that worker if it is there, else any."""
+        addresses = self.addresses()
+        if not addresses:
+            return {}
+        return {"workers": [addresses[number % len(addresses)]], "allow_other_workers": True}
 
 
 READ_ON = ("auto", "client", "workers")

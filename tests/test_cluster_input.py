@@ -196,15 +196,30 @@ def test_a_csv_list_read_by_workers_in_blocks(
     assert plan_list(SourceSettings(str(listing)), block_size=BLOCK).parts[3] == ListPart(
         3, "bytes", start=3 * BLOCK, stop=4 * BLOCK
     )
-    with get_task_stream(client) as tasks:
-        result = run(str(listing), str(tmp_path / "out"), client, caption_column="cap",
-                     keep_columns="rank")  # fmt: skip
+    result = run(str(listing), str(tmp_path / "out"), client, caption_column="cap",
+                 keep_columns="rank")  # fmt: skip
     spy.never_read(listing.name)
     check_columns(check_rows(result, urls))
-    # A download node runs where its partition was read: two partitions go out at once,
-    # so both workers download (one at a time, only one would).
+
+
+@pytest.mark.timeout(90)
+def test_every_download_worker_gets_a_partition_at_once(
+    tmp_path: Path, demo_server, client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A download node runs where its partition was read (Dask places a task with its
+    data): two partitions, read on the two workers, send batches in turn, so the first
+    window already downloads on both (one partition at a time: on one)."""
+    monkeypatch.setattr(partitions, "PART_ROWS", 15)
+    urls = demo_server.urls(LINES)
+    listing = tmp_path / "urls.parquet"
+    pq.write_table(as_table(urls), listing)
+    with get_task_stream(client) as tasks:
+        result = run(str(listing), str(tmp_path / "out"), client, batch_size=2, window=4)
+    assert result.counts == {"ok": LINES}
     downloads = [t for t in tasks.data if str(t["key"]).startswith("download-")]
-    assert len({t["worker"] for t in downloads}) == 2
+    assert len(downloads) == 2 * 8  # two partitions of 15 lines, batches of 2
+    first = sorted(downloads, key=lambda t: min(s["start"] for s in t["startstops"]))[:4]
+    assert len({t["worker"] for t in first}) == 2
 
 
 @pytest.mark.timeout(90)
