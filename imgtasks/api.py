@@ -255,9 +255,9 @@ def thumbnails(
     Args:
         urls: the URLs. A path or fsspec URL of a list (.txt/.csv/.tsv/.parquet/.jsonl,
             optionally .gz; read lazily), any iterable of URL strings, a pandas DataFrame
-            or Series, or a dask DataFrame or Series (read one partition at a time, never
-            collected whole on the client). Each item is one input line: invalid and
-            repeated URLs get rows too (``invalid_url``, ``duplicate``).
+            or Series, or a dask DataFrame or Series (its partitions read by the workers,
+            see ``read_on``; never collected on the client). Each item is one input line:
+            invalid and repeated URLs get rows too (``invalid_url``, ``duplicate``).
         out: where thumbnails (``ab/cd/<sha256 of the URL>.jpg``), the manifest
             (``manifest/part-*.parquet``), ``run.log`` and ``contact_sheet.jpg`` go: a local
             directory or an fsspec URL (``s3://bucket/thumbs``).
