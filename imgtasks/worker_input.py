@@ -15,7 +15,7 @@ from __future__ import annotations
 import itertools
 import logging
 from collections import deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -28,6 +28,7 @@ from imgtasks.flow import RETRIES, Wiring
 from imgtasks.manifest import Record
 from imgtasks.partitions import (
     BatchPlace,
+    ListPart,
     PartBatch,
     partition_size,
     plan_list,
@@ -59,39 +60,41 @@ class WorkerInput:
         """Plan the partitions on a worker; the wiring with the list's kept column kinds,
         and the batches, lazily (each partition read when its turn comes)."""
         done = _shared(client, wiring.done)
-        resources = {clusters.IO_RESOURCE: 1} if wiring.route else None
-        token = wiring.token
         readers = Readers(client, wiring.route)
         active = len(readers.addresses()) or 1
         if self.listing is None:
-            reads = self._frame_reads(client, token, done, readers)
+            reads = self._frame_reads(client, wiring.token, done, readers)
             return wiring, part_batches(client, reads, active)
         plan = client.submit(
             plan_list,
             self.listing,
             partitions.BLOCK_SIZE,  # read here, at run time: a test makes them small
             partitions.PART_ROWS,
-            key=f"plan-{token}",
-            resources=resources,
+            key=f"plan-{wiring.token}",
+            resources=readers.resources,
             pure=False,
         ).result()
         log.debug("%s: %d partitions", self.listing.path, len(plan.parts))
-        reads = (
-            client.submit(
+        reads = self._list_reads(plan.parts, wiring.token, done, readers)
+        batches = part_batches(client, reads, active)
+        return replace(wiring, job=replace(wiring.job, kept=plan.kept)), batches
+
+    def _list_reads(
+        self, parts: Iterable[ListPart], token: str, done: Any, readers: Readers
+    ) -> Iterator[Future]:
+        """Each partition of the list read on its download worker, as its turn comes."""
+        for part in parts:
+            yield readers.client.submit(
                 read_list_part,
                 part,
                 self.listing,
                 done,
                 key=f"read-{token}-{part.number}",
-                resources=resources,
+                resources=readers.resources,
                 retries=RETRIES,
                 pure=False,
                 **readers.place(part.number),
             )
-            for part in plan.parts
-        )
-        batches = part_batches(client, reads, active)
-        return replace(wiring, job=replace(wiring.job, kept=plan.kept)), batches
 
     def _frame_reads(
         self, client: Client, token: str, done: Any, readers: Readers
@@ -171,6 +174,10 @@ class Readers:
 
     client: Client
     route: bool
+
+    @property
+    def resources(self) -> dict[str, int] | None:
+        return {clusters.IO_RESOURCE: 1} if self.route else None
 
     def addresses(self) -> list[str]:
         """The workers that run download nodes: with an ``io`` resource when routed."""
