@@ -160,6 +160,29 @@ def test_text_blocks_hold_every_line_once(tmp_path: Path) -> None:
     assert urls == lines
 
 
+@pytest.mark.parametrize("fmt", ["txt", "csv", "tsv", "jsonl", "parquet", "csv.gz"])
+def test_partitions_read_what_the_client_would(fmt: str, tmp_path: Path) -> None:
+    """Every format: the partitions' lines, in order, are the client reader's lines."""
+    table = as_table([f"http://h/{'y' * (i % 7)}{i}.jpg" for i in range(120)]).to_pandas()
+    table.loc[17, "url"], table.loc[40, "cap"] = "", "a, quoted\tcaption"
+    path = tmp_path / f"urls.{fmt}"
+    if fmt == "txt":
+        path.write_text("# comment\n" + "\n\n".join(table["url"].replace("", "x")) + "\n")
+    elif fmt == "jsonl":
+        table.to_json(path, orient="records", lines=True)
+    elif fmt == "parquet":
+        pq.write_table(pa.Table.from_pandas(table), path, row_group_size=50)
+    else:
+        table.to_csv(path, index=False, sep="\t" if fmt == "tsv" else ",")
+    columns = InputColumns() if fmt == "txt" else InputColumns("cap", ("rank",))
+    settings = SourceSettings(str(path), columns=columns)
+    plan = plan_list(settings, block_size=300, part_rows=30)
+    assert len(plan.parts) == (1 if fmt == "csv.gz" else 5 if fmt == "parquet" else len(plan.parts))
+    assert len(plan.parts) > 1 or fmt == "csv.gz"
+    read = [row for part in plan.parts for row in partitions.part_rows(part, settings)]
+    assert read == list(sources.read_rows(settings))
+
+
 @pytest.mark.timeout(90)
 def test_a_parquet_list_read_by_workers_then_resumed(
     tmp_path: Path, demo_server, client: Client, small_partitions: None, spy: Spy
