@@ -77,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument(
         "--urls",
         metavar="PATH",
-        help="URL list: .txt/.csv/.tsv/.parquet/.jsonl, optionally .gz; local or fsspec URL",
+        help="URL list: .txt/.csv/.tsv/.parquet/.jsonl, optionally .gz; local or fsspec URL; "
+        "with --read-on workers also a glob of lists ('s3://b/laion/*.parquet')",
     )
     which.add_argument(
         "--imgur",
@@ -417,7 +418,8 @@ def job_from_args(args: argparse.Namespace) -> Job:
     jobserver.check_loopback(args.job_page_address)
     if args.report and cluster.kind == "sync" and not cluster.is_remote:
         raise ValueError("--report needs a distributed scheduler; sync mode has no dashboard")
-    if args.urls and "://" not in args.urls and not Path(args.urls).exists():
+    local = args.urls and "://" not in args.urls and "*" not in args.urls  # a glob: preflight
+    if local and not Path(args.urls).exists():
         raise ValueError(f"--urls: no such file: {args.urls}")
     if args.read_on == "workers" and not args.urls:
         raise ValueError("--read-on workers reads a list: give --urls")

@@ -302,7 +302,8 @@ def thumbnails(
             de-duplicates and batches every line. ``"workers"``: a list file (local to the
             workers, or an fsspec URL) or a dask DataFrame is read by the workers, partition
             by partition (Parquet row groups, 4 MiB blocks of text lines, DataFrame
-            partitions); this process only sees partition sizes and batch reports.
+            partitions; a glob ``"s3://b/part-*.parquet"`` of lists too); this process
+            only sees partition sizes and batch reports.
             ``index`` stays the line's number in the whole input; repeats are found within
             a partition only (see ``imgtasks.partitions``); output_format ``"files"``.
             ``"auto"`` (default): the workers for a dask DataFrame on a distributed

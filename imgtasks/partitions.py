@@ -3,10 +3,11 @@
 With ``read_on="workers"`` (``--read-on workers``) the client never opens the URL list.
 A worker plans the list's partitions (:func:`plan_list`: Parquet row groups, at most
 ``PART_ROWS`` rows each; byte blocks of ``BLOCK_SIZE`` split at newlines, as
-``dask.bytes.read_bytes`` splits them; a compressed list is one partition), and each
-partition is read on a worker (:func:`read_list_part`, or :func:`read_frame_part` for a
-dask DataFrame's partition) into a :class:`Partition`: its entries classified and cut
-into batches there. The client only sees descriptors, and each partition's size.
+``dask.bytes.read_bytes`` splits them; a compressed list is one partition; a glob of
+lists, file after file in name order), and each partition is read on a worker
+(:func:`read_list_part`, or :func:`read_frame_part` for a dask DataFrame's partition)
+into a :class:`Partition`: its entries classified and cut into batches there. The
+client only sees descriptors, and each partition's size.
 
 Index: each partition numbers its lines from 0; the client adds the partition's offset
 (the sum of the sizes of the partitions before it, learnt as their reads finish, in
@@ -80,6 +81,7 @@ class ListPart:
     row_group: int = 0
     start: int = 0  # rows of the row group, or bytes of the file
     stop: int = 0
+    path: str = ""  # the file (of a glob's); "" the list's own path
 
 
 @dataclass(frozen=True)
@@ -134,24 +136,50 @@ class PartDownloaded:
     previous: dict[int, Record]
 
 
+def is_glob(path: str) -> bool:
+    """A pattern of several lists (``s3://b/laion/*.parquet``); a ``?`` is a URL's query."""
+    return "*" in path
+
+
+def list_files(settings: SourceSettings) -> list[str]:
+    """The list's files: its path, or the files its glob matches, in name order."""
+    if not is_glob(settings.path):
+        return [settings.path]
+    fs, pattern = fsspec.core.url_to_fs(settings.path, **settings.storage_options)
+    return [fs.unstrip_protocol(path) for path in sorted(fs.glob(pattern))]
+
+
 def plan_list(
     settings: SourceSettings, block_size: int = BLOCK_SIZE, part_rows: int = PART_ROWS
 ) -> ListPlan:
-    """The list's partitions (read on a worker: only the file's size, or a Parquet footer)."""
+    """The list's partitions, file after file (read on a worker: only each file's size,
+    or its Parquet footer); the kept columns' kinds from the first file."""
+    files = list_files(settings)
+    if not files:
+        raise FileNotFoundError(f"no URL list matches {settings.path}")
+    parts = [
+        replace(part, path=path)
+        for path in files
+        for part in _file_parts(replace(settings, path=path), block_size, part_rows)
+    ]
+    numbered = tuple(replace(part, number=n) for n, part in enumerate(parts))
+    return ListPlan(numbered, kept_kinds(replace(settings, path=files[0])))
+
+
+def _file_parts(settings: SourceSettings, block_size: int, part_rows: int) -> tuple[ListPart, ...]:
     fmt = settings.format or detect_format(settings.path)
     if settings.columns.names and fmt == "txt":
         raise ValueError(f"a .txt list has no columns: {list(settings.columns.names)}")
     if infer_compression(settings.path.split("?", 1)[0]) is not None:
-        return ListPlan((ListPart(0, "whole"),), kept_kinds(settings))
+        return (ListPart(0, "whole"),)
     if fmt == "parquet":
-        return ListPlan(_row_group_parts(settings, part_rows), kept_kinds(settings))
+        return _row_group_parts(settings, part_rows)
     fs, path = fsspec.core.url_to_fs(settings.path, **settings.storage_options)
     size = fs.size(path)
     starts = range(0, max(size, 1), block_size)
-    parts = tuple(
+    return tuple(
         ListPart(n, "bytes", start=s, stop=min(s + block_size, size)) for n, s in enumerate(starts)
     )
-    return ListPlan(parts, kept_kinds(settings))
 
 
 def _row_group_parts(settings: SourceSettings, part_rows: int) -> tuple[ListPart, ...]:
@@ -180,6 +208,7 @@ def read_list_part(part: ListPart, settings: SourceSettings, done: Done) -> Part
 
 def part_rows(part: ListPart, settings: SourceSettings) -> Iterator[Row]:
     """Each line's URL and carried values, of one partition."""
+    settings = replace(settings, path=part.path or settings.path)
     if part.kind == "whole":
         return read_rows(settings)
     if part.kind == "rows":

@@ -30,6 +30,7 @@ from imgtasks.partitions import (
     BatchPlace,
     ListPart,
     PartBatch,
+    is_glob,
     partition_size,
     plan_list,
     read_frame_part,
@@ -204,6 +205,9 @@ def reads_on_workers(
     if read_on not in READ_ON:
         raise ValueError(f"read_on must be one of {READ_ON}, got {read_on!r}")
     frame = is_dask_collection(urls)
+    several = listing is not None and is_glob(listing.path)
+    if several and read_on != "workers":
+        raise ValueError(f"{listing.path}: a glob of URL lists is read by the workers only")
     if read_on == "auto":
         return frame and not sync and not sharded
     if read_on == "client":

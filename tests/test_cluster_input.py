@@ -217,7 +217,7 @@ def test_a_csv_list_read_by_workers_in_blocks(
     listing = tmp_path / "urls.csv"
     as_table(urls).to_pandas().to_csv(listing, index=False)
     assert plan_list(SourceSettings(str(listing)), block_size=BLOCK).parts[3] == ListPart(
-        3, "bytes", start=3 * BLOCK, stop=4 * BLOCK
+        3, "bytes", start=3 * BLOCK, stop=4 * BLOCK, path=str(listing)
     )
     result = run(str(listing), str(tmp_path / "out"), client, caption_column="cap",
                  keep_columns="rank")  # fmt: skip
@@ -243,6 +243,24 @@ def test_every_download_worker_gets_a_partition_at_once(
     assert len(downloads) == 2 * 8  # two partitions of 15 lines, batches of 2
     first = sorted(downloads, key=lambda t: min(s["start"] for s in t["startstops"]))[:4]
     assert len({t["worker"] for t in first}) == 2
+
+
+@pytest.mark.timeout(90)
+def test_a_glob_of_lists_is_read_file_after_file(
+    tmp_path: Path, demo_server, client: Client, spy: Spy
+) -> None:
+    """``urls-*.csv``: the files in name order, one input; lines numbered across them."""
+    urls = input_lines(demo_server)
+    frame = as_table(urls).to_pandas()
+    for n, start in enumerate(range(0, LINES, 12)):
+        frame.iloc[start : start + 12].to_csv(tmp_path / f"urls-{n}.csv", index=False)
+    pattern = str(tmp_path / "urls-*.csv")
+    with pytest.raises(ValueError, match="read by the workers only"):
+        imgtasks.thumbnails(pattern, tmp_path / "out", client=client)
+    spy.start()
+    result = run(pattern, str(tmp_path / "out"), client, caption_column="cap", keep_columns="rank")
+    spy.never_read("urls-")
+    check_columns(check_rows(result, urls))
 
 
 @pytest.mark.timeout(90)
