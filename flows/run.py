@@ -77,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument(
         "--urls",
         metavar="PATH",
-        help="URL list: .txt/.csv/.tsv/.parquet/.jsonl, optionally .gz; local or fsspec URL",
+        help="URL list: .txt/.csv/.tsv/.parquet/.jsonl, optionally .gz; local or fsspec URL; "
+        "with --read-on workers also a glob of lists ('s3://b/laion/*.parquet')",
     )
     which.add_argument(
         "--imgur",
@@ -113,6 +114,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="COL",
         help="column/key holding the sha256 of the expected bytes: a mismatch is status "
         "hash_mismatch and nothing is kept",
+    )
+    src.add_argument(
+        "--read-on",
+        default="client",
+        choices=("client", "workers"),
+        help="who reads --urls. client: this process reads, de-duplicates and batches every "
+        "line; workers: the workers read the list's partitions (Parquet row groups, 4 MiB text "
+        "blocks), this process sees only partition sizes and batch reports; the list must be "
+        "an fsspec URL or a path the workers see; repeats are found within a partition only",
     )
     src.add_argument("--count", type=int, default=DEFAULT_COUNT, help="demo: number of images")
     src.add_argument(
@@ -408,8 +418,13 @@ def job_from_args(args: argparse.Namespace) -> Job:
     jobserver.check_loopback(args.job_page_address)
     if args.report and cluster.kind == "sync" and not cluster.is_remote:
         raise ValueError("--report needs a distributed scheduler; sync mode has no dashboard")
-    if args.urls and "://" not in args.urls and not Path(args.urls).exists():
+    local = args.urls and "://" not in args.urls and "*" not in args.urls  # a glob: preflight
+    if local and not Path(args.urls).exists():
         raise ValueError(f"--urls: no such file: {args.urls}")
+    if args.read_on == "workers" and not args.urls:
+        raise ValueError("--read-on workers reads a list: give --urls")
+    if args.read_on == "workers" and cluster.kind == "sync" and not cluster.is_remote:
+        raise ValueError("--read-on workers needs a distributed cluster, not --scheduler sync")
     imgur = None
     if args.imgur is not None:
         _positive("--imgur", args.imgur)
@@ -450,6 +465,7 @@ def job_from_args(args: argparse.Namespace) -> Job:
         "output_format": args.output_format,
         "shard_size": _positive("--shard-size", args.shard_size),
         "batch_size": _positive("--batch-size", args.batch_size),
+        "read_on": args.read_on,
         "window": args.window,
         "max_inflight_bytes": args.max_inflight_bytes,
         "report": args.report,

@@ -73,6 +73,7 @@ from imgtasks.sources import (
 )
 from imgtasks.status import Status
 from imgtasks.thumbnail import ThumbSettings
+from imgtasks.worker_input import WorkerInput, reads_on_workers
 
 log = logging.getLogger(__name__)
 # What a person running the job wants to see (where outputs go, the dashboard link, what
@@ -252,6 +253,7 @@ def thumbnails(
     keep_originals: str | os.PathLike[str] | None = None,
     resume: bool = False,
     batch_size: int = DEFAULT_BATCH_SIZE,
+    read_on: str = "auto",
     window: int | str = 0,
     max_inflight_bytes: int | None = None,
     report: str | None = None,
@@ -263,9 +265,9 @@ def thumbnails(
     Args:
         urls: the URLs. A path or fsspec URL of a list (.txt/.csv/.tsv/.parquet/.jsonl,
             optionally .gz; read lazily), any iterable of URL strings, a pandas DataFrame
-            or Series, or a dask DataFrame or Series (read one partition at a time, never
-            collected whole on the client). Each item is one input line: invalid and
-            repeated URLs get rows too (``invalid_url``, ``duplicate``).
+            or Series, or a dask DataFrame or Series (its partitions read by the workers,
+            see ``read_on``; never collected on the client). Each item is one input line:
+            invalid and repeated URLs get rows too (``invalid_url``, ``duplicate``).
         out: where thumbnails (``ab/cd/<sha256 of the URL>.jpg``), the manifest
             (``manifest/part-*.parquet``), ``run.log`` and ``contact_sheet.jpg`` go: a local
             directory or an fsspec URL (``s3://bucket/thumbs``); or ``OutputSettings``,
@@ -307,6 +309,16 @@ def thumbnails(
         resume: skip the URLs an earlier run into the same ``out`` finished (``ok`` row,
             thumbnail present); their rows are carried over.
         batch_size: URLs per download node and thumbnail node.
+        read_on: who reads ``urls``. ``"client"``: this process reads, numbers,
+            de-duplicates and batches every line. ``"workers"``: a list file (local to the
+            workers, or an fsspec URL) or a dask DataFrame is read by the workers, partition
+            by partition (Parquet row groups, 4 MiB blocks of text lines, DataFrame
+            partitions; a glob ``"s3://b/part-*.parquet"`` of lists too); this process
+            only sees partition sizes and batch reports.
+            ``index`` stays the line's number in the whole input; repeats are found within
+            a partition only (see ``imgtasks.partitions``); output_format ``"files"``.
+            ``"auto"`` (default): the workers for a dask DataFrame on a distributed
+            cluster, else the client.
         window: batches in flight; 0: from the cluster's size (4 per CPU slot + 8);
             ``"auto"``: sized by measurement (Little's law: the CPU pool's throughput times
             the download time of a batch; see ``imgtasks.window``), experimental.
@@ -352,6 +364,9 @@ def thumbnails(
         job_page,
         max_inflight_bytes,
     )
+    sync = client is None and how.cluster is not None and how.cluster.kind == "sync"
+    sync = sync and not how.cluster.is_remote
+    remote = reads_on_workers(read_on, urls, listing, sync, output_format != "files")
     # Before anything starts: an unwritable output or a scheduler that does not answer is a
     # one-line SetupError in seconds, not a traceback after the cluster's start-up.
     originals = (
@@ -370,12 +385,15 @@ def thumbnails(
         output,
         run_id=new_run_id(),
         originals=originals,
-        kept=kept_kinds(listing) if listing is not None else _frame_kinds(urls, columns),
+        kept=_kept(urls, listing, columns, remote),
         keep_names=columns.keep,
         shards=None if output_format == "files" else ShardSettings(output_format, shard_size),
     )
     every = job.shards.size if job.shards else 0
-    if listing is not None:
+    if remote:
+        selected = listing or _columns(urls, url_column, columns.names)
+        batches, total = _worker_input(selected, columns, batch_size), None
+    elif listing is not None:
         batches, total = url_batches(listing, every), None
     else:
         batches, total = url_values(urls, url_column, batch_size, columns, every)
@@ -401,7 +419,7 @@ class _Execution:
 
 
 def _run(
-    batches: Iterator[UrlBatch],
+    batches: Iterator[UrlBatch] | WorkerInput,
     total: int | None,
     job: JobSettings,
     download: DownloadSettings,
@@ -429,6 +447,8 @@ def _run(
             else:
                 links["dashboard"] = client.dashboard_link
                 wiring = _routed(wiring, client, how)
+                if isinstance(batches, WorkerInput):  # the workers read the input
+                    wiring, batches = batches.start(client, wiring)
                 window = (
                     measured_window(client, how.max_inflight_bytes)
                     if how.window == "auto"
@@ -679,6 +699,22 @@ def _rows(selected: Any) -> list[tuple[Any, tuple]]:
     if not names:
         return [(url, ()) for url in urls]
     return list(zip(urls, zip(*(frame[n].tolist() for n in names), strict=True), strict=True))
+
+
+def _kept(
+    urls: URLs, listing: SourceSettings | None, columns: InputColumns, remote: bool
+) -> tuple[tuple[str, str], ...]:
+    """The kept columns' kinds; a list the workers read says its own (``WorkerInput``)."""
+    if listing is None:
+        return _frame_kinds(urls, columns)
+    return tuple((n, "string") for n in columns.keep) if remote else kept_kinds(listing)
+
+
+def _worker_input(selected: Any, columns: InputColumns, batch_size: int) -> WorkerInput:
+    if isinstance(selected, SourceSettings):
+        return WorkerInput(listing=selected)
+    frame, names = selected if isinstance(selected, tuple) else (selected, None)
+    return WorkerInput(frame=frame, names=names, columns=columns, batch_size=batch_size)
 
 
 def _frame_kinds(urls: Any, columns: InputColumns) -> tuple[tuple[str, str], ...]:

@@ -41,6 +41,12 @@ from imgtasks.nodes import (
     thumbnail_batch,
     thumbnail_piece,
 )
+from imgtasks.partitions import (
+    PartBatch,
+    download_part_batch,
+    failed_part_batch,
+    thumbnail_part_batch,
+)
 from imgtasks.runlog import BatchLog
 from imgtasks.sources import UrlBatch
 from imgtasks.status import NOT_FETCHED, Status
@@ -68,13 +74,15 @@ class Wiring:
     route: bool = False  # send stages to the io/cpu pools by resources
     done: Mapping[str, Record] = field(default_factory=dict, hash=False)  # --resume
 
-    def graph(self, batch: UrlBatch) -> Delayed:
+    def graph(self, batch: UrlBatch | PartBatch) -> Delayed:
         """One download node feeding one thumbnail node; keys named after the stage.
 
         The batch and settings go in bound to the function (``partial``), not as
         arguments: ``dask.delayed`` walks dataclass arguments field by field looking for
         collections, which cost the client ~60 us per URL (every ``UrlEntry``; measured
         by ``benchmarks/cost_model.py``); a function it passes as it is."""
+        if isinstance(batch, PartBatch):
+            return self.part_graph(batch)
         batch, previous = resume_batch(batch, self.done)
         with _annotate(self.route, clusters.IO_RESOURCE):
             downloaded = dask.delayed(partial(download_batch, batch, self.download), pure=False)(
@@ -84,6 +92,20 @@ class Wiring:
             thumbnail = partial(thumbnail_batch, job=self.job, previous=previous or None)
             return dask.delayed(thumbnail, pure=False)(
                 downloaded, dask_key_name=f"thumbnail-{self.token}-{batch.batch_id}"
+            )
+
+    def part_graph(self, batch: PartBatch) -> Delayed:
+        """A batch read by the workers: its download node takes it from its partition."""
+        with _annotate(self.route, clusters.IO_RESOURCE):
+            downloaded = dask.delayed(download_part_batch, pure=False)(
+                batch.part,
+                batch.place,
+                self.download,
+                dask_key_name=f"download-{self.token}-{batch.batch_id}",
+            )
+        with _annotate(self.route, clusters.CPU_RESOURCE):
+            return dask.delayed(thumbnail_part_batch, pure=False)(
+                downloaded, self.job, dask_key_name=f"thumbnail-{self.token}-{batch.batch_id}"
             )
 
     def piece_graph(self, batch: UrlBatch) -> tuple[Delayed, Delayed]:
@@ -111,12 +133,16 @@ class Wiring:
         log.error("batch %d failed: %s", batch.batch_id, error)
         return failed_piece(batch, error, self.job)
 
-    def failed(self, batch: UrlBatch, exc: BaseException) -> BatchReport | None:
-        """The client writes the rows of a batch whose node failed on every retry."""
+    def failed(self, batch: UrlBatch | PartBatch, exc: BaseException) -> BatchReport | None:
+        """The client writes the rows of a batch whose node failed on every retry (a
+        worker does, for a batch read by the workers: the client has no entries)."""
         error = f"{type(exc).__name__}: {exc}"
         log.error("batch %d failed: %s", batch.batch_id, error)
-        batch, previous = resume_batch(batch, self.done)
         try:
+            if isinstance(batch, PartBatch):
+                args = (batch.part, batch.place, error, self.job)
+                return batch.part.client.submit(failed_part_batch, *args, pure=False).result()
+            batch, previous = resume_batch(batch, self.done)
             return record_failed_batch(batch, error, self.job, previous)
         except Exception as write_exc:  # the store refuses the client too: nothing left to do
             log.error("batch %d: its rows could not be written: %s", batch.batch_id, write_exc)

@@ -29,6 +29,7 @@ from urllib.parse import urlsplit
 import fsspec
 from fsspec.registry import known_implementations
 
+from imgtasks.partitions import is_glob
 from imgtasks.sinks import TEMP_PREFIX, OutputSettings, filesystem, is_local, write_atomic
 from imgtasks.sources import SourceSettings
 
@@ -218,6 +219,10 @@ def check_source(settings: SourceSettings) -> None:
     fs, path = resolved(
         label, location, lambda: fsspec.core.url_to_fs(location, **settings.storage_options)
     )
+    if is_glob(location):  # several lists, read by the workers
+        if not fs.glob(path):
+            raise SetupError(f"{label}: no file matches {location}")
+        return
     try:
         info = fs.info(path)
     except FileNotFoundError:

@@ -90,7 +90,11 @@ def test_with_a_dask_dataframe_read_partition_by_partition(
         return real(series)
 
     monkeypatch.setattr(pd.Series, "tolist", tolist)
-    result = imgtasks.thumbnails(frame, tmp_path / "out", client=client, progress=False)
+    # read_on="client": the partitions come to the client one at a time (the default on a
+    # distributed cluster has the workers read them: tests/test_cluster_input.py)
+    result = imgtasks.thumbnails(
+        frame, tmp_path / "out", client=client, progress=False, read_on="client"
+    )
     monkeypatch.undo()
     assert computed and max(computed) < len(lines) and sum(computed) == len(lines)
     check_rows(result, lines)
