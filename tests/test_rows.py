@@ -241,10 +241,10 @@ def test_a_node_failing_every_attempt_still_gives_every_url_a_row_and_resume_ret
     cluster = ClusterSettings("processes", cpu_workers=1, dashboard_address="127.0.0.1:0")
     real = flow.thumbnail_batch
 
-    def poisoned(downloaded, job_settings, previous=None):
+    def poisoned(downloaded, job, previous=None):
         if downloaded.batch.batch_id == 1:
             raise OSError("the store refuses this batch")
-        return real(downloaded, job_settings, previous)
+        return real(downloaded, job, previous)
 
     monkeypatch.setattr(flow, "thumbnail_batch", poisoned)  # pickled by value to the worker
     result = imgtasks.thumbnails(urls, out, cluster=cluster, batch_size=5, progress=False)
