@@ -59,6 +59,19 @@ def test_cpu_floor_uses_the_cheapest_download_and_resize() -> None:
     assert bench.floor_line(table[:2], CFG).endswith("n/a (needs a download row and a resize row)")
 
 
+def test_web_rows_get_their_own_ratio_and_cpu_per_image() -> None:
+    web = [
+        bench.Row("web: dask hybrid", "web", 10.0, 1000, 1000, cpu_s=4.0),
+        bench.Row("web: img2dataset", "web", 25.0, 1000, 1000, cpu_s=5.0),
+    ]
+    report = bench.report(rows() + web, CFG, [])
+    assert "web-size: Dask hybrid / img2dataset: 2.50x (25.0 s / 10.0 s); goal >= 2x met" in report
+    assert "dask hybrid 4.0 ms, img2dataset 5.0 ms; goal <= 3.5 ms" in report
+    line = next(x for x in report.splitlines() if x.startswith("web: dask hybrid"))
+    assert line.split()[3:7] == ["10.0", "100.0", "-", "-"]  # rate from its own N; no John
+    assert "web-size CPU per image: n/a" in bench.report(rows(), CFG, [])
+
+
 FIGURES = {"wall_s": 3.25, "startup_s": 1.5, "ok": 3, "entries": 3, "counts": {"ok": 3}}
 COST = bench.Cost(wall=5.0, cpu=2.0, server_cpu=0.5)
 
@@ -129,6 +142,7 @@ REAL_RUN_ROWS = (
     "John serial resize",
     "Pool(1) resize",
     "dask threads",
+    "web: dask hybrid",
     "John total",
 )
 
@@ -139,12 +153,12 @@ def test_small_real_run_measures_every_method_it_can(tmp_path: Path) -> None:
     env.pop(bench.I2D_ENV, None)
     env["PATH"] = str(Path(sys.executable).parent)  # no img2dataset on it
     html, work = tmp_path / "bench.html", tmp_path / "work"
-    methods = "john,threads,pool,dask-threads,img2dataset"
+    methods = "john,threads,pool,dask-threads,img2dataset,web-hybrid"
     proc = subprocess.run(
         [
             *(sys.executable, str(ROOT / "benchmarks" / "bench.py"), "--count", "12"),
             *("--latency", "0", "--methods", methods, "--processes", "1", "--html", str(html)),
-            *("--out-dir", str(work)),
+            *("--out-dir", str(work), "--web-count", "12"),
         ],
         env=env,
         capture_output=True,
