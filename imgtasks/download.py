@@ -69,6 +69,7 @@ from imgtasks.politeness import (
     RobotsCache,
     opt_out,
 )
+from imgtasks.stagecpu import counted
 from imgtasks.status import DOWNLOAD, Status
 
 logger = logging.getLogger(__name__)
@@ -896,4 +897,9 @@ def fetch_many(
         return []
     workers = min(len(urls), settings.parallel)
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="imgtasks-dl") as pool:
-        return list(pool.map(lambda u: fetch(u, settings), urls))
+        return list(pool.map(lambda u: _counted_fetch(u, settings), urls))
+
+
+def _counted_fetch(url: str, settings: DownloadSettings) -> DownloadResult:
+    with counted("fetch"):
+        return fetch(url, settings)

@@ -207,3 +207,35 @@ def test_flow_cpu_ab_shows_dask_malloc_trim_costs_page_faults(tmp_path: Path) ->
         faults[r.split(":")[0]] = int(line.split("CPU-s")[1].split()[0].replace(",", ""))
     # Dask's MALLOC_TRIM_THRESHOLD_ makes every image buffer a fresh mmap (imgtasks.cluster)
     assert faults["dask-malloc-trim"] > 1.3 * faults["ours"], faults
+
+
+@pytest.mark.timeout(200)
+def test_cpu_breakdown_names_where_the_cpu_went(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [
+            *(sys.executable, str(ROOT / "benchmarks" / "cpu_breakdown.py"), "--count", "40"),
+            *("--alone", "16", "--", "--cpu-workers", "1", "--io-threads", "4"),
+        ],
+        env=subprocess_environment(),
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    assert "40/40 ok" in out
+    for where in ("client + scheduler", "worker io", "worker cpu", "demo server"):
+        assert f"  {where}" in out, where
+    counters = {
+        line.split()[0]: int(line.rsplit("(", 1)[1].split()[0])
+        for line in out.splitlines()
+        if line.startswith("        ") and line.rstrip().endswith("calls)")
+    }
+    # the nodes' own counters, read from inside the workers: one fetch and one thumbnail
+    # per image, one manifest part per batch of 16
+    assert counters["fetch"] == 40 and counters["make_thumbnail"] == 40, counters
+    assert counters["manifest"] == 3, counters
+    assert "event loop (comms" in out and "task threads (node code)" in out
+    assert "CPU per image, client + workers, the run:" in out
+    assert "stages alone (16 images, here): fetch" in out
