@@ -5,7 +5,7 @@ alone (issue 15's headline figure: <= 3.5 ms per web-size image, within 1.3x of 
     python benchmarks/cpu_breakdown.py                          # 3000 web-size images, 0 ms
     python benchmarks/cpu_breakdown.py --kind photos --count 1000 --latency 0.1   # seed task
     python benchmarks/cpu_breakdown.py -- --batch-size 64 --scheduler processes
-    python benchmarks/cpu_breakdown.py --ab env:IMGTASKS_X=1 --repeat 3   # interleaved A/B
+    python benchmarks/cpu_breakdown.py --ab config:distributed.scheduler.work-stealing=False
 
 One ``imgtasks.thumbnails`` call (what ``flows/run.py`` runs) on a cluster this script starts,
 against a demo server in its own process. Sources, all read from outside the run's code:
@@ -27,6 +27,7 @@ See benchmarks/README.md.
 from __future__ import annotations
 
 import argparse
+import ast
 import os
 import re
 import shutil
@@ -40,6 +41,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import dask
 import psutil
 import requests
 from distributed import get_task_stream
@@ -352,15 +354,32 @@ def report(run: Run, alone: Alone | None, n: int) -> str:
 # --------------------------------------------------------------------------- main
 
 
-def parse_ab(text: str | None) -> list[tuple[str, dict[str, str]]]:
-    """``env:NAME=VALUE[,NAME=VALUE]``: B sets those variables (workers inherit them)."""
-    variants: list[tuple[str, dict[str, str]]] = [("A", {})]
+Variant = tuple[str, dict[str, str], dict[str, object]]  # name, environment, Dask config
+
+
+def parse_ab(text: str | None) -> list[Variant]:
+    """``env:NAME=VALUE[,...]``: B sets those variables (workers inherit them);
+    ``config:key=VALUE[,...]``: B runs under ``dask.config.set`` (the nannies hand the
+    client's config to their workers, so it reaches them too; a ``DASK_*`` variable alone
+    would not: the handed-over config wins over the worker's environment)."""
+    variants: list[Variant] = [("A", {}, {})]
     if text:
-        if not text.startswith("env:"):
-            raise SystemExit("cpu_breakdown.py: error: --ab takes env:NAME=VALUE[,NAME=VALUE]")
-        pairs = dict(item.split("=", 1) for item in text[4:].split(","))
-        variants.append((f"B {text[4:]}", pairs))
+        kind, _, rest = text.partition(":")
+        if kind not in ("env", "config") or "=" not in rest:
+            raise SystemExit("cpu_breakdown.py: error: --ab takes env:NAME=VALUE or config:k=V")
+        pairs = dict(item.split("=", 1) for item in rest.split(","))
+        if kind == "env":
+            variants.append((f"B {rest}", pairs, {}))
+        else:
+            variants.append((f"B {rest}", {}, {k: _value(v) for k, v in pairs.items()}))
     return variants
+
+
+def _value(text: str) -> object:
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -386,10 +405,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         alone = stages_alone(urls[: args.alone], batch_size) if args.alone else None
         for i in range(args.repeat):
-            for name, env in variants if i % 2 == 0 else variants[::-1]:
+            for name, env, config in variants if i % 2 == 0 else variants[::-1]:
                 work = Path(tempfile.mkdtemp(prefix="imgtasks-cpu-"))
                 try:
-                    with environment(env):
+                    with environment(env), dask.config.set(config):
                         run = run_once(args.flow_args, urls, server_pid, work)
                 finally:
                     shutil.rmtree(work, ignore_errors=True)
