@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import math
 import os
 import re
 import shutil
@@ -70,7 +71,11 @@ def thread_cpu(pid: int) -> dict[int, float]:
 
 
 def process_cpu(pid: int) -> float:
-    times = psutil.Process(pid).cpu_times()
+    """CPU seconds of ``pid``; NaN once it has gone (a worker its nanny restarted)."""
+    try:
+        times = psutil.Process(pid).cpu_times()
+    except psutil.NoSuchProcess:
+        return math.nan
     return times.user + times.system
 
 
@@ -354,24 +359,30 @@ def report(run: Run, alone: Alone | None, n: int) -> str:
 # --------------------------------------------------------------------------- main
 
 
-Variant = tuple[str, dict[str, str], dict[str, object]]  # name, environment, Dask config
+# name, environment, Dask config, flow options added after the ones after --
+Variant = tuple[str, dict[str, str], dict[str, object], list[str]]
 
 
 def parse_ab(text: str | None) -> list[Variant]:
     """``env:NAME=VALUE[,...]``: B sets those variables (workers inherit them);
     ``config:key=VALUE[,...]``: B runs under ``dask.config.set`` (the nannies hand the
     client's config to their workers, so it reaches them too; a ``DASK_*`` variable alone
-    would not: the handed-over config wins over the worker's environment)."""
-    variants: list[Variant] = [("A", {}, {})]
+    would not: the handed-over config wins over the worker's environment);
+    ``args:--batch-size 64``: B adds these flow options."""
+    variants: list[Variant] = [("A", {}, {}, [])]
     if text:
         kind, _, rest = text.partition(":")
+        if kind == "args":
+            return [*variants, (f"B {rest}", {}, {}, rest.split())]
         if kind not in ("env", "config") or "=" not in rest:
-            raise SystemExit("cpu_breakdown.py: error: --ab takes env:NAME=VALUE or config:k=V")
+            raise SystemExit(
+                "cpu_breakdown.py: error: --ab takes env:NAME=VALUE, config:k=V or args:OPTIONS"
+            )
         pairs = dict(item.split("=", 1) for item in rest.split(","))
         if kind == "env":
-            variants.append((f"B {rest}", pairs, {}))
+            variants.append((f"B {rest}", pairs, {}, []))
         else:
-            variants.append((f"B {rest}", {}, {k: _value(v) for k, v in pairs.items()}))
+            variants.append((f"B {rest}", {}, {k: _value(v) for k, v in pairs.items()}, []))
     return variants
 
 
@@ -405,11 +416,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         alone = stages_alone(urls[: args.alone], batch_size) if args.alone else None
         for i in range(args.repeat):
-            for name, env, config in variants if i % 2 == 0 else variants[::-1]:
+            for name, env, config, extra in variants if i % 2 == 0 else variants[::-1]:
                 work = Path(tempfile.mkdtemp(prefix="imgtasks-cpu-"))
                 try:
                     with environment(env), dask.config.set(config):
-                        run = run_once(args.flow_args, urls, server_pid, work)
+                        run = run_once([*args.flow_args, *extra], urls, server_pid, work)
                 finally:
                     shutil.rmtree(work, ignore_errors=True)
                 print(f"\nrun {i + 1}, {name}:")
