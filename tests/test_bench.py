@@ -59,6 +59,19 @@ def test_cpu_floor_uses_the_cheapest_download_and_resize() -> None:
     assert bench.floor_line(table[:2], CFG).endswith("n/a (needs a download row and a resize row)")
 
 
+def test_web_rows_get_their_own_ratio_and_cpu_per_image() -> None:
+    web = [
+        bench.Row("web: dask hybrid", "web", 10.0, 1000, 1000, cpu_s=4.0),
+        bench.Row("web: img2dataset", "web", 25.0, 1000, 1000, cpu_s=5.0),
+    ]
+    report = bench.report(rows() + web, CFG, [])
+    assert "web-size: Dask hybrid / img2dataset: 2.50x (25.0 s / 10.0 s); goal >= 2x met" in report
+    assert "dask hybrid 4.0 ms, img2dataset 5.0 ms; goal <= 3.5 ms" in report
+    line = next(x for x in report.splitlines() if x.startswith("web: dask hybrid"))
+    assert line.split()[3:7] == ["10.0", "100.0", "-", "-"]  # rate from its own N; no John
+    assert "web-size CPU per image: n/a" in bench.report(rows(), CFG, [])
+
+
 FIGURES = {"wall_s": 3.25, "startup_s": 1.5, "ok": 3, "entries": 3, "counts": {"ok": 3}}
 COST = bench.Cost(wall=5.0, cpu=2.0, server_cpu=0.5)
 
@@ -129,6 +142,7 @@ REAL_RUN_ROWS = (
     "John serial resize",
     "Pool(1) resize",
     "dask threads",
+    "web: dask hybrid",
     "John total",
 )
 
@@ -139,12 +153,12 @@ def test_small_real_run_measures_every_method_it_can(tmp_path: Path) -> None:
     env.pop(bench.I2D_ENV, None)
     env["PATH"] = str(Path(sys.executable).parent)  # no img2dataset on it
     html, work = tmp_path / "bench.html", tmp_path / "work"
-    methods = "john,threads,pool,dask-threads,img2dataset"
+    methods = "john,threads,pool,dask-threads,img2dataset,web-hybrid"
     proc = subprocess.run(
         [
             *(sys.executable, str(ROOT / "benchmarks" / "bench.py"), "--count", "12"),
             *("--latency", "0", "--methods", methods, "--processes", "1", "--html", str(html)),
-            *("--out-dir", str(work)),
+            *("--out-dir", str(work), "--web-count", "12"),
         ],
         env=env,
         capture_output=True,
@@ -193,3 +207,35 @@ def test_flow_cpu_ab_shows_dask_malloc_trim_costs_page_faults(tmp_path: Path) ->
         faults[r.split(":")[0]] = int(line.split("CPU-s")[1].split()[0].replace(",", ""))
     # Dask's MALLOC_TRIM_THRESHOLD_ makes every image buffer a fresh mmap (imgtasks.cluster)
     assert faults["dask-malloc-trim"] > 1.3 * faults["ours"], faults
+
+
+@pytest.mark.timeout(200)
+def test_cpu_breakdown_names_where_the_cpu_went(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [
+            *(sys.executable, str(ROOT / "benchmarks" / "cpu_breakdown.py"), "--count", "40"),
+            *("--alone", "16", "--", "--cpu-workers", "1", "--io-threads", "4"),
+        ],
+        env=subprocess_environment(),
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    assert "40/40 ok" in out
+    for where in ("client + scheduler", "worker io", "worker cpu", "demo server"):
+        assert f"  {where}" in out, where
+    counters = {
+        line.split()[0]: int(line.rsplit("(", 1)[1].split()[0])
+        for line in out.splitlines()
+        if line.startswith("        ") and line.rstrip().endswith("calls)")
+    }
+    # the nodes' own counters, read from inside the workers: one fetch and one thumbnail
+    # per image, one manifest part per batch of 16
+    assert counters["fetch"] == 40 and counters["make_thumbnail"] == 40, counters
+    assert counters["manifest"] == 3, counters
+    assert "event loop (comms" in out and "task threads (node code)" in out
+    assert "CPU per image, client + workers, the run:" in out
+    assert "stages alone (16 images, here): fetch" in out

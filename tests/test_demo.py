@@ -49,6 +49,12 @@ def tiny() -> tuple[CorpusItem, ...]:
     return load_corpus("tiny")
 
 
+@pytest.fixture(scope="session")
+def web() -> tuple[CorpusItem, ...]:
+    """The web-size corpus (a few seconds the first time on a machine, then cached)."""
+    return load_corpus("web")
+
+
 @pytest.fixture(scope="module")
 def server(photos: tuple[CorpusItem, ...]) -> Iterator[DemoServer]:
     with DemoServer(ServerSettings(latency=0.0, jitter=0.0)) as srv:
@@ -246,6 +252,26 @@ def test_tiny_corpus(tiny: tuple[CorpusItem, ...]) -> None:
         assert _decodes(item.data)
 
 
+def test_web_corpus_is_web_size_and_mixed(web: tuple[CorpusItem, ...]) -> None:
+    assert len(web) == corpus.WEB_COUNT
+    assert len({item.data for item in web}) == len(web)  # distinct images, not copies
+    assert {max(item.width, item.height) for item in web} == {corpus.WEB_SIDE}
+    assert any(item.height > item.width for item in web)  # portraits too
+    by_ext = {ext: [i for i in web if i.ext == ext] for ext in ("jpg", "png", "webp")}
+    assert len(by_ext["jpg"]) >= 0.7 * len(web)
+    assert len(by_ext["png"]) >= 10 and len(by_ext["webp"]) >= 10
+    for items in by_ext.values():  # ~20-60 KB, like most of a real crawl
+        mean_kb = sum(len(i.data) for i in items) / len(items) / 1000
+        assert 20 <= mean_kb <= 60, (items[0].ext, mean_kb)
+    for item in web[:30]:
+        with Image.open(io.BytesIO(item.data)) as img:
+            assert img.size == (item.width, item.height)
+            assert corpus.CONTENT_TYPES[item.ext] == Image.MIME[img.format]
+    jobs = corpus._jobs("web", corpus.DEFAULT_SEED)
+    for index in (0, 7, 13):  # the cache holds what generation makes
+        assert corpus._encode(*jobs[index]) == web[index]
+
+
 def test_bomb_png_is_small_and_declares_400_megapixels() -> None:
     data = corpus.make_bomb_png()
     assert len(data) < 100_000
@@ -333,6 +359,30 @@ def test_tiny_route(
     r = _get(http, f"{server.base_url}/tiny/17.jpg")
     assert r.status_code == 200 and r.headers["Content-Type"] == "image/jpeg"
     assert r.content == tiny[17 % len(tiny)].data
+
+
+def test_web_route_and_urls(
+    server: DemoServer, http: requests.Session, web: tuple[CorpusItem, ...]
+) -> None:
+    urls = server.urls(2 * len(web) + 3, kind="web")
+    assert len(set(urls)) == len(urls)  # every URL distinct, so every one is fetched
+    listed = _get(http, f"{server.base_url}/urls?count={len(urls)}&kind=web").text.split()
+    assert listed == urls
+    for index in (0, 3, len(web) + 3, 2 * len(web) + 2):
+        item = web[index % len(web)]
+        assert urls[index] == f"{server.base_url}/web/{index}.{item.ext}"
+        r = _get(http, urls[index])
+        assert r.status_code == 200 and r.headers["Content-Type"] == item.content_type
+        assert r.content == item.data
+
+
+def test_web_corpus_setting_serves_it_at_img(
+    http: requests.Session, web: tuple[CorpusItem, ...]
+) -> None:
+    with DemoServer(ServerSettings(latency=0.0, jitter=0.0, corpus="web")) as srv:
+        url = srv.urls(5)[4]
+        assert url.endswith(f"/img/4.{web[4].ext}")
+        assert _get(http, url).content == web[4].data
 
 
 def test_urls_route_and_method(

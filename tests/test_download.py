@@ -556,3 +556,18 @@ def test_environment_is_read_once_unless_proxies_are_set(
     assert session.trust_env is proxied
     if not proxied:
         assert session.verify == "/etc/ssl/custom-bundle.pem"
+
+
+def test_fetch_many_caps_each_call_at_parallel_and_reuses_its_threads(
+    local: LocalServer,
+) -> None:
+    local.reset_concurrency()
+    urls = [f"{local.base_url}/slow/{i}.jpg?s=0.2" for i in range(9)]
+    results = fetch_many(urls, fast(parallel=3, per_host=16))
+    assert [r.content for r in results] == [image_bytes(i) for i in range(9)]
+    assert local.state.max_active == 3  # one call: never more than `parallel` at once
+    before = {t for t in threading.enumerate() if t.name.startswith("imgtasks-dl")}
+    fetch_many(urls[:3], fast(parallel=3, per_host=16))
+    after = {t for t in threading.enumerate() if t.name.startswith("imgtasks-dl")}
+    assert len(before) >= 3  # kept after the call, idle, for the next one
+    assert after == before  # the next batch ran on the same threads: none started

@@ -114,3 +114,18 @@ def test_sweep_removes_only_stale_temporaries(tmp_path: Path) -> None:
     assert not any(p.exists() for p in stale)
     assert fresh.exists() and all(p.exists() for p in kept)
     assert sweep_temporaries(OutputSettings(str(tmp_path / "missing"))) == 0
+
+
+def test_atomic_write_into_a_directory_removed_since(tmp_path: Path) -> None:
+    """The writer remembers directories it made; one removed since is made again."""
+    import shutil
+
+    import fsspec
+
+    fs = fsspec.filesystem("file")
+    target = tmp_path / "ab" / "cd" / "f.bin"
+    write_atomic(fs, str(target), b"first")
+    shutil.rmtree(tmp_path / "ab")
+    write_atomic(fs, str(target), b"again")
+    assert target.read_bytes() == b"again"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["f.bin"]

@@ -37,6 +37,7 @@ class State:
         self.settings = settings
         self.images = load_corpus(settings.corpus)
         self.tiny = load_corpus("tiny")
+        self._web: tuple[CorpusItem, ...] | None = None  # loaded on first use: web()
         self.jpegs = tuple(item for item in self.images if item.ext == "jpg") or self.tiny
         self._corrupted: dict[int, bytes] = {}
         self._lock = threading.Lock()
@@ -49,6 +50,16 @@ class State:
         self.stopping = asyncio.Event()  # created inside the server loop
         self.detached: set[IOStream] = set()
         self.load = Load()  # requests in flight (ServerSettings.fragile acts on it)
+
+    def web(self) -> tuple[CorpusItem, ...]:
+        """The web-size corpus, loaded on first use (from the disk cache in ~0.1 s; the
+        first time on a machine, generated in a few seconds), so servers that never serve
+        ``/web/`` never pay for it."""
+        if self._web is None:
+            with self._lock:
+                if self._web is None:
+                    self._web = load_corpus("web")
+        return self._web
 
     def count(self, uri: str, host: str = "") -> None:
         with self._lock:

@@ -28,7 +28,8 @@ logger = logging.getLogger(__name__)
 ROUTES_HELP = """\
 GET /img/{i}.{ext}              corpus item i % len(corpus) (faults apply here)
 GET /tiny/{i}.jpg               tiny corpus item
-GET /urls?count=N&kind=photos   one absolute URL per line (kind: photos | tiny)
+GET /web/{i}.{ext}              web-size corpus item i % 300 (512 px, ~20-60 KB JPEG/PNG/WebP)
+GET /urls?count=N&kind=photos   one absolute URL per line (kind: photos | tiny | web)
 GET /status/{code}              that status code
 GET /flaky/{key}/{n}/{code}/{i}.jpg   first n requests -> code, then image i
 GET /drip/{i}.jpg?rate=1024     body sent at rate bytes/s

@@ -40,7 +40,9 @@ logger = logging.getLogger(__name__)
 CORPUS_VERSION = 1
 CACHE_ENV_VAR = "IMGTASKS_CACHE_DIR"
 DEFAULT_SEED = 20240601
-KINDS = ("photos", "tiny")
+KINDS = ("photos", "tiny", "web")
+WEB_COUNT = 300  # distinct web-size images
+WEB_SIDE = 512  # their longest side
 _MANIFEST = "manifest.json"
 _EXIF_ORIENTATION = 0x0112
 _GRAIN_TILE = 256
@@ -84,6 +86,8 @@ class _Spec:
     orientation: int = 1
     progressive: bool = False
     frames: int = 1
+    grain: float = 8.0
+    colours: int = 0  # PNG: a palette of this many colours (0: RGB)
 
 
 # --------------------------------------------------------------------------- specs
@@ -139,9 +143,39 @@ def _tiny_specs(rng: np.random.Generator) -> list[_Spec]:
     return specs
 
 
+# Web-size shapes (width:height), landscape first; each also appears as portrait.
+_WEB_ASPECTS = ((4, 3), (3, 2), (16, 9), (1, 1), (5, 4))
+
+
+def _web_specs(rng: np.random.Generator) -> list[_Spec]:
+    """WEB_COUNT images with a longest side of 512 px, ~20-60 KB each, what most of a real
+    crawl (LAION's, say) is: 80 % JPEG (q 75-92, one in 8 progressive), 10 % WebP,
+    10 % palette PNG (web graphics; an RGB PNG of a photo would be ~300 KB)."""
+    specs = []
+    for i in range(WEB_COUNT):
+        aw, ah = _WEB_ASPECTS[int(rng.integers(0, len(_WEB_ASPECTS)))]
+        w, h = WEB_SIDE, max(16, WEB_SIDE * ah // aw)
+        if rng.random() < 0.3:
+            w, h = h, w
+        grain = float(rng.uniform(5.0, 10.0))
+        kind = i % 10
+        if kind == 3:
+            specs.append(_Spec(f"web{i}", "webp", w, h, int(rng.integers(78, 91)), grain=grain))
+        elif kind == 7:
+            colours = int(rng.choice((64, 128, 256)))
+            specs.append(_Spec(f"web{i}", "png", w, h, grain=grain / 2, colours=colours))
+        else:
+            quality = int(rng.integers(75, 93))
+            specs.append(
+                _Spec(f"web{i}", "jpg", w, h, quality, progressive=i % 8 == 1, grain=grain)
+            )
+    return specs
+
+
 _SPEC_BUILDERS: dict[str, Callable[[np.random.Generator], list[_Spec]]] = {
     "photos": _photo_specs,
     "tiny": _tiny_specs,
+    "web": _web_specs,
 }
 
 
@@ -247,12 +281,16 @@ def _encode(spec: _Spec, seed: np.random.SeedSequence) -> CorpusItem:
     buf = io.BytesIO()
     if spec.fmt == "jpg":
         _encode_jpeg(rng, spec, buf)
+    elif spec.fmt == "png" and spec.colours:
+        img = photo_like(spec.width, spec.height, rng, grain=spec.grain)
+        palette = img.quantize(colors=spec.colours, dither=Image.Dither.NONE)
+        buf.write(_save(palette, "PNG", optimize=False, compress_level=6))
     elif spec.fmt == "png":
         img = photo_like(spec.width, spec.height, rng, grain=5.0)
         img.putalpha(_alpha_mask(rng, spec.width, spec.height))
         buf.write(_save(img, "PNG", optimize=False, compress_level=6))
     elif spec.fmt == "webp":
-        img = photo_like(spec.width, spec.height, rng)
+        img = photo_like(spec.width, spec.height, rng, grain=spec.grain)
         buf.write(_save(img, "WEBP", quality=spec.quality, method=4))
     elif spec.fmt == "gif":
         _encode_gif(rng, spec, buf)
@@ -279,7 +317,7 @@ def _save(img: Image.Image, fmt: str, **params: object) -> bytes:
 
 def _encode_jpeg(rng: np.random.Generator, spec: _Spec, buf: io.BytesIO) -> None:
     w, h = spec.width, spec.height
-    img = photo_like(w, h, rng)
+    img = photo_like(w, h, rng, grain=spec.grain)
     params: dict[str, object] = {"quality": spec.quality, "progressive": spec.progressive}
     if spec.orientation != 1:
         exif = Image.Exif()
@@ -389,7 +427,7 @@ def _read_cache(path: Path) -> tuple[CorpusItem, ...] | None:
 
 @functools.cache
 def load_corpus(kind: str = "photos", seed: int = DEFAULT_SEED) -> tuple[CorpusItem, ...]:
-    """Return the corpus ``kind`` ("photos" or "tiny"), generating and caching it once."""
+    """Return the corpus ``kind`` ("photos", "tiny" or "web"), generating and caching it once."""
     _check_kind(kind)
     path = corpus_dir(kind, seed)
     cached = _read_cache(path)

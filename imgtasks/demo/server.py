@@ -18,7 +18,6 @@ import math
 import os
 import re
 import threading
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,14 +26,13 @@ from tornado.netutil import bind_sockets
 from tornado.web import Application, RequestHandler
 
 from imgtasks.demo.base import Handler, State
-from imgtasks.demo.corpus import CorpusItem
 from imgtasks.demo.faults import FAULT_ROUTES, Faults, serve_fault
 from imgtasks.demo.imgur_api import imgur_route
 from imgtasks.demo.load import Fragility, Load
 
 logger = logging.getLogger(__name__)
 
-URL_KINDS = {"photos": "img", "tiny": "tiny"}  # url kind -> route prefix
+URL_KINDS = {"photos": "img", "tiny": "tiny", "web": "web"}  # url kind -> route prefix
 MAX_URL_COUNT = 10_000_000
 _STOP_TIMEOUT = 5.0
 # /files/ names: one plain file name, no path separators, no leading dot (so no "..").
@@ -82,10 +80,13 @@ class ServerSettings:
 DEFAULT_SETTINGS = ServerSettings()
 
 
-def _url_path(state_images: Sequence[CorpusItem], kind: str, index: int) -> str:
+def _url_path(state: State, kind: str, index: int) -> str:
     if kind == "tiny":
         return f"/tiny/{index}.jpg"
-    return f"/img/{index}.{state_images[index % len(state_images)].ext}"
+    if kind == "web":
+        web = state.web()
+        return f"/web/{index}.{web[index % len(web)].ext}"
+    return f"/img/{index}.{state.images[index % len(state.images)].ext}"
 
 
 # --------------------------------------------------------------------------- routes
@@ -108,6 +109,13 @@ class _TinyHandler(Handler):
         await self.send(item.data, item.content_type)
 
 
+class _WebHandler(Handler):
+    async def get(self, index: str, _ext: str) -> None:
+        web = self.state.web()
+        item = web[int(index) % len(web)]
+        await self.send(item.data, item.content_type)
+
+
 class _UrlsHandler(Handler):
     async def get(self) -> None:
         kind = self.get_argument("kind", "photos")
@@ -123,7 +131,7 @@ class _UrlsHandler(Handler):
         # Stream in blocks so a 10M-line list never sits in memory.
         for start in range(0, count, 10_000):
             block = "".join(
-                f"{base}{_url_path(self.state.images, kind, i)}\n"
+                f"{base}{_url_path(self.state, kind, i)}\n"
                 for i in range(start, min(count, start + 10_000))
             )
             if not await self._write(block.encode()):
@@ -221,6 +229,7 @@ def _make_app(state: State) -> Application:
     routes = [
         (r"/img/(\d{1,18})\.(\w+)", _ImgHandler, kw),
         (r"/tiny/(\d{1,18})\.jpg", _TinyHandler, kw),
+        (r"/web/(\d{1,18})\.(\w+)", _WebHandler, kw),
         (r"/urls", _UrlsHandler, kw),
         *((pattern, handler, kw) for pattern, handler in FAULT_ROUTES),
         (r"/files/(.*)", _FilesHandler, kw),
@@ -355,13 +364,13 @@ class DemoServer:
         return f"http://{host}:{self.port}"
 
     def urls(self, count: int, kind: str = "photos") -> list[str]:
-        """The first ``count`` URLs (same list as ``GET /urls``); kind: photos | tiny."""
+        """The first ``count`` URLs (same list as ``GET /urls``); kind: photos | tiny | web."""
         if kind not in URL_KINDS:
             raise ValueError(f"kind must be one of {tuple(URL_KINDS)}")
         if count < 0:
             raise ValueError("count must be >= 0")
-        base, images = self.base_url, self._require_state().images
-        return [f"{base}{_url_path(images, kind, i)}" for i in range(count)]
+        base, state = self.base_url, self._require_state()
+        return [f"{base}{_url_path(state, kind, i)}" for i in range(count)]
 
     def file_url(self, name: str) -> str:
         """The URL of ``/files/{name}`` (a file in ``settings.files_dir``)."""
