@@ -11,8 +11,9 @@ read-only) and hostname:
 - ``images``: the demo image server.
 
 The Dask hosts speak TLS, as the README's recipe does (a CA made by the test, its files
-copied to each host's /tmp). They are joined by veth pairs to a bridge in a sixth ("switch") namespace, on a private
-/24 that no host routes out of: every packet stays between the namespaces the test made.
+copied to each host's /tmp). They are joined by veth pairs to a bridge in a sixth
+("switch") namespace, on a private /24 that no host routes out of: every packet stays
+between the namespaces the test made.
 The test asserts a manifest row per URL, the thumbnails in the store, download tasks on the
 I/O host and thumbnail tasks on the CPU host (from the scheduler's task stream), that
 nothing was written on the client's host but its URL list, and that a local ``--out``
