@@ -119,13 +119,14 @@ def run_flow(name: str, urls: Path, work: Path, options: list[str], server, watc
 
 
 def cpu_busy(run: Run, processes: int) -> float | None:
-    """Thumbnail nodes' time over CPU slots x the run after start-up (a lower bound: the
-    nodes' overhead outside make_thumbnail is not counted)."""
+    """The thumbnail nodes' wall time over CPU slots x the run after start-up: the share
+    of the time the CPU pool had a batch to work on (start-up ramp and final drain
+    included). On a loaded machine a node's wall time grows with the load: say the load."""
     f = run.figures
     if not f:
         return None
     span = max(f["wall_s"] - f["startup_s"], 1e-9)
-    return f["thumbnail_s"] / (processes * span)
+    return f.get("thumbnail_wall_s", f["thumbnail_s"]) / (processes * span)
 
 
 def peaks(run: Run) -> str:
@@ -232,7 +233,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"{args.hosts_latency * 1000:.0f} ms")  # fmt: skip
             print(line(many))
             shown = "n/a" if busy is None else f"{100 * busy:.0f} %"
-            print(f"  CPU pool busy (thumbnail time / slots x wall after start-up): {shown}")
+            print(f"  CPU pool busy (thumbnail nodes' time / slots x wall after start-up): {shown}")
             print(f"  hosts saw at most: {peaks(many)}")
         write_chart(runs, Path(args.html))
         print(f"\nchart: {args.html}")

@@ -90,6 +90,7 @@ class Result:
     downloaded: int = 0  # URLs fetched by this run
     download_s: float = 0.0  # summed over URLs, waits for a per-host slot excluded
     thumbnail_s: float = 0.0  # summed over URLs
+    thumbnail_wall_s: float = 0.0  # summed over batches: how long the CPU pool was busy
     dashboard_link: str | None = None
     report: str | None = None  # Dask's performance report, when asked for
     contact_sheet: str | None = None
@@ -457,6 +458,7 @@ def _result(
         downloaded=tally.downloaded,
         download_s=tally.download_s,
         thumbnail_s=tally.thumbnail_s,
+        thumbnail_wall_s=tally.thumbnail_wall_s,
         dashboard_link=links["dashboard"],
         report=how.report,
         contact_sheet=links["sheet"],

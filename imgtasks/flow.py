@@ -135,6 +135,7 @@ class Tally:
     entries: int = 0
     download_s: float = 0.0
     thumbnail_s: float = 0.0
+    thumbnail_wall_s: float = 0.0  # the thumbnail nodes' wall time: the CPU pool's busy time
     downloaded: int = 0
     resumed: int = 0
     ready: float = 0.0  # seconds until the cluster was up and the first batch went out
@@ -148,6 +149,7 @@ class Tally:
         self.entries += report.entries
         self.download_s += report.download_s
         self.thumbnail_s += report.thumbnail_s
+        self.thumbnail_wall_s += report.thumbnail_wall_s
         self.downloaded += fetched(report)
 
     @property
