@@ -7,9 +7,10 @@ host and tells it how each request went.
 - **Grow while healthy.** A host starts at ``start`` concurrent requests. While its answers
   stay healthy (no 429/503, no time-outs or resets, latency not climbing) and the limit is
   what holds requests back (it was reached, or a request waited for a slot, within the
-  last few round trips: TCP's "cwnd-limited" rule, RFC 7661), every answer adds one (slow start: the limit doubles per round trip)
-  until the first sign of trouble; after that, one per round trip (each answer adds
-  ``1 / limit``), and an eighth of that near the level where the host last complained.
+  last few round trips: TCP's "cwnd-limited" rule, RFC 7661), every answer adds one
+  (slow start: the limit doubles per round trip) until the first sign of trouble; after
+  that, one per round trip (each answer adds ``1 / limit``), and an eighth of that near
+  the level where the host last complained.
   Never above ``ceiling``.
 - **Shrink quickly.** A 429 or 503, a time-out or reset halves the limit; a latency climb
   (recent time to first byte over twice the host's best, plus 50 ms) takes a fifth off.
