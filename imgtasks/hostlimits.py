@@ -7,7 +7,7 @@ host and tells it how each request went.
 - **Grow while healthy.** A host starts at ``start`` concurrent requests. While its answers
   stay healthy (no 429/503, no time-outs or resets, latency not climbing) and the limit is
   what holds requests back (it was reached, or a request waited for a slot, within the
-  last few round trips: TCP's "cwnd-limited" rule, RFC 7661), every answer adds one
+  last two round trips: TCP's "cwnd-limited" rule, RFC 7661), every answer adds one
   (slow start: the limit doubles per round trip) until the first sign of trouble; after
   that, one per round trip (each answer adds ``1 / limit``), and an eighth of that near
   the level where the host last complained.
@@ -41,7 +41,11 @@ RECENT_WEIGHT = 0.2  # exponentially weighted latency: about the last five answe
 BEST_DRIFT = 1.002  # the best latency is forgotten slowly (x1.002 per answer: ~350 answers to x2)
 NEAR_BAD_SLOWDOWN = 8.0  # probing within one of the last complaint's level goes 8x slower
 RETRY_AFTER_MAX_S = 60.0
-LIMITED_MEMORY_S = 1.0  # how long reaching the limit counts towards growing (at least)
+# How long reaching the limit counts towards growing: two round trips (the answers to a
+# burst that hit the limit come one round trip later), or this before any is measured.
+# Four round trips let 16 hosts at 1 s grow to ~80 with 30 ever in flight.
+LIMITED_MEMORY_S = 1.0
+LIMITED_MEMORY_ROUND_TRIPS = 2.0
 
 
 @dataclass(frozen=True)
@@ -190,8 +194,9 @@ class HostLimit:
         self._recent = self._best  # judge the new level by answers at the new level
 
     def _limited(self) -> bool:
-        """The limit was reached, or a request waited, within the last few round trips."""
-        memory = max(LIMITED_MEMORY_S, 4 * (self._recent or 0.0))
+        """The limit was reached, or a request waited, within the last two round trips."""
+        recent = self._recent
+        memory = LIMITED_MEMORY_S if recent is None else LIMITED_MEMORY_ROUND_TRIPS * recent
         return self._clock() - self._limited_at <= memory
 
     def _latency_climbed(self, latency_s: float) -> bool:
