@@ -137,3 +137,18 @@ def test_the_limits_adapt_by_default_and_stay_fixed_when_asked(
     assert proc.returncode == 2 and "per_host_start must be > 0" in proc.stderr, proc.stderr
     proc = run_flow(["--per-host-fixed", "--per-host-adaptive"], subprocess_env, timeout=60)
     assert proc.returncode == 2 and "not allowed with" in proc.stderr, proc.stderr
+
+
+def test_keep_alive_connections_survive_more_hosts_than_threads(
+    servers: ExitStack, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each host's idle connections are kept across 20 hosts (with 16 host pools, as
+    before, urllib3 closed the least recently used host's: a new connection per request)."""
+    hosts = [serve(servers, f"127.0.0.{i + 2}", latency=0.0) for i in range(20)]
+    urls = [url for _ in range(3) for server in hosts for url in tiny(server, 1)]
+    settings = DownloadSettings(parallel=1, retries=0)  # one at a time, hosts in turn
+    with caplog.at_level("DEBUG", logger="urllib3.connectionpool"):
+        results = fetch_many(urls, settings)
+    assert all(r.ok for r in results)
+    new = [r for r in caplog.records if "Starting new HTTP connection" in r.getMessage()]
+    assert len(new) == len(hosts)  # one each, reused on the second and third visit
