@@ -237,8 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--window",
         type=window_arg,
         default=0,
-        help="batches in flight (0: from the cluster size; 'auto': sized by measurement, "
-        "CPU throughput x download latency, experimental)",
+        help="batches in flight (0 or 'auto': sized by measurement, CPU throughput x "
+        "download latency, within --max-inflight-bytes)",
     )
     run.add_argument(
         "--max-inflight-bytes",

@@ -24,7 +24,6 @@ from imgtasks.flow import (
     Progress,
     Tally,
     Wiring,
-    default_window,
     measured_window,
     new_run_id,
     run_sync,
@@ -300,9 +299,9 @@ def thumbnails(
         resume: skip the URLs an earlier run into the same ``out`` finished (``ok`` row,
             thumbnail present); their rows are carried over.
         batch_size: URLs per download node and thumbnail node.
-        window: batches in flight; 0: from the cluster's size (4 per CPU slot + 8);
-            ``"auto"``: sized by measurement (Little's law: the CPU pool's throughput times
-            the download time of a batch; see ``imgtasks.window``), experimental.
+        window: batches in flight; 0 (or ``"auto"``): sized by measurement (Little's law:
+            the CPU pool's throughput times the download time of a batch; see
+            ``imgtasks.window``), starting from the cluster's size (4 per CPU slot + 8).
         max_inflight_bytes: memory budget of the measured window: downloaded bytes in
             flight at most about this (default 512 MiB).
         report: write Dask's performance report (HTML) to this file.
@@ -421,9 +420,9 @@ def _run(
                 links["dashboard"] = client.dashboard_link
                 wiring = _routed(wiring, client, how)
                 window = (
-                    measured_window(client, how.max_inflight_bytes)
-                    if how.window == "auto"
-                    else how.window or default_window(client)
+                    how.window
+                    if isinstance(how.window, int) and how.window > 0
+                    else measured_window(client, how.max_inflight_bytes)
                 )
                 tally.ready = tally.elapsed
                 if how.report:
