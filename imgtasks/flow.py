@@ -427,7 +427,7 @@ def finished(report: BatchReport, turnaround_s: float) -> Finished:
 
 
 def measured_window(client: Client, max_bytes: int | None = None) -> Window:
-    """The window sized by measurement on this cluster (``--window auto``)."""
+    """The window sized by measurement on this cluster (the default; ``--window N`` fixes it)."""
     workers = client.scheduler_info(n_workers=-1)["workers"].values()
     io = sum((w.get("resources") or {}).get(clusters.IO_RESOURCE, 0) for w in workers)
     cpu = sum(w.get("nthreads", 1) for w in workers if "io" not in (w.get("resources") or {}))
