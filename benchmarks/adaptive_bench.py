@@ -5,8 +5,9 @@
     python benchmarks/adaptive_bench.py --img2dataset ~/.venvs/img2dataset/bin/img2dataset
 
 1. One host answering in 500 ms, ``--count`` web-size JPEGs (512 px, ~30 KB): ``flows/run.py``
-   with ``--per-host-adaptive --window auto``, with the defaults (a fixed 16 per host), and
-   img2dataset (2 processes x 32 threads) when it is installed; ratios printed.
+   with its defaults (the adaptive per-host limit), with ``--per-host-fixed`` (16 per host,
+   the cap of earlier versions), and img2dataset (2 processes x 32 threads) when it is
+   installed; ratios printed.
 2. ``--hosts`` hosts (127.0.0.1 and up) answering in 1 s: how busy the flow keeps the CPU
    pool (the thumbnail nodes' time over CPU slots x wall time after start-up).
 
@@ -119,13 +120,14 @@ def run_flow(name: str, urls: Path, work: Path, options: list[str], server, watc
 
 
 def cpu_busy(run: Run, processes: int) -> float | None:
-    """Thumbnail nodes' time over CPU slots x the run after start-up (a lower bound: the
-    nodes' overhead outside make_thumbnail is not counted)."""
+    """The thumbnail nodes' wall time over CPU slots x the run after start-up: the share
+    of the time the CPU pool had a batch to work on (start-up ramp and final drain
+    included). On a loaded machine a node's wall time grows with the load: say the load."""
     f = run.figures
     if not f:
         return None
     span = max(f["wall_s"] - f["startup_s"], 1e-9)
-    return f["thumbnail_s"] / (processes * span)
+    return f.get("thumbnail_wall_s", f["thumbnail_s"]) / (processes * span)
 
 
 def peaks(run: Run) -> str:
@@ -156,10 +158,10 @@ def one_host(args, work: Path, files: Path, skip: set[str]) -> list[Run]:
         hosts = url_list(base, 1, args.count, urls)
         watch = LoadWatch(hosts)
         common = ["--cpu-workers", str(args.processes)]
-        adaptive = [*common, "--per-host-adaptive", "--window", "auto"]
-        runs = [run_flow("--per-host-adaptive", urls, work, adaptive, server, watch)]
+        runs = [run_flow("defaults (adaptive)", urls, work, common, server, watch)]
         if "fixed" not in skip:
-            runs.append(run_flow("fixed 16 per host (default)", urls, work, common, server, watch))
+            fixed = [*common, "--per-host-fixed"]
+            runs.append(run_flow("--per-host-fixed (16)", urls, work, fixed, server, watch))
         if "img2dataset" not in skip:
             cfg = Config(args.count, args.latency, ("img2dataset",), args.processes,
                          32 * args.processes, args.img2dataset, None, Path(args.html))  # fmt: skip
@@ -174,7 +176,7 @@ def many_hosts(args, work: Path, files: Path) -> Run:
     with server_process(args.hosts_latency, 0.05, *extra) as (base, pid):
         urls = work / "many-hosts.txt"
         hosts = url_list(base, args.hosts, args.hosts_count, urls)
-        options = ["--cpu-workers", str(args.processes), "--per-host-adaptive", "--window", "auto"]
+        options = ["--cpu-workers", str(args.processes)]
         return run_flow("many hosts", urls, work, options, psutil.Process(pid), LoadWatch(hosts))
 
 
@@ -216,7 +218,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         files.mkdir(exist_ok=True)
         web_files(files)
         size = sum(f.stat().st_size for f in files.iterdir()) // WEB_FILES // 1000
-        print(f"{os.cpu_count()} cores; web-size JPEGs ({WEB_SIDE} px, {size} KB avg)")
+        print(f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} (other work "
+              f"on the machine); web-size JPEGs ({WEB_SIDE} px, {size} KB avg)")  # fmt: skip
         runs = one_host(args, work, files, skip)
         print(f"\n1. {args.count} images, one host at {args.latency * 1000:.0f} ms")
         for run in runs:
@@ -232,8 +235,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"{args.hosts_latency * 1000:.0f} ms")  # fmt: skip
             print(line(many))
             shown = "n/a" if busy is None else f"{100 * busy:.0f} %"
-            print(f"  CPU pool busy (thumbnail time / slots x wall after start-up): {shown}")
+            print(f"  CPU pool busy (thumbnail nodes' time / slots x wall after start-up): {shown}")
             print(f"  hosts saw at most: {peaks(many)}")
+            print(f"  load average at the end: {os.getloadavg()[0]:.1f}")
         write_chart(runs, Path(args.html))
         print(f"\nchart: {args.html}")
         (work / "figures.json").write_text(json.dumps([r.figures for r in runs]))

@@ -247,8 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--window",
         type=window_arg,
         default=0,
-        help="batches in flight (0: from the cluster size; 'auto': sized by measurement, "
-        "CPU throughput x download latency, experimental)",
+        help="batches in flight (0 or 'auto': sized by measurement, CPU throughput x "
+        "download latency, within --max-inflight-bytes)",
     )
     run.add_argument(
         "--max-inflight-bytes",
@@ -338,8 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         metavar="N",
         help="most concurrent requests to one host per worker process: the ceiling of the "
-        "fixed cap (default 16), or with --per-host-adaptive the adaptive limit's ceiling "
-        "(default 128)",
+        "adaptive limit (default 128), or with --per-host-fixed the fixed cap (default 16)",
     )
     net.add_argument(
         "--per-host-start",
@@ -349,12 +348,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="the adaptive per-host limit's first value; it grows while the host copes and "
         "shrinks on 429, 503, time-outs and rising latency",
     )
-    net.add_argument(
-        "--per-host-adaptive",
+    limit = net.add_mutually_exclusive_group()
+    limit.add_argument(
+        "--per-host-fixed",
         action="store_true",
-        help="an adaptive per-host limit (grows while a host copes, shrinks on 429/503, "
-        "time-outs, a latency climb) instead of the fixed cap; experimental",
+        help="a fixed per-host cap (--per-host, default 16) instead of the adaptive limit",
     )
+    # the default since issue 19; accepted so that earlier command lines still run
+    limit.add_argument("--per-host-adaptive", action="store_true", help=argparse.SUPPRESS)
 
     p.add_argument(
         "--log-level",
@@ -453,7 +454,7 @@ def job_from_args(args: argparse.Namespace) -> Job:
             user_agent=args.user_agent,
             per_host=args.per_host,
             per_host_start=args.per_host_start,
-            per_host_fixed=not args.per_host_adaptive,
+            per_host_fixed=args.per_host_fixed,
             user_agent_token=args.user_agent_token,
             disallowed_header_directives=tuple(args.disallowed_header_directives.split(",")),
             respect_robots_txt=args.respect_robots_txt,

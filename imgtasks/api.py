@@ -24,7 +24,6 @@ from imgtasks.flow import (
     Progress,
     Tally,
     Wiring,
-    default_window,
     measured_window,
     new_run_id,
     run_sync,
@@ -98,6 +97,7 @@ class Result:
     downloaded: int = 0  # URLs fetched by this run
     download_s: float = 0.0  # summed over URLs, waits for a per-host slot excluded
     thumbnail_s: float = 0.0  # summed over URLs
+    thumbnail_wall_s: float = 0.0  # summed over batches: how long the CPU pool was busy
     dashboard_link: str | None = None
     report: str | None = None  # Dask's performance report, when asked for
     contact_sheet: str | None = None
@@ -319,9 +319,9 @@ def thumbnails(
             a partition only (see ``imgtasks.partitions``); output_format ``"files"``.
             ``"auto"`` (default): the workers for a dask DataFrame on a distributed
             cluster, else the client.
-        window: batches in flight; 0: from the cluster's size (4 per CPU slot + 8);
-            ``"auto"``: sized by measurement (Little's law: the CPU pool's throughput times
-            the download time of a batch; see ``imgtasks.window``), experimental.
+        window: batches in flight; 0 (or ``"auto"``): sized by measurement (Little's law:
+            the CPU pool's throughput times the download time of a batch; see
+            ``imgtasks.window``), starting from the cluster's size (4 per CPU slot + 8).
         max_inflight_bytes: memory budget of the measured window: downloaded bytes in
             flight at most about this (default 512 MiB).
         report: write Dask's performance report (HTML) to this file.
@@ -450,9 +450,9 @@ def _run(
                 if isinstance(batches, WorkerInput):  # the workers read the input
                     wiring, batches = batches.start(client, wiring)
                 window = (
-                    measured_window(client, how.max_inflight_bytes)
-                    if how.window == "auto"
-                    else how.window or default_window(client)
+                    how.window
+                    if isinstance(how.window, int) and how.window > 0
+                    else measured_window(client, how.max_inflight_bytes)
                 )
                 tally.ready = tally.elapsed
                 if how.report:
@@ -487,6 +487,7 @@ def _result(
         downloaded=tally.downloaded,
         download_s=tally.download_s,
         thumbnail_s=tally.thumbnail_s,
+        thumbnail_wall_s=tally.thumbnail_wall_s,
         dashboard_link=links["dashboard"],
         report=how.report,
         contact_sheet=links["sheet"],

@@ -25,6 +25,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,6 +56,17 @@ LOOPBACK = "127.0.0.1"
 # per thumbnail. Memory stays bounded by the flow's window either way. None = unset;
 # a value in the user's own environment still wins (Dask reads os.environ first).
 WORKER_PRE_SPAWN_ENVIRON: Mapping[str, Any] = {"MALLOC_TRIM_THRESHOLD_": None}
+# Dask's statistical profiler calls sys._current_frames() every 10 ms in every worker; on
+# CPython 3.11 that can deadlock (gh-106883: the thread-list lock and the GIL taken in
+# opposite orders when a garbage collection starts inside it; gone in 3.12). Seen on a
+# 16-host, 1 s run: the I/O worker froze for good 15 s in, its main thread inside the
+# profiler's gc callback, 93 download threads never reading the answers that had come
+# (the demo server closed those idle connections about a minute later). Our workers,
+# with hundreds of threads started and ended per batch, do not profile there (the
+# dashboard's profile page stays empty).
+WORKER_CONFIG: Mapping[str, Any] = (
+    {"distributed.worker.profile.enabled": False} if sys.version_info < (3, 12) else {}
+)
 # A remote cluster's client credentials: ClusterSettings field -> (Security keyword, the
 # key of Dask's config that Security() reads when the field is None).
 CLIENT_TLS = {
@@ -271,7 +283,7 @@ def start_local_cluster(
         f"distributed.nanny.pre-spawn-environ.{name}": value
         for name, value in settings.worker_environ.items()
     }
-    with dask.config.set(environ):
+    with dask.config.set(environ | dict(WORKER_CONFIG)):
         return SpecCluster(
             workers=worker_specs(settings, credentials),
             scheduler=scheduler_spec(settings, credentials),

@@ -80,16 +80,24 @@ STATUSES: tuple[Status, ...] = (Status.OK, *sorted(DOWNLOAD))
 RETRY_STATUSES: frozenset[int] = frozenset({408, 429, 500, 502, 503, 504})
 # Answers that say "too many of you": the host's adaptive limit shrinks (imgtasks.hostlimits).
 OVERLOAD_STATUSES: frozenset[int] = frozenset({429, 503})
-# Per-host limits. Fixed (the default for now): PER_HOST_FIXED requests in flight per host.
-# Adaptive (per_host_fixed=False, --per-host-adaptive): a host starts at PER_HOST_START and
-# grows while it copes, up to PER_HOST_CEILING. The issue-19 measurement: 1000 web-size
-# images from one host answering in 500 ms took 34.7 s at a fixed 16 per host and 6.7 s at
-# 256; adaptive: 10.5 s. Not the default yet: on the seed task (1000 demo images, 100 ms)
-# it measured ~8 % slower, and one many-host benchmark run stalled unexplained (see the
-# session notes); both to settle before it is turned on.
+# Per-host limits. Adaptive (the default): a host starts at PER_HOST_START requests in
+# flight and grows while it copes and the limit holds requests back, up to
+# PER_HOST_CEILING (imgtasks.hostlimits). Issue 19: 1000 web-size images from one host
+# answering in 500 ms took 34.7 s at a fixed 16 per host, 6.7 s at 256. On the seed task
+# (1000 demo images, 100 ms, CPU-bound), with the measured window, against the fixed 16
+# and a window of 16: +1 to +15 % CPU-s, median +4 %, in 6 interleaved pairs; wall time
+# within the machine's noise (the host saw up to 128 at once, for nothing: the CPU pool
+# is the bottleneck). Fixed (per_host_fixed, --per-host-fixed): PER_HOST_FIXED, the cap
+# of earlier versions.
 PER_HOST_CEILING = 128
 PER_HOST_START = 8
 PER_HOST_FIXED = 16
+# Hosts whose idle keep-alive connections one session keeps (urllib3's pool_connections;
+# the least recently used host's are closed beyond it). It was `parallel` (16): 32 download
+# nodes over 40 demo hosts opened ~1650 connections for 2000 requests and spent 5.3-5.5
+# CPU-s (client and servers); with 256, ~110 connections and 3.5-3.7 CPU-s (plain HTTP:
+# with TLS each new connection costs far more).
+HOST_POOLS = 256
 REDIRECT_STATUSES: frozenset[int] = frozenset({301, 302, 303, 307, 308})
 ACCEPT = "image/*,*/*;q=0.8"
 CHUNK_SIZE = 65536
@@ -133,7 +141,7 @@ class DownloadSettings:
     # (None: PER_HOST_CEILING), or with per_host_fixed the fixed cap (None: PER_HOST_FIXED).
     per_host: int | None = None
     per_host_start: int = PER_HOST_START  # the adaptive limit's first value
-    per_host_fixed: bool = True  # a fixed cap; False: the adaptive limit
+    per_host_fixed: bool = False  # a fixed cap instead of the adaptive limit
     parallel: int = 16  # threads one fetch_many call uses
     max_url_length: int = 2048
     # Politeness (imgtasks.politeness). The token is matched in X-Robots-Tag and robots.txt
@@ -399,7 +407,7 @@ def _new_session(settings: DownloadSettings) -> requests.Session:
     session.headers.update({"User-Agent": settings.user_agent_header, "Accept": ACCEPT})
     session.cookies.set_policy(_NoCookies())
     adapter = HTTPAdapter(
-        pool_connections=settings.parallel,
+        pool_connections=HOST_POOLS,
         pool_maxsize=settings.per_host,
         max_retries=_retry_policy(settings),
     )

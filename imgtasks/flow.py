@@ -165,6 +165,7 @@ class Tally:
     entries: int = 0
     download_s: float = 0.0
     thumbnail_s: float = 0.0
+    thumbnail_wall_s: float = 0.0  # the thumbnail nodes' wall time: the CPU pool's busy time
     downloaded: int = 0
     resumed: int = 0
     ready: float = 0.0  # seconds until the cluster was up and the first batch went out
@@ -178,6 +179,7 @@ class Tally:
         self.entries += report.entries
         self.download_s += report.download_s
         self.thumbnail_s += report.thumbnail_s
+        self.thumbnail_wall_s += report.thumbnail_wall_s
         self.downloaded += fetched(report)
 
     @property
@@ -527,7 +529,7 @@ def finished(report: BatchReport, turnaround_s: float) -> Finished:
 
 
 def measured_window(client: Client, max_bytes: int | None = None) -> Window:
-    """The window sized by measurement on this cluster (``--window auto``)."""
+    """The window sized by measurement on this cluster (the default; ``--window N`` fixes it)."""
     workers = client.scheduler_info(n_workers=-1)["workers"].values()
     io = sum((w.get("resources") or {}).get(clusters.IO_RESOURCE, 0) for w in workers)
     cpu = sum(w.get("nthreads", 1) for w in workers if "io" not in (w.get("resources") or {}))

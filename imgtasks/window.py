@@ -19,11 +19,14 @@ once. Before the first reports it is ``start``; ``fixed`` (``--window N``) overr
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MAX_INFLIGHT_BYTES = 512 * 2**20
 HEADROOM = 1.5  # latency varies from batch to batch: downloads ahead of need, not just in time
@@ -90,9 +93,9 @@ class Window:
             return self.start
         return max(self.floor, min(self.ceiling, round(self.little() + self._extra)))
 
-    def little(self) -> float:
+    def little(self, headroom: float = HEADROOM) -> float:
         cpu_batches_per_s = self.cpu_slots / max(self._cpu_s or 0.0, 1e-3)
-        downloading = cpu_batches_per_s * (self._download_s or 0.0) * HEADROOM
+        downloading = cpu_batches_per_s * (self._download_s or 0.0) * headroom
         return 2 * self.cpu_slots + math.ceil(downloading)
 
     @property
@@ -125,7 +128,18 @@ class Window:
         if busy < UNDER_USED and full:
             self._extra = min(self._extra + 1.0, float(self.ceiling))
         elif busy > SATURATED and waited > last.thumbnail_wall_s:
-            self._extra = max(self._extra - 1.0, -self.little())
+            # Shrink by the headroom at most: below Little's law itself a CPU slot that
+            # finishes may find no downloaded batch waiting (at the floor, CPU slots + 1,
+            # one batch downloads while both slots work).
+            self._extra = max(self._extra - 1.0, self.little(1.0) - self.little())
+        log.debug(
+            "window %d (Little %d, extra %+.0f), %d in flight, CPU pool busy %.2f",
+            self.target(),
+            self.little(),
+            self._extra,
+            in_flight,
+            busy,
+        )
 
 
 def _mean(old: float | None, new: float) -> float:

@@ -54,7 +54,7 @@ def servers() -> Iterator[ExitStack]:
 
 def test_a_healthy_slow_host_gets_far_more_than_16_at_once(servers: ExitStack) -> None:
     server = serve(servers, latency=0.5)
-    settings = DownloadSettings(parallel=96, retries=0, per_host_fixed=False)
+    settings = DownloadSettings(parallel=96, retries=0)  # the default: adaptive
     results = fetch_many(tiny(server, 300), settings)
     assert all(r.ok for r in results)
     assert server.load.peak > 48  # started at 8, doubled while the host coped
@@ -72,7 +72,7 @@ def test_the_fixed_cap_stays_at_16(servers: ExitStack) -> None:
 
 def test_a_fragile_host_is_kept_at_or_below_k(servers: ExitStack) -> None:
     server = serve(servers, latency=0.2, fragile=Fragility(4))
-    settings = DownloadSettings(parallel=32, per_host_fixed=False)
+    settings = DownloadSettings(parallel=32)
     results = fetch_many(tiny(server, 150), settings)
     assert [r.status for r in results] == ["ok"] * 150  # the 429s were retried
     after = settled(server, 2.0)
@@ -84,7 +84,7 @@ def test_a_fragile_host_is_kept_at_or_below_k(servers: ExitStack) -> None:
 
 def test_retry_after_pauses_the_host(servers: ExitStack) -> None:
     server = serve(servers, latency=0.05, fragile=Fragility(2, retry_after=1.0))
-    settings = DownloadSettings(parallel=16, per_host_start=8, backoff=0.0, per_host_fixed=False)
+    settings = DownloadSettings(parallel=16, per_host_start=8, backoff=0.0)
     results = fetch_many(tiny(server, 40), settings)
     assert all(r.ok for r in results)
     arrivals = [t for t, _ in server.load.log()]
@@ -100,7 +100,7 @@ def test_several_hosts_each_find_their_own_limit(servers: ExitStack) -> None:
     lists = [tiny(healthy, 240), tiny(fragile, 60), tiny(middling, 120)]
     urls = [u for group in zip(*(lst * 4 for lst in lists), strict=False) for u in group]
     urls = list(dict.fromkeys(urls))  # interleaved, each once
-    settings = DownloadSettings(parallel=160, per_host_fixed=False)
+    settings = DownloadSettings(parallel=160)
     results = fetch_many(urls, settings)
     assert all(r.ok for r in results), {r.status for r in results}
     assert limit_of(fragile, settings).limit < 5  # probing 4 now and then
@@ -118,7 +118,6 @@ def test_a_flow_through_a_fragile_host_makes_every_thumbnail(
         tiny(server, 200),
         tmp_path / "out",
         cluster="hybrid",
-        download=DownloadSettings(per_host_fixed=False),
         progress=False,
     )
     assert result.counts == {"ok": 200}
@@ -127,12 +126,29 @@ def test_a_flow_through_a_fragile_host_makes_every_thumbnail(
     assert sum(n <= 4 for n in after) >= 0.85 * len(after)
 
 
-def test_the_limits_default_to_the_fixed_cap_and_adapt_when_asked(
+def test_the_limits_adapt_by_default_and_stay_fixed_when_asked(
     tmp_path: Path, subprocess_env: dict[str, str]
 ) -> None:
     default = DownloadSettings()
-    assert (default.per_host, default.per_host_fixed) == (16, True)
-    adaptive = DownloadSettings(per_host_fixed=False)
-    assert (adaptive.per_host, adaptive.per_host_start) == (128, 8)
-    proc = run_flow(["--per-host-adaptive", "--per-host-start", "0"], subprocess_env, timeout=60)
+    assert (default.per_host, default.per_host_start, default.per_host_fixed) == (128, 8, False)
+    fixed = DownloadSettings(per_host_fixed=True)
+    assert fixed.per_host == 16
+    proc = run_flow(["--per-host-start", "0"], subprocess_env, timeout=60)
     assert proc.returncode == 2 and "per_host_start must be > 0" in proc.stderr, proc.stderr
+    proc = run_flow(["--per-host-fixed", "--per-host-adaptive"], subprocess_env, timeout=60)
+    assert proc.returncode == 2 and "not allowed with" in proc.stderr, proc.stderr
+
+
+def test_keep_alive_connections_survive_more_hosts_than_threads(
+    servers: ExitStack, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each host's idle connections are kept across 20 hosts (with 16 host pools, as
+    before, urllib3 closed the least recently used host's: a new connection per request)."""
+    hosts = [serve(servers, f"127.0.0.{i + 2}", latency=0.0) for i in range(20)]
+    urls = [url for _ in range(3) for server in hosts for url in tiny(server, 1)]
+    settings = DownloadSettings(parallel=1, retries=0)  # one at a time, hosts in turn
+    with caplog.at_level("DEBUG", logger="urllib3.connectionpool"):
+        results = fetch_many(urls, settings)
+    assert all(r.ok for r in results)
+    new = [r for r in caplog.records if "Starting new HTTP connection" in r.getMessage()]
+    assert len(new) == len(hosts)  # one each, reused on the second and third visit

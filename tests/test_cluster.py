@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import dask
 import psutil
@@ -164,6 +165,9 @@ def test_hybrid_cluster_starts_with_routing_and_routes(monkeypatch: pytest.Monke
         # Dask's MALLOC_TRIM_THRESHOLD_ makes every image buffer an mmap: not on our workers
         trim = client.run(os.environ.get, "MALLOC_TRIM_THRESHOLD_")
         assert trim and set(trim.values()) == {None}
+        # Dask's profiler calls sys._current_frames(), which deadlocks on CPython 3.11
+        profiling = client.run(lambda dask_worker: "profile" in dask_worker.periodic_callbacks)
+        assert set(profiling.values()) == {sys.version_info >= (3, 12)}
     finally:
         client.close()
         assert cluster is not None

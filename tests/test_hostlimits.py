@@ -118,6 +118,20 @@ def test_an_idle_limit_does_not_grow() -> None:
     assert limit.limit == 8
 
 
+def test_a_limit_above_the_demand_does_not_grow() -> None:
+    clock = Clock()
+    limit = HostLimit(128, 16, clock=clock)
+    for _ in range(20):  # 12 at a time under a limit of 16: the limit holds nothing back
+        tickets = [limit.acquire(0) for _ in range(12)]
+        clock.now += 0.5
+        for ticket in tickets:
+            limit.answered(ticket, 0.5)
+            limit.release(ticket)
+    assert limit.limit == 16
+    round_trip(limit, clock)  # the demand reaches it: growth resumes
+    assert limit.limit == 32
+
+
 def test_a_fixed_limit_ignores_signals() -> None:
     clock = Clock()
     limit = HostLimit(16, 4, adaptive=False, clock=clock)
