@@ -73,7 +73,7 @@ SCHEDULER_FILES = re.compile(
     r"dask-scratch-space/(global\.lock|purge\.lock|scheduler-\w+\.dirlock)"
 )
 # Shared with every host, read-only: the project and its Python environment.
-SHARED = tuple(shlex.quote(str(d)) for d in dict.fromkeys([ROOT, Path(sys.prefix).resolve()]))
+SHARED = tuple(dict.fromkeys([ROOT.resolve(), Path(sys.prefix).resolve()]))
 UNSHARE = ("unshare", "--mount", "--uts", "--propagation", "private")
 DASHBOARD = ("--dashboard-address", "127.0.0.1:8787")  # the README's: loopback only
 FAKE_AWS = {
@@ -252,17 +252,14 @@ class Network:
         # a sleeping process that every later process of this host joins (nsenter). The
         # source tree and the Python environment stay shared ("the same environment on
         # every host"), read-only, so that no host can leave files there for another.
-        readonly = [f"mount --bind {d} {d} && mount -o remount,bind,ro {d}" for d in SHARED]
-        setup = " && ".join(
-            [f"hostname {host.name}", *readonly, "mount -t tmpfs -o mode=1777 none /tmp"]
-        )
+        setup = " && ".join([f"hostname {host.name}", *private_tmp_keeping(SHARED)])
         host.init = subprocess.Popen(
             ["ip", "netns", "exec", ns, *UNSHARE, "sh", "-c", f"{setup} && exec sleep 1800"],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             start_new_session=True,
         )
-        wait_until(lambda: has_own_tmp(host), f"{host.name}'s private /tmp", host.init)
+        wait_until(lambda: is_set_up(host), f"{host.name}'s private /tmp", host.init)
 
     def start(self, host: str, label: str, args: list[str]) -> subprocess.Popen:
         """``args`` run on ``host``; output to ``<logs>/<label>.log`` (on the test's side,
@@ -335,17 +332,47 @@ def wait_until(ready, what: str, proc: subprocess.Popen, timeout: float = CALL_T
         time.sleep(0.05)
 
 
-def has_own_tmp(host: Host) -> bool:
-    """True once the host's /tmp is its own tmpfs, not the machine's."""
+def private_tmp_keeping(shared: tuple[Path, ...]) -> list[str]:
+    """Shell steps (in the host's own mount namespace) that put a fresh tmpfs on /tmp and
+    keep the shared directories visible, read-only, at their paths, even those under /tmp
+    (CI's virtualenv is in a mktemp directory): each is bound to a staging tmpfs on
+    /dev/shm first, then back to its path once /tmp is the host's own."""
+    steps = ["mount -t tmpfs -o mode=1777 none /dev/shm"]  # this namespace's own, too
+    for n, directory in enumerate(shared):
+        steps.append(
+            f"mkdir /dev/shm/keep{n} && mount --bind {shlex.quote(str(directory))} /dev/shm/keep{n}"
+        )
+    steps.append("mount -t tmpfs -o mode=1777 none /tmp")
+    for n, directory in enumerate(shared):
+        d = shlex.quote(str(directory))
+        steps.append(f"mkdir -p {d} && mount --bind /dev/shm/keep{n} {d}")
+        steps.append(f"mount -o remount,bind,ro {d}")
+    return steps
+
+
+def is_set_up(host: Host) -> bool:
+    """True once the host's /tmp is its own tmpfs, not the machine's, and every shared
+    directory is back in place (the same directory: device and inode)."""
+
+    def same(path: Path, directory: Path) -> bool:
+        a, b = os.stat(path), os.stat(directory)
+        return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
     with contextlib.suppress(OSError):
-        return os.stat(host.root / "tmp").st_dev != os.stat("/tmp").st_dev
+        own = os.stat(host.root / "tmp").st_dev != os.stat("/tmp").st_dev
+        return own and all(same(host.root / str(d).lstrip("/"), d) for d in SHARED)
     return False
 
 
 def files_on(host: Host) -> set[str]:
     """Every file in the host's private /tmp (its HOME and the client's cwd included)."""
     tmp = host.root / "tmp"
-    return {str(p.relative_to(tmp)) for p in tmp.rglob("*") if not p.is_dir()}
+    shared = {host.root / str(d).lstrip("/") for d in SHARED}
+    found = set()
+    for top, dirs, files in os.walk(tmp):
+        dirs[:] = [d for d in dirs if Path(top, d) not in shared]  # not the host's files
+        found.update(str(Path(top, f).relative_to(tmp)) for f in files)
+    return found
 
 
 def tool(name: str, module: str) -> list[str]:
