@@ -69,6 +69,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import psutil
+from flow_figures import subprocess_environment
 
 HERE = Path(__file__).resolve()
 ROOT = HERE.parents[1]
@@ -145,15 +146,6 @@ def worker_host(address: str, cpu_workers: int, io_threads: int) -> int:
 # --- the cluster under measurement ---------------------------------------------------------
 
 
-def environment() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    for var in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY"):
-        env.pop(var, None)
-    env["NO_PROXY"] = "127.0.0.1,localhost"
-    return env
-
-
 def dask_command() -> list[str]:
     dask = Path(sys.executable).with_name("dask")
     return [str(dask)] if dask.exists() else [sys.executable, "-m", "distributed.cli.dask"]
@@ -187,7 +179,7 @@ def cost_cluster(cpu_workers: int, io_threads: int, work: Path) -> Iterator[tupl
 
     sched_file = work / f"scheduler-{cpu_workers}.json"
     sched_file.unlink(missing_ok=True)
-    env, logs = environment(), open(work / f"cluster-{cpu_workers}.log", "w")  # noqa: SIM115
+    env, logs = subprocess_environment(), open(work / f"cluster-{cpu_workers}.log", "w")  # noqa: SIM115
     cmd = [*dask_command(), "scheduler", "--host", "127.0.0.1", "--port", "0"]
     cmd += ["--dashboard-address", "127.0.0.1:0", "--scheduler-file", str(sched_file)]
     scheduler = subprocess.Popen(cmd, env=env, stdout=logs, stderr=subprocess.STDOUT)
@@ -472,7 +464,9 @@ def memory_check(counts: Sequence[int], batch_size: int, work: Path) -> list[str
             peaks = dict.fromkeys(procs, 0)
             cmd = [sys.executable, str(HERE), "--client", client.scheduler.address]
             cmd += ["--urls-file", str(urls), "--batch-size-one", str(batch_size)]
-            proc = subprocess.Popen(cmd, env=environment(), stdout=subprocess.PIPE, text=True)
+            proc = subprocess.Popen(
+                cmd, env=subprocess_environment(), stdout=subprocess.PIPE, text=True
+            )
             while proc.poll() is None:
                 for name, p in procs.items():
                     peaks[name] = max(peaks[name], p.memory_info().rss)

@@ -6,6 +6,7 @@ manifest, never from its printed text. Its stderr only explains a run that left 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -15,6 +16,17 @@ from typing import Any
 RUN_PY = Path(__file__).resolve().parents[1] / "flows" / "run.py"
 # The keys the benchmarks read; a file without them is as good as none.
 FIGURES = ("wall_s", "startup_s", "ok", "entries")
+
+
+def subprocess_environment() -> dict[str, str]:
+    """Environment for the processes a benchmark starts: the project importable, no
+    proxies (every request goes to loopback)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(RUN_PY.parents[1]), env.get("PYTHONPATH", "")])
+    for var in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY"):
+        env.pop(var, None)
+    env["NO_PROXY"] = "127.0.0.1,localhost"
+    return env
 
 
 class NoFigures(Exception):

@@ -47,7 +47,14 @@ from pathlib import Path
 
 import psutil
 import requests
-from flow_figures import NoFigures, failure, flow_command, manifest_count, read_figures
+from flow_figures import (
+    NoFigures,
+    failure,
+    flow_command,
+    manifest_count,
+    read_figures,
+    subprocess_environment,
+)
 
 from imgtasks.demo import server_process
 
@@ -60,15 +67,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def environment() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    for var in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY"):
-        env.pop(var, None)
-    env["NO_PROXY"] = "127.0.0.1,localhost"
-    return env
 
 
 def write_url_list(base: str, count: int, kind: str, path: Path) -> None:
@@ -161,7 +159,9 @@ def run_flow(
     # stdout (the summary a person reads) is not kept: figures come from the result JSON.
     # stderr goes to a file: a pipe nobody reads while the flow runs could fill and stall it.
     with open(work / "stderr.txt", "w", encoding="utf-8") as err:
-        proc = subprocess.Popen(cmd, env=environment(), stdout=subprocess.DEVNULL, stderr=err)
+        proc = subprocess.Popen(
+            cmd, env=subprocess_environment(), stdout=subprocess.DEVNULL, stderr=err
+        )
     try:
         flow = psutil.Process(proc.pid)
         while proc.poll() is None:
