@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,6 +28,13 @@ def subprocess_environment() -> dict[str, str]:
         env.pop(var, None)
     env["NO_PROXY"] = "127.0.0.1,localhost"
     return env
+
+
+def children_cpu() -> float:
+    """CPU-seconds (user + system) of every process this one has waited for, and of
+    theirs: a flow subprocess's whole tree (client, scheduler, workers) once it exits."""
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return kids.ru_utime + kids.ru_stime
 
 
 class NoFigures(Exception):

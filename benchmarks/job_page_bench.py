@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import resource
 import statistics
 import sys
 import tempfile
@@ -31,7 +30,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import requests
-from flow_figures import NoFigures, failure, flow_command, manifest_count, read_figures
+from flow_figures import (
+    NoFigures,
+    children_cpu,
+    failure,
+    flow_command,
+    manifest_count,
+    read_figures,
+)
 
 from imgtasks.demo import server_process
 
@@ -46,12 +52,6 @@ class Run:
     ok: int
     viewed_s: float = 0.0  # how long a viewer had the page open
     cpu_s: float = 0.0  # the flow's process tree, user + system
-
-
-def children_cpu() -> float:
-    """CPU-seconds of every process this one has waited for, and theirs."""
-    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return kids.ru_utime + kids.ru_stime
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import statistics
 import subprocess
@@ -27,7 +26,14 @@ import tempfile
 from pathlib import Path
 
 import requests
-from flow_figures import NoFigures, failure, flow_command, manifest_count, read_figures
+from flow_figures import (
+    NoFigures,
+    children_cpu,
+    failure,
+    flow_command,
+    manifest_count,
+    read_figures,
+)
 
 from imgtasks.demo import server_process
 
@@ -50,12 +56,6 @@ def outputs(fmt: str, out: Path) -> int:
         return manifest_count(out).ok
     stats = [json.loads(p.read_text()) for p in out.glob("*_stats.json")]
     return sum(s["successes"] for s in stats)
-
-
-def children_cpu() -> float:
-    """CPU-seconds of every process this one has waited for, and theirs (user + system)."""
-    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return kids.ru_utime + kids.ru_stime
 
 
 def run_once(
