@@ -189,7 +189,7 @@ def cost_cluster(cpu_workers: int, io_threads: int, work: Path) -> Iterator[tupl
         cmd = [sys.executable, str(HERE), "--worker-host", address]
         cmd += ["--cpu-workers", str(cpu_workers), "--io-threads", str(io_threads)]
         host = subprocess.Popen(cmd, env=env, stdout=logs, stderr=subprocess.STDOUT)
-        with Client(address, timeout=60) as client:
+        with Client(address, timeout=60, direct_to_workers=True) as client:
             client.wait_for_workers(cpu_workers + 1, timeout=120)
             yield client, {"scheduler": scheduler.pid, "worker host": host.pid}
     finally:

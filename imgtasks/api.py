@@ -512,6 +512,7 @@ def _client(how: _Execution, stack: contextlib.ExitStack) -> Any:
         settings = clusters.ClusterSettings()
     if settings.kind == "sync" and not settings.is_remote:
         return None
+    stack.enter_context(clusters.run_config())  # until the cluster is closed
     client, cluster = clusters.connect(settings)
     stack.callback(_close, client, cluster)
     say("dashboard: %s", client.dashboard_link)

@@ -20,10 +20,12 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Any
 
 import dask
 from dask.delayed import Delayed
 from distributed import Client, Future, as_completed
+from distributed.protocol.pickle import dumps
 
 from imgtasks import cluster as clusters
 from imgtasks.download import DownloadSettings
@@ -32,6 +34,7 @@ from imgtasks.nodes import (
     BatchReport,
     JobSettings,
     ShardedBatch,
+    call_packed,
     download_batch,
     failed_piece,
     record_failed_batch,
@@ -77,19 +80,17 @@ class Wiring:
     def graph(self, batch: UrlBatch | PartBatch) -> Delayed:
         """One download node feeding one thumbnail node; keys named after the stage.
 
-        The batch and settings go in bound to the function (``partial``), not as
-        arguments: ``dask.delayed`` walks dataclass arguments field by field looking for
-        collections, which cost the client ~60 us per URL (every ``UrlEntry``; measured
-        by ``benchmarks/cost_model.py``); a function it passes as it is."""
+        The batch and settings go in pickled once, here, bound to ``call_packed`` (see
+        ``packed``)."""
         if isinstance(batch, PartBatch):
             return self.part_graph(batch)
         batch, previous = resume_batch(batch, self.done)
         with _annotate(self.route, clusters.IO_RESOURCE):
-            downloaded = dask.delayed(partial(download_batch, batch, self.download), pure=False)(
+            downloaded = dask.delayed(packed(download_batch, batch, self.download), pure=False)(
                 dask_key_name=f"download-{self.token}-{batch.batch_id}"
             )
         with _annotate(self.route, clusters.CPU_RESOURCE):
-            thumbnail = partial(thumbnail_batch, job=self.job, previous=previous or None)
+            thumbnail = packed(thumbnail_batch, job=self.job, previous=previous or None)
             return dask.delayed(thumbnail, pure=False)(
                 downloaded, dask_key_name=f"thumbnail-{self.token}-{batch.batch_id}"
             )
@@ -112,11 +113,11 @@ class Wiring:
         """Shard mode: a download node feeding a thumbnail node that holds its thumbnails
         for the shard writer, and the small report the client reads from it."""
         with _annotate(self.route, clusters.IO_RESOURCE):
-            downloaded = dask.delayed(partial(download_batch, batch, self.download), pure=False)(
+            downloaded = dask.delayed(packed(download_batch, batch, self.download), pure=False)(
                 dask_key_name=f"download-{self.token}-{batch.batch_id}"
             )
         with _annotate(self.route, clusters.CPU_RESOURCE):
-            piece = dask.delayed(partial(thumbnail_piece, job=self.job), pure=False)(
+            piece = dask.delayed(packed(thumbnail_piece, job=self.job), pure=False)(
                 downloaded, dask_key_name=f"thumbnail-{self.token}-{batch.batch_id}"
             )
             report = dask.delayed(report_of, pure=True)(
@@ -147,6 +148,18 @@ class Wiring:
         except Exception as write_exc:  # the store refuses the client too: nothing left to do
             log.error("batch %d: its rows could not be written: %s", batch.batch_id, write_exc)
             return None
+
+
+def packed(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> partial:
+    """``fn`` with its arguments pickled once, here, into one bytes object.
+
+    Bound with ``partial`` rather than passed as arguments, because ``dask.delayed`` walks
+    dataclass arguments field by field looking for collections (~60 us per ``UrlEntry``
+    on the client). Pickled here rather than left to Dask, because the scheduler unpickles
+    every task it is sent and pickles it again for the worker: a batch's ``UrlEntry``s
+    cost it ~3 us per URL, and a task at batch 1024 cost 4.3 ms of scheduler CPU instead
+    of 2.4 (``benchmarks/cost_model.py``). A bytes object it moves as it is."""
+    return partial(call_packed, dumps((fn, args, kwargs)))
 
 
 def _annotate(route: bool, resource: str) -> contextlib.AbstractContextManager:
@@ -292,8 +305,15 @@ def stream_batches(
 
     def submit(n: int) -> None:
         taken = _take(pending, n)
-        for batch in taken:
-            future = writers.compute(batch) if writers else client.compute(wiring.graph(batch))
+        if writers is not None:
+            submitted = [writers.compute(batch) for batch in taken]
+        elif taken:
+            # One update-graph message for the lot: the scheduler's cost per message
+            # (unpickling it in a thread, then its transitions) is shared by the batches.
+            submitted = client.compute([wiring.graph(batch) for batch in taken])
+        else:
+            submitted = []
+        for future, batch in zip(submitted, taken, strict=True):
             in_flight[future.key] = (future, batch, time.monotonic())
             futures.add(future)
         if writers is not None:
@@ -301,23 +321,25 @@ def stream_batches(
 
     try:
         submit(sizer.target())
-        for future in futures:
-            if writers is not None and writers.written(future, tally):
-                continue
-            _, batch, sent = in_flight.pop(future.key)
-            try:
-                report = future.result()
-            except Exception as exc:  # failed on every retry: infrastructure, not data
-                report = writers.failed(batch, exc) if writers else wiring.failed(batch, exc)
-                tally.failed_batches.append(str(future.key))
+        for done in futures.batches():  # every future finished by now: one refill for all
             if writers is not None:
-                writers.batch_done(batch)
-            _finished(report, tally, progress)
-            if report is not None:
-                sizer.observe(finished(report, time.monotonic() - sent), len(in_flight))
-            future.release()
-            if rollup is not None:
-                rollup.batch_done(batch.batch_id, report)
+                done = [f for f in done if not writers.written(f, tally)]
+            for future, outcome in zip(done, _outcomes(client, done), strict=True):
+                _, batch, sent = in_flight.pop(future.key)
+                if isinstance(outcome, BaseException):  # failed on every retry: not data
+                    failed = writers.failed if writers else wiring.failed
+                    report = failed(batch, outcome)
+                    tally.failed_batches.append(str(future.key))
+                else:
+                    report = outcome
+                if writers is not None:
+                    writers.batch_done(batch)
+                _finished(report, tally, progress)
+                if report is not None:
+                    sizer.observe(finished(report, time.monotonic() - sent), len(in_flight))
+                future.release()
+                if rollup is not None:
+                    rollup.batch_done(batch.batch_id, report)
             submit(max(0, sizer.target() - len(in_flight)))
         if rollup is not None:
             rollup.finish()
@@ -326,6 +348,24 @@ def stream_batches(
         running += rollup.running if rollup is not None else []
         if running:
             client.cancel(running, force=True)
+
+
+def _outcomes(client: Client, done: list[Future]) -> list[Any]:
+    """The results of finished futures, fetched in one gather; a failed one's exception
+    in its place."""
+    if not done:
+        return []
+    try:
+        return client.gather(done)
+    except Exception:  # which one failed, and why: each on its own (rare)
+        return [_outcome(future) for future in done]
+
+
+def _outcome(future: Future) -> Any:
+    try:
+        return future.result()
+    except Exception as exc:
+        return exc
 
 
 class _Compaction:

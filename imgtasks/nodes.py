@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import pickle
 import time
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from typing import Any
 from urllib.parse import urlsplit
 
 from imgtasks.download import DownloadResult, DownloadSettings, fetch_many
@@ -91,6 +93,14 @@ class JobSettings:
         carried = entry.carried
         kept = tuple(zip(self.keep_names, carried.kept, strict=True))
         return replace(record, index=entry.index, caption=carried.caption, kept=kept)
+
+
+def call_packed(blob: bytes, *more: Any) -> Any:
+    """Call the function pickled in ``blob`` with its pickled arguments, then ``more``
+    (the outputs of upstream nodes). The orchestration pickles a node and its arguments
+    into one bytes object so the scheduler never unpickles a batch's URLs."""
+    fn, args, kwargs = pickle.loads(blob)
+    return fn(*args, *more, **kwargs)
 
 
 def download_batch(batch: UrlBatch, settings: DownloadSettings) -> DownloadedBatch:
