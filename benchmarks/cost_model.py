@@ -172,6 +172,12 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
+def recipe_environment() -> dict[str, str]:
+    """The README's cluster recipe: every process without Dask's debugging message log
+    (which keeps ~1000 task messages per connection, URLs included)."""
+    return subprocess_environment() | {"DASK_DISTRIBUTED__ADMIN__LOW_LEVEL_LOG_LENGTH": "0"}
+
+
 @contextlib.contextmanager
 def cost_cluster(cpu_workers: int, io_threads: int, work: Path) -> Iterator[tuple]:
     """A ``dask scheduler`` process and a worker host process; yields (client, their pids)."""
@@ -179,7 +185,7 @@ def cost_cluster(cpu_workers: int, io_threads: int, work: Path) -> Iterator[tupl
 
     sched_file = work / f"scheduler-{cpu_workers}.json"
     sched_file.unlink(missing_ok=True)
-    env, logs = subprocess_environment(), open(work / f"cluster-{cpu_workers}.log", "w")  # noqa: SIM115
+    env, logs = recipe_environment(), open(work / f"cluster-{cpu_workers}.log", "w")  # noqa: SIM115
     cmd = [*dask_command(), "scheduler", "--host", "127.0.0.1", "--port", "0"]
     cmd += ["--dashboard-address", "127.0.0.1:0", "--scheduler-file", str(sched_file)]
     scheduler = subprocess.Popen(cmd, env=env, stdout=logs, stderr=subprocess.STDOUT)
@@ -443,7 +449,10 @@ def client_process(address: str, urls: str, batch_size: int) -> int:
 
     import imgtasks
 
-    with Client(address, timeout=60) as client, tempfile.TemporaryDirectory() as out:
+    with (
+        Client(address, timeout=60, direct_to_workers=True) as client,
+        tempfile.TemporaryDirectory() as out,
+    ):
         result = imgtasks.thumbnails(
             urls, out, client=client, batch_size=batch_size, progress=False, job_page=False
         )
@@ -465,7 +474,7 @@ def memory_check(counts: Sequence[int], batch_size: int, work: Path) -> list[str
             cmd = [sys.executable, str(HERE), "--client", client.scheduler.address]
             cmd += ["--urls-file", str(urls), "--batch-size-one", str(batch_size)]
             proc = subprocess.Popen(
-                cmd, env=subprocess_environment(), stdout=subprocess.PIPE, text=True
+                cmd, env=recipe_environment(), stdout=subprocess.PIPE, text=True
             )
             while proc.poll() is None:
                 for name, p in procs.items():

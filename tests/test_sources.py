@@ -148,6 +148,17 @@ def test_seen_set_grows_and_remembers() -> None:
     assert "http://h/-1" not in seen
 
 
+def test_seen_set_grows_slice_by_slice_and_loses_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Growth re-inserts the old table a slice at a time (bounded memory): every URL is
+    still there after many growths over many slices."""
+    monkeypatch.setattr(SeenSet, "GROW_SLICE", 64)
+    seen = SeenSet(capacity=4)
+    urls = [f"http://h/{i}" for i in range(3000)]
+    assert all(seen.add(u) for u in urls)
+    assert len(seen) == 3000 and all(u in seen for u in urls)
+    assert not any(seen.add(u) for u in urls) and "http://h/3000" not in seen
+
+
 def test_big_list_is_streamed_not_loaded(tmp_path: Path) -> None:
     """A list far bigger than one batch: reading the first batches costs little memory."""
     path = tmp_path / "big.txt.gz"
