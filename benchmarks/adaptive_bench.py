@@ -23,6 +23,7 @@ import argparse
 import io
 import json
 import os
+import shlex
 import sys
 import tempfile
 from collections import defaultdict
@@ -58,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--img2dataset", metavar="PATH", help="img2dataset CLI (or on PATH)")
     p.add_argument("--skip", default="", help="comma list of: fixed, img2dataset, hosts")
     p.add_argument("--out-dir", metavar="DIR", help="keep scratch outputs there")
+    p.add_argument("--flow-options", default="", help="more flows/run.py options, one string")
     p.add_argument("--html", default="adaptive.html", help="bokeh chart of per-host concurrency")
     return p
 
@@ -157,7 +159,7 @@ def one_host(args, work: Path, files: Path, skip: set[str]) -> list[Run]:
         urls = work / "one-host.txt"
         hosts = url_list(base, 1, args.count, urls)
         watch = LoadWatch(hosts)
-        common = ["--cpu-workers", str(args.processes)]
+        common = ["--cpu-workers", str(args.processes), *shlex.split(args.flow_options)]
         runs = [run_flow("defaults (adaptive)", urls, work, common, server, watch)]
         if "fixed" not in skip:
             fixed = [*common, "--per-host-fixed"]
@@ -176,7 +178,7 @@ def many_hosts(args, work: Path, files: Path) -> Run:
     with server_process(args.hosts_latency, 0.05, *extra) as (base, pid):
         urls = work / "many-hosts.txt"
         hosts = url_list(base, args.hosts, args.hosts_count, urls)
-        options = ["--cpu-workers", str(args.processes)]
+        options = ["--cpu-workers", str(args.processes), *shlex.split(args.flow_options)]
         return run_flow("many hosts", urls, work, options, psutil.Process(pid), LoadWatch(hosts))
 
 
