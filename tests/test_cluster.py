@@ -168,6 +168,17 @@ def test_hybrid_cluster_starts_with_routing_and_routes(monkeypatch: pytest.Monke
         # Dask's profiler calls sys._current_frames(), which deadlocks on CPython 3.11
         profiling = client.run(lambda dask_worker: "profile" in dask_worker.periodic_callbacks)
         assert set(profiling.values()) == {sys.version_info >= (3, 12)}
+        # housekeeping timers slowed down (an idle cluster burnt ~5 % of 2 cores), in the
+        # workers and the scheduler; results come straight from the workers
+        ticks = client.run(lambda dask_worker: dask_worker.periodic_callbacks["tick"].callback_time)
+        assert set(ticks.values()) == {500}
+        tick = client.run_on_scheduler(
+            lambda dask_scheduler: dask_scheduler.periodic_callbacks["tick"].callback_time
+        )
+        assert tick == 500
+        memory = client.run(lambda dask_worker: dask_worker.memory_manager.memory_monitor_interval)
+        assert set(memory.values()) == {0.5}
+        assert client.direct_to_workers is True
     finally:
         client.close()
         assert cluster is not None
