@@ -69,6 +69,7 @@ class Run:
     row: Row
     figures: dict = field(default_factory=dict)
     load: dict[str, list[tuple[float, int]]] = field(default_factory=dict)
+    written: tuple[float, float] | None = None  # first and last thumbnail file's mtime
 
 
 def web_files(where: Path) -> None:
@@ -118,7 +119,13 @@ def run_flow(name: str, urls: Path, work: Path, options: list[str], server, watc
         figures = read_figures(figures_file)
     except NoFigures:
         figures = {}
-    return Run(row, figures, watch.since_last())
+    return Run(row, figures, watch.since_last(), written_span(out))
+
+
+def written_span(out: Path) -> tuple[float, float] | None:
+    """When the first and the last thumbnail file of a run were written."""
+    times = [p.stat().st_mtime for p in out.rglob("*.jpg") if p.parent != out]  # no sheet
+    return (min(times), max(times)) if len(times) > 1 else None
 
 
 def cpu_busy(run: Run, processes: int) -> float | None:
@@ -130,6 +137,18 @@ def cpu_busy(run: Run, processes: int) -> float | None:
         return None
     span = max(f["wall_s"] - f["startup_s"], 1e-9)
     return f.get("thumbnail_wall_s", f["thumbnail_s"]) / (processes * span)
+
+
+def cpu_busy_flowing(run: Run, processes: int) -> float | None:
+    """The same share over the span thumbnails were being written (first file to last):
+    the CPU pool's use once images flow, without the first answers' latency and the
+    polite ramp before them, which no window can shorten."""
+    f = run.figures
+    if not f or run.written is None:
+        return None
+    first, last = run.written
+    work = f.get("thumbnail_wall_s", f["thumbnail_s"])
+    return min(1.0, work / (processes * max(last - first, 1e-9)))
 
 
 def peaks(run: Run) -> str:
@@ -238,6 +257,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(line(many))
             shown = "n/a" if busy is None else f"{100 * busy:.0f} %"
             print(f"  CPU pool busy (thumbnail nodes' time / slots x wall after start-up): {shown}")
+            flowing = cpu_busy_flowing(many, args.processes)
+            shown = "n/a" if flowing is None else f"{100 * flowing:.0f} %"
+            print(f"  CPU pool busy while thumbnails were written (first file to last): {shown}")
             print(f"  hosts saw at most: {peaks(many)}")
             print(f"  load average at the end: {os.getloadavg()[0]:.1f}")
         write_chart(runs, Path(args.html))
