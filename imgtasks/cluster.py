@@ -23,6 +23,7 @@ machine can reach 127.0.0.1, but only this run's client and workers hold the cer
 from __future__ import annotations
 
 import asyncio
+import copy
 import gc
 import ipaddress
 import logging
@@ -222,14 +223,16 @@ class LocalNanny(Nanny):
     """A Nanny that reads ``spawn_config`` when it is created, wherever that happens:
     the workers of the flow's cluster are created on the cluster's event loop after
     ``start_local_cluster`` returned (``join_later``), no longer inside a config block of
-    its caller. (Dask's config is global: the values are set for the few microseconds of
+    its caller. (Dask's config is global: the values are set for the time of
     ``Nanny.__init__``, on keys only nannies and workers read.)"""
 
     def __init__(
         self, *args: Any, spawn_config: Mapping[str, Any] | None = None, **kwargs: Any
     ) -> None:
         with dask.config.set(dict(spawn_config or {})):
-            super().__init__(*args, **kwargs)
+            # the workers' config is read when they spawn, later: a copy, not a view
+            config = copy.deepcopy(dask.config.config)
+            super().__init__(*args, config=config, **kwargs)
 
 
 def comm_options(security: Security | None) -> dict[str, Any]:
