@@ -29,7 +29,7 @@ import ipaddress
 import logging
 import os
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +37,7 @@ from typing import Any
 import dask
 import psutil
 from distributed import Client, Nanny, Scheduler, SpecCluster, WorkerPlugin
+from distributed.core import Status
 from distributed.security import Security
 from distributed.utils import clean_dashboard_address
 
@@ -333,18 +334,24 @@ def start_local_cluster(
     )
 
 
-def join_later(cluster: SpecCluster, specs: Mapping[str, dict[str, Any]]) -> Future[None]:
-    """Start ``specs``' workers in the background and return at once. The future is done
-    when they have all joined; its exception is the first start-up failure.
+def join_later(
+    cluster: SpecCluster, stages: Sequence[Mapping[str, dict[str, Any]]]
+) -> Future[None]:
+    """Start the workers of ``stages`` in the background, each stage once the one before
+    has joined, and return at once. The future is done when all have joined (or the
+    cluster began to close); its exception is the first start-up failure.
 
-    This is ``cluster.scale()`` (the spec updated, then SpecCluster's ``_correct_state``
-    on the cluster's loop), with the task kept: ``scale`` drops it, and with it the error
-    of a worker that did not start. Closing the cluster meanwhile waits for the starting
-    workers (the task holds the cluster's lock), then closes them."""
-    cluster.worker_spec.update(specs)
+    Each stage is ``cluster.scale()`` (the spec updated, then SpecCluster's
+    ``_correct_state`` on the cluster's loop), with the task kept: ``scale`` drops it,
+    and with it the error of a worker that did not start. Closing the cluster meanwhile
+    waits for the starting workers (the task holds the cluster's lock), then closes them."""
 
     async def join() -> None:
-        await cluster._correct_state()
+        for specs in stages:
+            if cluster.status != Status.running:  # closing: start no more
+                return
+            cluster.worker_spec.update(specs)
+            await cluster._correct_state()
 
     return asyncio.run_coroutine_threadsafe(join(), cluster.loop.asyncio_loop)
 
@@ -396,6 +403,17 @@ class Joining:
         return self.joined.exception()
 
 
+def join_stages(
+    settings: ClusterSettings, credentials: Security | None
+) -> list[dict[str, dict[str, Any]]]:
+    """The workers of a local cluster in the order they are started: the I/O worker alone
+    first, so that it is not spawned beside the CPU workers, and downloads (mostly waiting
+    on the network) overlap the CPU workers' start; then the rest."""
+    specs = worker_specs(settings, credentials)
+    first = {n: s for n, s in specs.items() if IO_RESOURCE in s["options"]["resources"]}
+    return [first, specs] if first and len(first) < len(specs) else [specs]
+
+
 def connect_early(settings: ClusterSettings) -> tuple[Client, SpecCluster | None, Joining | None]:
     """``connect``, but a local cluster's client comes as soon as its scheduler is up
     (~0.5 s, most of it importing the dashboard), and its workers join while the run sets
@@ -409,7 +427,7 @@ def connect_early(settings: ClusterSettings) -> tuple[Client, SpecCluster | None
         # The client first: spawning the workers keeps the cluster's loop busy, and a
         # client connecting meanwhile waited 1.0-2.9 s for it (0.02 s before).
         client = Client(cluster)
-        joining = Joining(settings, join_later(cluster, worker_specs(settings, credentials)))
+        joining = Joining(settings, join_later(cluster, join_stages(settings, credentials)))
     except BaseException:
         cluster.close()
         raise
