@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -652,4 +653,10 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # same clean stop as Ctrl-C
-    sys.exit(main())
+    code = main()
+    # Everything is written and closed: skip the interpreter's last full garbage
+    # collections over all it imported (dask, bokeh, pandas, pyarrow). The process then
+    # exits 0.03 s after its atexit handlers instead of 0.33-0.47 s; objects still go by
+    # reference count.
+    gc.freeze()
+    sys.exit(code)

@@ -182,7 +182,7 @@ class Tally:
     thumbnail_wall_s: float = 0.0  # the thumbnail nodes' wall time: the CPU pool's busy time
     downloaded: int = 0
     resumed: int = 0
-    ready: float = 0.0  # seconds until the cluster was up and the first batch went out
+    ready: float = 0.0  # seconds until the scheduler was up and the first batch went out
     failed_batches: list[str] = field(default_factory=list)
     storms: StormWatch = field(default_factory=lambda: StormWatch())
 
@@ -328,6 +328,8 @@ def stream_batches(
             for future, outcome in zip(done, _outcomes(client, done), strict=True):
                 _, batch, sent = in_flight.pop(future.key)
                 if isinstance(outcome, BaseException):  # failed on every retry: not data
+                    if client.status in ("closing", "closed"):  # the run is over, not the batch
+                        raise outcome  # (the api closes its client when a worker did not start)
                     failed = writers.failed if writers else wiring.failed
                     report = failed(batch, outcome)
                     tally.failed_batches.append(str(future.key))
@@ -569,21 +571,21 @@ def finished(report: BatchReport, turnaround_s: float) -> Finished:
     )
 
 
-def measured_window(client: Client, max_bytes: int | None = None) -> Window:
-    """The window sized by measurement on this cluster (the default; ``--window N`` fixes it)."""
-    workers = client.scheduler_info(n_workers=-1)["workers"].values()
-    io = sum((w.get("resources") or {}).get(clusters.IO_RESOURCE, 0) for w in workers)
-    cpu = sum(w.get("nthreads", 1) for w in workers if "io" not in (w.get("resources") or {}))
+def measured_window(
+    client: Client, max_bytes: int | None = None, slots: tuple[int, int] | None = None
+) -> Window:
+    """The window sized by measurement on this cluster (the default; ``--window N`` fixes it).
+    ``slots``: (CPU slots, I/O slots) when known without asking the workers (a local
+    cluster whose workers are still joining: ``Joining.slots``)."""
+    cpu, io = slots or clusters.worker_slots(client)
     options = {} if max_bytes is None else {"max_bytes": max_bytes}
     # Without an I/O pool, the download nodes share the CPU slots.
-    return Window(cpu, int(io) or cpu, default_window(client), **options)
+    return Window(cpu, io or cpu, default_window(cpu), **options)
 
 
-def default_window(client: Client) -> int:
+def default_window(cpu_slots: int) -> int:
     """Enough batches in flight to keep every CPU slot busy, and not many more."""
-    info = client.scheduler_info(n_workers=-1)["workers"].values()
-    slots = sum(w.get("nthreads", 1) for w in info if "io" not in (w.get("resources") or {}))
     # Measured on 2 cores, 1000 demo images at 100 ms latency: a window of 6 batches left
     # the CPU workers waiting on downloads (24 images/s), 16 kept them busy (52 images/s),
     # 32 gained nothing more. Each CPU slot needs ~4 batches: its own, and three downloading.
-    return max(8, 4 * min(slots, 512) + 8)
+    return max(8, 4 * min(cpu_slots, 512) + 8)

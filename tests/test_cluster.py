@@ -11,12 +11,14 @@ from distributed import Nanny, Scheduler
 
 from imgtasks.cluster import (
     ClusterSettings,
-    connect,
+    QuickExit,
+    connect_early,
     exposure_warnings,
     has_routing,
     scheduler_spec,
     security,
     worker_resources,
+    worker_slots,
     worker_specs,
 )
 
@@ -25,7 +27,7 @@ def test_hybrid_spec_has_an_io_pool_and_cpu_pool() -> None:
     specs = worker_specs(ClusterSettings(kind="hybrid", io_threads=24, cpu_workers=3))
     assert sorted(specs) == ["cpu-0", "cpu-1", "cpu-2", "io"]
     io = specs["io"]["options"]
-    assert specs["io"]["cls"] is Nanny
+    assert issubclass(specs["io"]["cls"], Nanny)
     # resource amount = thread count, or the I/O worker runs one download at a time
     assert io["nthreads"] == 24 and io["resources"] == {"io": 24}
     for name in ("cpu-0", "cpu-1", "cpu-2"):
@@ -140,9 +142,14 @@ def test_hybrid_cluster_starts_with_routing_and_routes(monkeypatch: pytest.Monke
     settings = ClusterSettings(
         kind="hybrid", io_threads=4, cpu_workers=2, dashboard_address="127.0.0.1:0"
     )
-    client, cluster = connect(settings)
+    # The flow's way: the client once the scheduler is up, the workers joining meanwhile
+    # (they are created on the cluster's loop: the spawn config must reach them there too).
+    client, cluster, joining = connect_early(settings)
     try:
-        client.wait_for_workers(3, timeout=60)
+        assert joining is not None
+        joining.joined.result(timeout=60)
+        assert joining.failure() is None and len(client.scheduler_info()["workers"]) == 3
+        assert worker_slots(client) == joining.slots == (2, 4) and joining.routes
         assert sorted(map(sorted, (r.items() for r in worker_resources(client)))) == sorted(
             [[("io", 4.0)], [("cpu", 1.0)], [("cpu", 1.0)]]
         )
@@ -179,6 +186,9 @@ def test_hybrid_cluster_starts_with_routing_and_routes(monkeypatch: pytest.Monke
         memory = client.run(lambda dask_worker: dask_worker.memory_manager.memory_monitor_interval)
         assert set(memory.values()) == {0.5}
         assert client.direct_to_workers is True
+        # and they exit without the interpreter's last garbage collections (QuickExit)
+        quick = client.run(lambda dask_worker: QuickExit.name in dask_worker.plugins)
+        assert set(quick.values()) == {True}
     finally:
         client.close()
         assert cluster is not None
