@@ -199,3 +199,35 @@ def _worker_name() -> str:
     from distributed import get_worker
 
     return str(get_worker().name)
+
+
+@pytest.mark.timeout(120)
+def test_run_config_keeps_no_message_log_anywhere() -> None:
+    """Within ``run_config`` (a run on a client of ours) no connection keeps Dask's debug
+    log of recent messages: each message to a worker holds its batch's URLs."""
+    from imgtasks.cluster import run_config
+
+    settings = ClusterSettings(
+        kind="hybrid", io_threads=2, cpu_workers=1, dashboard_address="127.0.0.1:0"
+    )
+    with run_config():
+        client, cluster, joining = connect_early(settings)
+        try:
+            assert joining is not None
+            joining.joined.result(timeout=60)
+            client.wait_for_workers(2, timeout=60)
+            workers = client.run(
+                lambda dask_worker: dask_worker.batched_stream.recent_message_log.maxlen
+            )
+            scheduler = client.run_on_scheduler(
+                lambda dask_scheduler: [
+                    stream.recent_message_log.maxlen
+                    for stream in dask_scheduler.stream_comms.values()
+                ]
+            )
+            assert set(workers.values()) == {0} and scheduler and set(scheduler) == {0}
+            assert client.scheduler_comm.recent_message_log.maxlen == 0
+        finally:
+            client.close()
+            if cluster is not None:
+                cluster.close()
