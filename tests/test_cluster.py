@@ -172,6 +172,9 @@ def test_hybrid_cluster_starts_with_routing_and_routes(monkeypatch: pytest.Monke
         # Dask's MALLOC_TRIM_THRESHOLD_ makes every image buffer an mmap: not on our workers
         trim = client.run(os.environ.get, "MALLOC_TRIM_THRESHOLD_")
         assert trim and set(trim.values()) == {None}
+        # pyarrow's mimalloc keeps a heap per thread: the I/O worker's memory grew with them
+        pools = client.run(lambda: __import__("pyarrow").default_memory_pool().backend_name)
+        assert set(pools.values()) == {"system"}
         # Dask's profiler calls sys._current_frames(), which deadlocks on CPython 3.11
         profiling = client.run(lambda dask_worker: "profile" in dask_worker.periodic_callbacks)
         assert set(profiling.values()) == {sys.version_info >= (3, 12)}
