@@ -20,6 +20,7 @@ import itertools
 import logging
 import os
 import secrets
+import socket
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -107,6 +108,9 @@ def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
 _made_dirs: set[str] = set()  # directories this process made or found
 _temp_names = itertools.count()
 _TEMP_TOKEN = secrets.token_hex(4)  # with the pid: no two processes pick the same names
+# Which machine wrote a temporary: a sweep may then remove at once those whose writer
+# process is gone from this machine, whatever their age (a run killed a moment ago).
+_HOST = hashlib.blake2b(socket.gethostname().encode(), digest_size=4).hexdigest()
 
 
 def _open_temporary(directory: str) -> tuple[int, str]:
@@ -115,7 +119,8 @@ def _open_temporary(directory: str) -> tuple[int, str]:
         if directory not in _made_dirs:
             os.makedirs(directory, exist_ok=True)
             _made_dirs.add(directory)
-        tmp = f"{directory}/{TEMP_PREFIX}{_TEMP_TOKEN}-{os.getpid()}-{next(_temp_names)}"
+        name = f"{TEMP_PREFIX}{_HOST}-{os.getpid()}-{_TEMP_TOKEN}-{next(_temp_names)}"
+        tmp = f"{directory}/{name}"
         try:
             return os.open(tmp, _TEMP_FLAGS, 0o600), tmp
         except FileExistsError:  # another writer's name: take the next
@@ -131,8 +136,10 @@ _TEMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
 def sweep_temporaries(settings: OutputSettings, now: float | None = None) -> int:
     """Delete the temporaries a killed run left in a local output; returns how many.
 
-    Only files older than ``STALE_TEMP_AGE`` go, so a writer still running into the same
-    output keeps its in-flight files. Object stores have no temporaries.
+    Those of a writer process that is gone from this machine go at once; others only when
+    older than ``STALE_TEMP_AGE``, so a writer still running into the same output (here
+    or on another host sharing it) keeps its in-flight files. Object stores have no
+    temporaries.
     """
     fs, root = filesystem(settings)
     if not is_local(fs) or not os.path.isdir(root):
@@ -142,11 +149,27 @@ def sweep_temporaries(settings: OutputSettings, now: float | None = None) -> int
     for directory, _, names in os.walk(root):
         for name in names:
             path = os.path.join(directory, name)
-            if name.startswith(TEMP_PREFIX) and _modified(path) < cutoff:
+            if name.startswith(TEMP_PREFIX) and (_writer_gone(name) or _modified(path) < cutoff):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)
                     removed += 1
     return removed
+
+
+def _writer_gone(name: str) -> bool:
+    """Whether a temporary's name says it was written on this machine by a process that
+    no longer runs (a reused pid only keeps it until it is stale)."""
+    host, _, rest = name[len(TEMP_PREFIX) :].partition("-")
+    pid = rest.partition("-")[0]
+    if host != _HOST or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # it runs, as another user
+        return False
+    return False
 
 
 def _modified(path: str) -> float:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from fsspec.implementations.local import LocalFileSystem
 
 from imgtasks.manifest import Record, manifest_parts, read_manifest, write_manifest_part
 from imgtasks.sinks import (
@@ -97,6 +98,27 @@ def test_memory_filesystem_outputs() -> None:
 
 def test_empty_manifest_reads_as_empty_table(tmp_path: Path) -> None:
     assert read_manifest(OutputSettings(str(tmp_path))).num_rows == 0
+
+
+def test_sweep_removes_a_dead_writers_temporaries_at_once(tmp_path: Path) -> None:
+    """A temporary written here by a process that has exited goes whatever its age; one
+    of a live process, or of another machine, stays until it is stale."""
+    import subprocess
+    import sys
+
+    from imgtasks import sinks
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    gone = tmp_path / f".tmp-{sinks._HOST}-{dead.stdout.strip()}-abcd1234-0"
+    live = tmp_path / f".tmp-{sinks._HOST}-{os.getpid()}-abcd1234-1"
+    elsewhere = tmp_path / f".tmp-00000000-{dead.stdout.strip()}-abcd1234-2"
+    for path in (gone, live, elsewhere):
+        path.write_bytes(b"x")
+    assert sweep_temporaries(OutputSettings(str(tmp_path))) == 1
+    assert not gone.exists() and live.exists() and elsewhere.exists()
+    write_atomic(LocalFileSystem(), str(tmp_path / "f.bin"), b"y")  # its temporary: ours
+    assert (tmp_path / "f.bin").read_bytes() == b"y"
 
 
 def test_sweep_removes_only_stale_temporaries(tmp_path: Path) -> None:
