@@ -400,18 +400,18 @@ def local_cluster(settings: ClusterSettings | None = None) -> SpecCluster:
 
 
 def connect(settings: ClusterSettings) -> tuple[Client, SpecCluster | None]:
-    """A client on the cluster the settings name (and the cluster when we started it)."""
-    credentials = security(settings)
-    if settings.is_remote:
-        return remote_client(settings, credentials), None
-    cluster = start_local_cluster(settings, credentials)
-    try:
-        # Results straight from the workers that hold them, not relayed by the scheduler:
-        # our own workers are always reachable from here.
-        return Client(cluster, direct_to_workers=True), cluster
-    except BaseException:
-        cluster.close()
-        raise
+    """A client on the cluster the settings name (and the cluster when we started it),
+    once every local worker has joined (``connect_early``, then its wait)."""
+    client, cluster, joining = connect_early(settings)
+    if joining is not None:
+        try:
+            joining.joined.result()
+        except BaseException:
+            client.close()
+            if cluster is not None:
+                cluster.close()
+            raise
+    return client, cluster
 
 
 @dataclass(frozen=True)
