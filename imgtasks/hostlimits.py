@@ -17,6 +17,10 @@ host and tells it how each request went.
   Only answers to requests sent after the last cut count against it again: a burst of
   429s caused by one too-large limit cuts it once, not once per answer.
 - **Retry-After.** No new request starts to that host until it has passed (capped).
+- **Slots go in order.** Requests waiting for a slot get it lowest ``priority`` first (the
+  downloader passes its batch's order and the URL's place in it): the first batch finishes
+  first, instead of every batch in flight getting some of its URLs through and all of
+  them finishing together, one round trip per wave, while the CPU pool waits.
 - Limits are per worker process: P I/O processes crawling one host each find their own
   limit, and the host sees the sum (each process backs off on the host's own signals).
 
@@ -26,10 +30,12 @@ ignored, ``ceiling`` requests at once, no pause.
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import threading
 import time
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 # Shrink factors: multiplicative decrease, as TCP Reno's halving on loss.
 OVERLOAD_FACTOR = 0.5  # 429, 503, time-out, reset
@@ -56,6 +62,16 @@ class Ticket:
 
     started: float
     limit: float = float("inf")
+
+
+@dataclass(order=True)
+class _Waiter:
+    """A request waiting for a slot: served lowest ``priority`` first, then in arrival order.
+    Each has its own condition on the host's lock, so a freed slot wakes one thread."""
+
+    priority: tuple[int, ...]
+    arrival: int
+    wake: threading.Condition = field(compare=False)
 
 
 @dataclass(frozen=True)
@@ -97,34 +113,32 @@ class HostLimit:
         self._best: float | None = None
         self._recent: float | None = None
         self._limited_at = float("-inf")  # when the limit last held a request back
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()
+        self._waiters: list[_Waiter] = []  # a heap
+        self._arrivals = itertools.count()
 
     # -- slots
 
-    def acquire(self, timeout: float) -> Ticket | None:
-        """Wait up to ``timeout`` seconds for a slot; None when none came in time."""
+    def acquire(self, timeout: float, priority: tuple[int, ...] = ()) -> Ticket | None:
+        """Wait up to ``timeout`` seconds for a slot; None when none came in time. Waiting
+        requests are let in lowest ``priority`` first."""
         deadline = self._clock() + max(timeout, 0.0)
-        with self._cond:
-            while True:
-                now = self._clock()
-                wait = self._paused_until - now
-                if wait <= 0 and self.in_flight < self.allowed:
-                    break
-                left = deadline - now
-                self._limited_at = now  # a request waits: the limit is what holds it back
-                if left <= 0:
-                    return None
-                self._cond.wait(min(left, wait) if wait > 0 else left)
+        with self._lock:
+            queue = self._waiters or not self._open(self._clock())
+            if queue and not self._wait_turn(priority, deadline):
+                return None
+            now = self._clock()
             self.in_flight += 1
             self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
             if self.in_flight >= self.allowed:
                 self._limited_at = now
+            self._wake_next()  # a slot may still be free: the next in line checks
             return Ticket(now, self.limit)
 
     def release(self, ticket: Ticket) -> None:
-        with self._cond:
+        with self._lock:
             self.in_flight -= 1
-            self._cond.notify()
+            self._wake_next()
 
     @property
     def allowed(self) -> int:
@@ -137,7 +151,7 @@ class HostLimit:
         """A healthy answer; ``latency_s``: its time to first byte (None: not measured)."""
         if not self.adaptive:
             return
-        with self._cond:
+        with self._lock:
             if latency_s is not None and self._latency_climbed(latency_s):
                 self._cut(ticket, LATENCY_FACTOR)
                 return
@@ -147,20 +161,20 @@ class HostLimit:
             if not self._limited():
                 return
             self._grow()
-            self._cond.notify_all()
+            self._wake_next()
 
     def overloaded(self, ticket: Ticket, retry_after_s: float | None = None) -> None:
         """A 429 or 503 (with its Retry-After, seconds), or a time-out or reset."""
         if not self.adaptive:
             return
-        with self._cond:
+        with self._lock:
             if retry_after_s is not None and retry_after_s > 0:
                 pause = min(retry_after_s, RETRY_AFTER_MAX_S)
                 self._paused_until = max(self._paused_until, self._clock() + pause)
             self._cut(ticket, OVERLOAD_FACTOR)
 
     def snapshot(self) -> Snapshot:
-        with self._cond:
+        with self._lock:
             return Snapshot(
                 self.limit,
                 self.in_flight,
@@ -171,6 +185,37 @@ class HostLimit:
             )
 
     # -- inside the lock
+
+    def _open(self, now: float) -> bool:
+        """A new request may start now: no Retry-After pause, a slot free."""
+        return now >= self._paused_until and self.in_flight < self.allowed
+
+    def _wait_turn(self, priority: tuple[int, ...], deadline: float) -> bool:
+        """Queue, and wait until first in line with a slot open; False at the deadline."""
+        waiter = _Waiter(priority, next(self._arrivals), threading.Condition(self._lock))
+        heapq.heappush(self._waiters, waiter)
+        try:
+            while True:
+                now = self._clock()
+                if self._waiters[0] is waiter and self._open(now):
+                    return True
+                self._limited_at = now  # a request waits: the limit is what holds it back
+                left = deadline - now
+                if left <= 0:
+                    return False
+                pause = self._paused_until - now
+                waiter.wake.wait(min(left, pause) if pause > 0 else left)
+        finally:
+            if self._waiters[0] is waiter:
+                heapq.heappop(self._waiters)
+            else:  # timed out (or interrupted) in the middle of the line
+                self._waiters.remove(waiter)
+                heapq.heapify(self._waiters)
+            self._wake_next()
+
+    def _wake_next(self) -> None:
+        if self._waiters:
+            self._waiters[0].wake.notify()
 
     def _grow(self) -> None:
         if self._slow_start:
