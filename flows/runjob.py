@@ -1,9 +1,4 @@
-"""The main job, as a command line over ``imgtasks.thumbnails``.
-
-    python flows/run.py                          # 1000 images from the embedded demo server
-    python flows/run.py --scheduler processes    # single-threaded worker processes
-    python flows/run.py --urls urls.parquet --out s3://bucket/thumbs --scheduler tls://host:8786 \
-        --tls-ca-file ca.pem --tls-cert client.pem --tls-key client-key.pem
+"""The main job's command line, over ``imgtasks.thumbnails``: ``flows/run.py`` runs it.
 
 argv -> settings -> one call -> the summary. The source is a URL list (``--urls``), Imgur's
 gallery (``--imgur N``) or, by default, the embedded demo image server on 127.0.0.1.
@@ -650,7 +645,8 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if result.failed_batches else 0
 
 
-if __name__ == "__main__":
+def entry() -> int:
+    """``python flows/run.py``: Ctrl-C and SIGTERM stop the run cleanly; the exit code."""
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # same clean stop as Ctrl-C
     code = main()
@@ -659,4 +655,4 @@ if __name__ == "__main__":
     # exits 0.03 s after its atexit handlers instead of 0.33-0.47 s; objects still go by
     # reference count.
     gc.freeze()
-    sys.exit(code)
+    return code

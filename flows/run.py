@@ -1,0 +1,20 @@
+"""The main job, as a command line over ``imgtasks.thumbnails``.
+
+    python flows/run.py                          # 1000 images from the embedded demo server
+    python flows/run.py --scheduler processes    # single-threaded worker processes
+    python flows/run.py --urls urls.parquet --out s3://bucket/thumbs --scheduler tls://host:8786 \
+        --tls-ca-file ca.pem --tls-cert client.pem --tls-key client-key.pem
+
+The command line itself is ``flows/runjob.py``; this file is only its entry point, and
+imports nothing at the top. Dask's local worker processes start by running the main
+module again (multiprocessing's spawn method, as ``__mp_main__``), so whatever this file
+imported, every worker imported too: 0.8 s of CPU each (bokeh for the job page, the
+cluster layer), three processes on two cores, before the first request went out.
+"""
+
+if __name__ == "__main__":
+    import sys
+
+    from runjob import entry
+
+    sys.exit(entry())
