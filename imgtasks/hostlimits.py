@@ -84,6 +84,7 @@ class Snapshot:
     cuts: int
     best_latency_s: float | None
     recent_latency_s: float | None
+    waiting: int = 0  # requests waiting for a slot
 
 
 class HostLimit:
@@ -182,6 +183,7 @@ class HostLimit:
                 self.cuts,
                 self._best,
                 self._recent,
+                len(self._waiters),
             )
 
     # -- inside the lock

@@ -1,4 +1,5 @@
-"""The adaptive per-host limit on its own, with a fake clock: no threads, no network."""
+"""The adaptive per-host limit on its own, with a fake clock (threads only where requests
+wait for a slot); no network."""
 
 from __future__ import annotations
 
@@ -150,6 +151,49 @@ def test_acquire_waits_for_a_release_from_another_thread() -> None:
     threading.Timer(0.05, limit.release, [held]).start()
     assert limit.acquire(5.0) is not None
     assert limit.acquire(0.01) is None
+
+
+def queue_up(limit: HostLimit, priorities: list[int], timeout: float = 10.0) -> tuple[list, list]:
+    """A thread per priority waiting for a slot, started one at a time (each queued
+    before the next starts); returns the threads and the order slots were given in."""
+    order: list[int] = []
+    threads = []
+
+    def wait(priority: int) -> None:
+        ticket = limit.acquire(timeout, (priority,))
+        if ticket is not None:
+            order.append(priority)
+            limit.release(ticket)
+
+    for n, priority in enumerate(priorities, start=1):
+        threads.append(threading.Thread(target=wait, args=(priority,)))
+        threads[-1].start()
+        while limit.snapshot().waiting < n:
+            threading.Event().wait(0.001)
+    return threads, order
+
+
+def test_waiting_requests_get_slots_lowest_priority_first() -> None:
+    limit = HostLimit(1)
+    held = limit.acquire(0)
+    threads, order = queue_up(limit, [5, 1, 3, 2, 4])  # arrival order is not slot order
+    limit.release(held)
+    for thread in threads:
+        thread.join(10)
+    assert order == [1, 2, 3, 4, 5]
+    assert limit.snapshot().waiting == 0
+
+
+def test_a_request_that_gives_up_waiting_leaves_the_line() -> None:
+    limit = HostLimit(1)
+    held = limit.acquire(0)
+    threads, order = queue_up(limit, [2, 3])
+    assert limit.acquire(0.05, (1,)) is None  # first in line, but no slot came in time
+    assert limit.snapshot().waiting == 2
+    limit.release(held)
+    for thread in threads:
+        thread.join(10)
+    assert order == [2, 3]
 
 
 def test_limits_per_host_are_separate_and_bounded() -> None:
