@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -317,3 +318,19 @@ def test_formats_widens_what_is_decoded(tmp_path: Path, subprocess_env: dict[str
             statuses[formats] = list(zip(df["status"], df["source_format"], strict=True))
     assert statuses["web"] == [("unsupported_format", "TGA"), ("ok", "JPEG")]
     assert statuses["jpeg,tga"] == [("ok", "TGA"), ("ok", "JPEG")]
+
+
+def test_worker_processes_do_not_import_what_the_command_line_imports() -> None:
+    """Dask's local workers start by running the main module again as ``__mp_main__``
+    (multiprocessing's spawn): flows/run.py must import nothing then."""
+    code = (
+        "import runpy, sys; runpy.run_path(sys.argv[1], run_name='__mp_main__'); "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('imgtasks', 'runjob', 'dask', 'distributed', 'bokeh', 'pandas')))"
+    )
+    run_py = Path(__file__).parents[1] / "flows" / "run.py"
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(run_py)], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
