@@ -172,12 +172,16 @@ def stages_alone(urls: Sequence[str], batch_size: int) -> Alone:
 # --------------------------------------------------------------------------- the run
 
 
+def batch_size_arg(text: str) -> int | None:
+    return None if text == "auto" else int(text)
+
+
 def flow_settings(argv: Sequence[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="cpu_breakdown.py -- ")
     p.add_argument("--scheduler", default="hybrid")
     p.add_argument("--cpu-workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--io-threads", type=int, default=clusters.DEFAULT_IO_THREADS)
-    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
+    p.add_argument("--batch-size", type=batch_size_arg, default=None, help="N or auto")
     p.add_argument("--window", default="0")
     p.add_argument("--dashboard-address", default="127.0.0.1:0")
     p.add_argument("--no-job-page", action="store_true")
@@ -405,7 +409,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     variants = parse_ab(args.ab)
     jitter = "0" if args.latency == 0 else "0.02"
-    batch_size = flow_settings(args.flow_args).batch_size
+    batch_size = flow_settings(args.flow_args).batch_size or DEFAULT_BATCH_SIZE
     with server_process(args.latency, float(jitter)) as (base, server_pid):
         params = {"count": args.count, "kind": args.kind}
         urls = requests.get(f"{base}/urls", params=params, timeout=60).text.split()

@@ -11,7 +11,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sized
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
@@ -73,6 +73,7 @@ from imgtasks.sources import (
 )
 from imgtasks.status import Status
 from imgtasks.thumbnail import ThumbSettings
+from imgtasks.window import BatchSizing
 from imgtasks.worker_input import WorkerInput, reads_on_workers
 
 log = logging.getLogger(__name__)
@@ -253,7 +254,7 @@ def thumbnails(
     storage_options: Mapping[str, Any] | None = None,
     keep_originals: str | os.PathLike[str] | None = None,
     resume: bool = False,
-    batch_size: int = DEFAULT_BATCH_SIZE,
+    batch_size: int | None = None,
     read_on: str = "auto",
     window: int | str = 0,
     max_inflight_bytes: int | None = None,
@@ -309,7 +310,9 @@ def thumbnails(
         keep_originals: also keep the downloaded files there (directory or fsspec URL).
         resume: skip the URLs an earlier run into the same ``out`` finished (``ok`` row,
             thumbnail present); their rows are carried over.
-        batch_size: URLs per download node and thumbnail node.
+        batch_size: URLs per download node and thumbnail node. None: chosen as the run
+            goes, 16 at first, then enough for ~0.1 s of thumbnail work each, up to 128
+            (``window.BatchSizing``); when the workers read the input, 16.
         read_on: who reads ``urls``. ``"client"``: this process reads, numbers,
             de-duplicates and batches every line. ``"workers"``: a list file (local to the
             workers, or an fsspec URL) or a dask DataFrame is read by the workers, partition
@@ -352,7 +355,9 @@ def thumbnails(
         raise ValueError(f"max_inflight_bytes must be >= 1, got {max_inflight_bytes}")
     if output_format not in OUTPUT_FORMATS:
         raise ValueError(f"output_format must be one of {OUTPUT_FORMATS}; got {output_format!r}")
-    listing = url_list(urls, url_column, _positive("batch_size", batch_size), output, columns)
+    sizing = BatchSizing() if batch_size is None else None
+    fixed_size = DEFAULT_BATCH_SIZE if batch_size is None else _positive("batch_size", batch_size)
+    listing = url_list(urls, url_column, fixed_size, output, columns)
     if isinstance(job_page, str):
         jobserver.check_loopback(job_page)
     how = _Execution(
@@ -393,18 +398,18 @@ def thumbnails(
     every = job.shards.size if job.shards else 0
     if remote:
         selected = listing or _columns(urls, url_column, columns.names)
-        batches, total = _worker_input(selected, columns, batch_size), None
+        batches, total, sizing = _worker_input(selected, columns, fixed_size), None, None
     elif listing is not None:
-        batches, total = url_batches(listing, every), None
+        batches, total = url_batches(listing, every, sizing), None
     else:
-        batches, total = url_values(urls, url_column, batch_size, columns, every)
+        batches, total = url_values(urls, url_column, sizing or fixed_size, columns, every)
     download = download or DownloadSettings()
     if not download.disallowed_header_directives:
         log.warning(
             "X-Robots-Tag opt-outs are not checked: images whose owners said noai or noindex "
             "will be kept"
         )
-    return _run(batches, total, job, download, how)
+    return _run(batches, total, job, download, how, sizing)
 
 
 @dataclass(frozen=True)
@@ -425,6 +430,7 @@ def _run(
     job: JobSettings,
     download: DownloadSettings,
     how: _Execution,
+    sizing: BatchSizing | None = None,
 ) -> Result:
     tally = Tally(total=total)
     feed = JobFeed(job.output, job.run_id, total)
@@ -461,7 +467,7 @@ def _run(
                 tally.ready = tally.elapsed
                 if how.report:
                     stack.enter_context(performance_report(filename=how.report, mode="inline"))
-                stream_batches(client, batches, wiring, window, tally, progress)
+                stream_batches(client, batches, wiring, window, tally, progress, sizing)
     except KeyboardInterrupt:
         raise Interrupted(_result(tally, feed, job, how, links, interrupted=True)) from None
     except Exception as exc:
@@ -694,7 +700,7 @@ def url_list(
 def url_values(
     urls: URLs,
     column: str,
-    batch_size: int,
+    batch_size: int | Callable[[], int],
     columns: InputColumns = NO_COLUMNS,
     shard_size: int = 0,
 ) -> tuple[Iterator[UrlBatch], int | None]:

@@ -143,7 +143,9 @@ class DownloadSettings:
     per_host: int | None = None
     per_host_start: int = PER_HOST_START  # the adaptive limit's first value
     per_host_fixed: bool = False  # a fixed cap instead of the adaptive limit
-    parallel: int = 16  # threads one fetch_many call uses
+    # Threads one fetch_many call uses at most: a batch's URLs go out at once (batches
+    # grow to window.BATCH_CEILING), the hosts' limits deciding how many reach each host.
+    parallel: int = 128
     max_url_length: int = 2048
     # Politeness (imgtasks.politeness). The token is matched in X-Robots-Tag and robots.txt
     # and sent in the User-Agent; an empty directive tuple turns the opt-out check off.

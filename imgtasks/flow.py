@@ -53,7 +53,7 @@ from imgtasks.partitions import (
 from imgtasks.runlog import BatchLog
 from imgtasks.sources import UrlBatch
 from imgtasks.status import NOT_FETCHED, Status
-from imgtasks.window import Finished, Window
+from imgtasks.window import BatchSizing, Finished, Window
 
 log = logging.getLogger(__name__)
 
@@ -293,10 +293,12 @@ def stream_batches(
     window: int | Window,
     tally: Tally,
     progress: Progress,
+    sizing: BatchSizing | None = None,
 ) -> None:
     """Keep the window's batches in flight (a number, or a :class:`Window` sized by
     measurement); submit the next as each one finishes. In shard mode the batches' pieces
-    wait on the workers for their shard's writer (``_Writers``)."""
+    wait on the workers for their shard's writer (``_Writers``). ``sizing``: the batch
+    sizes ``batches`` asks for, told how each finished batch went."""
     sizer = window if isinstance(window, Window) else Window(1, 1, start=window, fixed=window)
     pending = iter(batches)
     futures = as_completed()
@@ -339,7 +341,10 @@ def stream_batches(
                     writers.batch_done(batch)
                 _finished(report, tally, progress)
                 if report is not None:
-                    sizer.observe(finished(report, time.monotonic() - sent), len(in_flight))
+                    seen = finished(report, time.monotonic() - sent)
+                    sizer.observe(seen, len(in_flight))
+                    if sizing is not None:
+                        sizing.observe(seen)
                 future.release()
                 if rollup is not None:
                     rollup.batch_done(batch.batch_id, report)

@@ -24,7 +24,7 @@ import hashlib
 import io
 import json
 import logging
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -370,26 +370,31 @@ def classify(
 
 
 def batched(
-    entries: Iterable[UrlEntry], batch_size: int, shard_size: int = 0
+    entries: Iterable[UrlEntry], batch_size: int | Callable[[], int], shard_size: int = 0
 ) -> Iterator[UrlBatch]:
-    """Group entries into batches of ``batch_size`` URLs to fetch.
+    """Group entries into batches of ``batch_size`` URLs to fetch: a number, or a callable
+    asked as each batch starts (``window.BatchSizing``: sizes chosen by measurement).
 
     Invalid and duplicate entries ride along with the batch they fall in (they cost no
     work), so every batch carries up to ``batch_size`` real downloads. With a
     ``shard_size``, no batch spans two shards (input lines ``s * shard_size`` onwards):
     a shard is written once its own batches are done.
     """
+    size_now = batch_size if callable(batch_size) else lambda: batch_size
     chunk: list[UrlEntry] = []
     pending = 0
     batch_id = 0
+    size = 0
     for entry in entries:
         if chunk and shard_size and entry.index // shard_size != chunk[0].index // shard_size:
             yield UrlBatch(batch_id, tuple(chunk))
             batch_id += 1
             chunk, pending = [], 0
+        if not chunk:
+            size = size_now()
         chunk.append(entry)
         pending += entry.pending
-        if pending >= batch_size or len(chunk) >= 8 * batch_size:
+        if pending >= size or len(chunk) >= 8 * size:
             yield UrlBatch(batch_id, tuple(chunk))
             batch_id += 1
             chunk, pending = [], 0
@@ -397,8 +402,12 @@ def batched(
         yield UrlBatch(batch_id, tuple(chunk))
 
 
-def url_batches(settings: SourceSettings, shard_size: int = 0) -> Iterator[UrlBatch]:
-    """The whole source stage: read, classify, batch; lazily."""
+def url_batches(
+    settings: SourceSettings, shard_size: int = 0, sizing: Callable[[], int] | None = None
+) -> Iterator[UrlBatch]:
+    """The whole source stage: read, classify, batch; lazily. ``sizing``: batch sizes
+    chosen as the run goes (else ``settings.batch_size``)."""
     carry = settings.columns.carry
     rows = ((url, carry(values)) for url, values in read_rows(settings))
-    return batched(classify(rows, settings.max_url_length), settings.batch_size, shard_size)
+    size = sizing or settings.batch_size
+    return batched(classify(rows, settings.max_url_length), size, shard_size)

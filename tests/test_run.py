@@ -46,6 +46,8 @@ def manifest(out: Path) -> pd.DataFrame:
         (["--urls", "/nonexistent/urls.txt"], "no such file"),
         (["--mode", "stretch"], "invalid choice"),
         (["--io-threads", "0"], "io-threads"),
+        (["--batch-size", "0"], "--batch-size: must be >= 1"),
+        (["--batch-size", "many"], "--batch-size: expected a number or auto"),
         (["--scheduler", "sync", "--report", "r.html"], "report"),
         (["--no-such-flag"], "unrecognized"),
         (["--formats", "jpeg,nosuch"], "unknown source formats NOSUCH"),

@@ -179,3 +179,9 @@ def test_settings_are_validated() -> None:
         SourceSettings("x.txt", batch_size=0)
     with pytest.raises(ValueError):
         SourceSettings("x.txt", format="xlsx")
+
+
+def test_batches_take_the_size_asked_for_as_each_one_starts() -> None:
+    sizes = iter([2, 3, 5, 1, 4])
+    batches = list(batched(classify([f"http://h/{i}.jpg" for i in range(12)]), lambda: next(sizes)))
+    assert [len(b.entries) for b in batches] == [2, 3, 5, 1, 1]

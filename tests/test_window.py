@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from imgtasks.window import Finished, Window
+import pytest
+
+from imgtasks.window import BatchSizing, Finished, Window
 
 
 class Clock:
@@ -79,3 +81,42 @@ def test_it_grows_past_the_formula_while_the_cpu_waits_with_the_window_full() ->
     starved = batch(0.1, 0.05)  # the formula says few; the CPU is busy 10 % of the time
     first = feed(window, clock, starved, n=3, gap=0.25)
     assert feed(window, clock, starved, n=20, gap=0.25) > first
+
+
+def finished_batch(urls: int, per_url_s: float) -> Finished:
+    return Finished(urls, urls, 0.1, 0.1, urls * per_url_s, urls * 30_000, 0.2)
+
+
+def test_batch_sizes_grow_to_the_target_work_at_most_doubling() -> None:
+    sizing = BatchSizing(start=16, ceiling=128, target_s=0.25)
+    sizes = [sizing()]
+    for _ in range(5):
+        sizing.observe(finished_batch(sizes[-1], 0.004))  # web-size: 4 ms a URL
+        sizes.append(sizing())
+    assert sizes == [16, 32, 62, 62, 62, 62]  # 0.25 s / 4 ms, reached by doubling
+
+
+def test_batch_sizes_stay_at_the_ceiling_and_the_start() -> None:
+    quick, slow = BatchSizing(16, 128, 0.25), BatchSizing(16, 128, 0.25)
+    for _ in range(6):
+        quick.observe(finished_batch(quick(), 0.0005))  # tiny images
+        slow.observe(finished_batch(slow(), 0.05))  # 12 MP photos: 16 are 0.8 s of work
+    assert (quick(), slow()) == (128, 16)
+
+
+def test_batch_sizes_shrink_when_the_images_get_heavier() -> None:
+    sizing = BatchSizing(16, 128, 0.25)
+    for _ in range(6):
+        sizing.observe(finished_batch(sizing(), 0.001))
+    assert sizing() == 128
+    for _ in range(20):
+        sizing.observe(finished_batch(sizing(), 0.01))
+    assert sizing() == 25
+
+
+def test_a_batch_with_nothing_downloaded_says_nothing_about_sizes() -> None:
+    sizing = BatchSizing(16, 128, 0.25)
+    sizing.observe(Finished(16, 0, 0.0, 0.0, 0.002, 0, 0.01))  # all resumed or invalid
+    assert sizing() == 16
+    with pytest.raises(ValueError, match="start <= ceiling"):
+        BatchSizing(64, 32)
