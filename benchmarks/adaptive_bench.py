@@ -151,6 +151,16 @@ def cpu_busy_flowing(run: Run, processes: int) -> float | None:
     return min(1.0, work / (processes * max(last - first, 1e-9)))
 
 
+def machine_busy(run: Run) -> float | None:
+    """CPU seconds of the flow's processes and of the demo server over cores x wall: on a
+    small machine the server, the I/O worker and the client share the cores with the CPU
+    pool, so once the cores are busy a fuller pool is not possible, whatever the window."""
+    r = run.row
+    if not r.seconds or r.cpu_s is None:
+        return None
+    return (r.cpu_s + (r.server_cpu_s or 0.0)) / ((os.cpu_count() or 1) * r.seconds)
+
+
 def peaks(run: Run) -> str:
     return ", ".join(
         f"{urlsplit(h).hostname} {max((n for _, n in log), default=0)}"
@@ -260,6 +270,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             flowing = cpu_busy_flowing(many, args.processes)
             shown = "n/a" if flowing is None else f"{100 * flowing:.0f} %"
             print(f"  CPU pool busy while thumbnails were written (first file to last): {shown}")
+            cores = machine_busy(many)
+            shown = "n/a" if cores is None else f"{100 * cores:.0f} %"
+            print(f"  the machine's cores busy (flow and server CPU-s / cores x wall): {shown}")
             print(f"  hosts saw at most: {peaks(many)}")
             print(f"  load average at the end: {os.getloadavg()[0]:.1f}")
         write_chart(runs, Path(args.html))

@@ -335,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         metavar="N",
         help="most concurrent requests to one host per worker process: the ceiling of the "
-        "adaptive limit (default 128), or with --per-host-fixed the fixed cap (default 16)",
+        "adaptive limit (default 256), or with --per-host-fixed the fixed cap (default 16)",
     )
     net.add_argument(
         "--per-host-start",

@@ -14,8 +14,10 @@ host and tells it how each request went.
   Never above ``ceiling``.
 - **Shrink quickly.** A 429 or 503, a time-out or reset halves the limit; a latency climb
   (recent time to first byte over twice the host's best, plus 50 ms) takes a fifth off.
-  Only answers to requests sent after the last cut count against it again: a burst of
-  429s caused by one too-large limit cuts it once, not once per answer.
+  Only answers to requests sent after the last cut halve it again: a burst of 429s
+  caused by one too-large limit halves it once, not once per answer; but when the
+  burst's refusals R show the host copes with fewer than half of the L it allowed, the
+  limit goes to L - R.
 - **Retry-After.** No new request starts to that host until it has passed (capped).
 - **Slots go in order.** Requests waiting for a slot get it lowest ``priority`` first (the
   downloader passes its batch's order and the URL's place in it): the first batch finishes
@@ -110,6 +112,8 @@ class HostLimit:
         self._slow_start = True
         self._bad_level: float | None = None  # where the host last complained
         self._last_cut = float("-inf")
+        # The last overload cut: (the cut before it, the limit it cut, refusals since)
+        self._burst = (float("-inf"), float("inf"), 0)
         self._paused_until = float("-inf")
         self._best: float | None = None
         self._recent: float | None = None
@@ -172,7 +176,12 @@ class HostLimit:
             if retry_after_s is not None and retry_after_s > 0:
                 pause = min(retry_after_s, RETRY_AFTER_MAX_S)
                 self._paused_until = max(self._paused_until, self._clock() + pause)
-            self._cut(ticket, OVERLOAD_FACTOR)
+            if ticket.started < self._last_cut:
+                self._refused_in_burst(ticket)
+            else:
+                since = self._last_cut
+                self._cut(ticket, OVERLOAD_FACTOR)
+                self._burst = (since, self._bad_level or self.limit, 1)
 
     def snapshot(self) -> Snapshot:
         with self._lock:
@@ -239,6 +248,18 @@ class HostLimit:
         self._last_cut = self._clock()
         self.cuts += 1
         self._recent = self._best  # judge the new level by answers at the new level
+
+    def _refused_in_burst(self, ticket: Ticket) -> None:
+        """Another refusal of the burst already cut for: not a second halving, but the
+        host has now refused R of the L requests that burst allowed, so it copes with at
+        most L - R. A host that copes with 4 and is sent 16 at once refuses 12: the limit
+        goes to 4 at once, not to 8 and then a second burst of refusals."""
+        since, allowed, refused = self._burst
+        if ticket.started < since:  # sent before an older cut: already answered for
+            return
+        refused += 1
+        self._burst = (since, allowed, refused)
+        self.limit = max(1.0, min(self.limit, allowed - refused))
 
     def _limited(self) -> bool:
         """The limit was reached, or a request waited, within the last two round trips."""

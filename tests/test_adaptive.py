@@ -130,7 +130,7 @@ def test_the_limits_adapt_by_default_and_stay_fixed_when_asked(
     tmp_path: Path, subprocess_env: dict[str, str]
 ) -> None:
     default = DownloadSettings()
-    assert (default.per_host, default.per_host_start, default.per_host_fixed) == (128, 8, False)
+    assert (default.per_host, default.per_host_start, default.per_host_fixed) == (256, 8, False)
     fixed = DownloadSettings(per_host_fixed=True)
     assert fixed.per_host == 16
     proc = run_flow(["--per-host-start", "0"], subprocess_env, timeout=60)

@@ -173,6 +173,24 @@ def queue_up(limit: HostLimit, priorities: list[int], timeout: float = 10.0) -> 
     return threads, order
 
 
+def test_a_burst_mostly_refused_cuts_to_what_the_host_took() -> None:
+    clock = Clock()
+    limit = HostLimit(256, 16, clock=clock)
+    tickets = [limit.acquire(0) for _ in range(16)]
+    clock.now += 0.2
+    for ticket in tickets[4:]:  # a host that copes with 4 refuses the other 12
+        limit.overloaded(ticket)
+    assert limit.limit == 4
+    assert limit.cuts == 1
+    for ticket in tickets:
+        limit.release(ticket)
+    later = [limit.acquire(0) for _ in range(4)]
+    clock.now += 0.2
+    limit.overloaded(later[0])  # a new burst: halved again
+    limit.overloaded(tickets[0])  # an answer from before the last two cuts changes nothing
+    assert limit.limit == 2
+
+
 def test_waiting_requests_get_slots_lowest_priority_first() -> None:
     limit = HostLimit(1)
     held = limit.acquire(0)
