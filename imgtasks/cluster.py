@@ -36,13 +36,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import dask
+import distributed.utils
 import psutil
 from distributed import Client, Nanny, Scheduler, SpecCluster, WorkerPlugin
 from distributed.core import Status
+from distributed.nanny import WorkerProcess
 from distributed.security import Security
 from distributed.utils import clean_dashboard_address
 
-from imgtasks import preflight
+from imgtasks import preflight, workerstart
 from imgtasks.sinks import OutputSettings, file_exists
 
 log = logging.getLogger(__name__)
@@ -250,7 +252,33 @@ def spawn_config(settings: ClusterSettings) -> dict[str, Any]:
         f"distributed.nanny.pre-spawn-environ.{name}": value
         for name, value in settings.worker_environ.items()
     }
-    return environ | dict(WORKER_CONFIG) | dict(QUIET_TIMERS_CONFIG)
+    method = {"distributed.worker.multiprocessing-method": workerstart.START_METHOD}
+    return environ | method | dict(WORKER_CONFIG) | dict(QUIET_TIMERS_CONFIG)
+
+
+def warm_worker_start(settings: ClusterSettings) -> None:
+    """Start the fork server our local workers are forked from (:mod:`imgtasks.workerstart`)
+    if it is not running, and return at once: it imports what workers import meanwhile,
+    while the scheduler starts. Its environment is the one the workers must start with
+    (Dask's pre-spawn environment with ``settings.worker_environ`` over it): a forked
+    worker inherits it, and variables such as MALLOC_TRIM_THRESHOLD_ only act when a
+    process starts."""
+    with dask.config.set(spawn_config(settings)):
+        environ = pre_spawn_environ()
+    workerstart.start_fork_server(environ)
+    # Dask's own fork-server set-up (distributed.utils.get_mp_context) would import pandas
+    # and numpy here, in the client's process, to ask for a preload the running server
+    # no longer reads: ours is set.
+    distributed.utils._forkserver_preload_set = True
+
+
+def pre_spawn_environ() -> dict[str, str | None]:
+    """What a Nanny made now sets before starting its worker (None: unset)."""
+    config = dask.config.get("distributed.nanny.pre-spawn-environ")
+    environ = {k: os.environ.get(k, None if v is None else str(v)) for k, v in config.items()}
+    if environ.get("PYTHONHASHSEED") in (None, "0"):  # as Nanny does: one seed for all
+        environ["PYTHONHASHSEED"] = "6640"
+    return environ
 
 
 class LocalNanny(Nanny):
@@ -266,7 +294,46 @@ class LocalNanny(Nanny):
         with dask.config.set(dict(spawn_config or {})):
             # the workers' config is read when they spawn, later: a copy, not a view
             config = copy.deepcopy(dask.config.config)
+            self._start_method = dask.config.get("distributed.worker.multiprocessing-method")
             super().__init__(*args, config=config, **kwargs)
+
+    async def instantiate(self) -> Status:
+        # Dask reads the start method from its global config as the worker process starts
+        with dask.config.set({"distributed.worker.multiprocessing-method": self._start_method}):
+            return await super().instantiate()
+
+    @property
+    def process(self) -> WorkerProcess | None:
+        return self._process
+
+    @process.setter
+    def process(self, value: WorkerProcess | None) -> None:
+        if type(value) is WorkerProcess:
+            value.__class__ = StartErrorKept  # the nanny makes it; we make it keep errors
+        self._process = value
+
+
+class StartErrorKept(WorkerProcess):
+    """Dask's WorkerProcess, but the error of a worker that fails to start survives the
+    worker's exit. Dask reads that error from a queue while the process runs, and its
+    exit callback releases the queue: a forked worker exits milliseconds after failing,
+    often first, and the nanny then raised a bare "Nanny failed to start worker process"
+    where the cause (an import error, a bad preload) belongs."""
+
+    start_error: BaseException | None = None
+
+    def mark_stopped(self) -> None:
+        if self.status == Status.starting and self.init_result_q is not None:
+            with contextlib.suppress(Exception):  # Empty, or a queue already closed
+                message = self.init_result_q.get_nowait()
+                self.start_error = message.get("exception")
+        super().mark_stopped()
+
+    async def _wait_until_connected(self, uid: str) -> Any:
+        message = await super()._wait_until_connected(uid)
+        if message is None and self.start_error is not None:
+            raise self.start_error
+        return message
 
 
 def comm_options(security: Security | None) -> dict[str, Any]:
@@ -356,6 +423,7 @@ def start_local_cluster(
     the scheduler alone; ``join_later`` brings the workers."""
     credentials = credentials or security(settings)
     log.info("starting a %s cluster", settings.kind)
+    warm_worker_start(settings)
     for line in exposure_warnings(settings):
         log.warning(line)
     with dask.config.set(dict(QUIET_TIMERS_CONFIG)):  # the scheduler's timers

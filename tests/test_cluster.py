@@ -9,14 +9,17 @@ import pytest
 from conftest import client_refused, tls_handshake_error
 from distributed import Nanny, Scheduler
 
+from imgtasks import workerstart
 from imgtasks.cluster import (
     ClusterSettings,
     QuickExit,
     connect_early,
     exposure_warnings,
     has_routing,
+    pre_spawn_environ,
     scheduler_spec,
     security,
+    spawn_config,
     worker_resources,
     worker_slots,
     worker_specs,
@@ -192,6 +195,11 @@ def test_hybrid_cluster_starts_with_routing_and_routes(monkeypatch: pytest.Monke
         # and they exit without the interpreter's last garbage collections (QuickExit)
         quick = client.run(lambda dask_worker: QuickExit.name in dask_worker.plugins)
         assert set(quick.values()) == {True}
+        # forked from the fork server, which imported their stages once for all of them
+        started = client.run(_how_started)
+        assert {parent for parent, _, _ in started.values()} != {os.getpid()}
+        assert len({parent for parent, _, _ in started.values()}) == 1
+        assert set(started.values()) == {(next(iter(started.values()))[0], "6640", True)}
     finally:
         client.close()
         assert cluster is not None
@@ -234,3 +242,40 @@ def test_run_config_keeps_no_message_log_anywhere() -> None:
             client.close()
             if cluster is not None:
                 cluster.close()
+
+
+def _how_started() -> tuple[int, str | None, bool]:
+    """A worker's parent process, hash seed, and whether our stages were there at start."""
+    return os.getppid(), os.environ.get("PYTHONHASHSEED"), "imgtasks.nodes" in sys.modules
+
+
+def test_the_command_lines_fork_server_starts_as_a_nanny_would_start_a_worker(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """flows/run.py starts the fork server before Dask's config can be read: its fixed
+    environment must be what cluster.pre_spawn_environ reads from Dask's config."""
+    for name in workerstart.DEFAULT_ENVIRON:
+        monkeypatch.delenv(name, raising=False)
+    with dask.config.set(spawn_config(ClusterSettings())):
+        assert pre_spawn_environ() == workerstart.default_environ()
+
+
+@pytest.mark.parametrize(
+    ("argv", "started"),
+    [
+        ([], True),
+        (["--scheduler", "processes", "--count", "10"], True),
+        (["--scheduler=threads"], True),
+        (["--scheduler", "sync"], False),
+        (["--scheduler", "tls://10.0.0.1:8786"], False),
+        (["--scheduler-file", "s.json"], False),
+        (["--help"], False),
+    ],
+)
+def test_the_command_line_starts_the_fork_server_only_for_local_workers(
+    argv: list[str], started: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[object] = []
+    monkeypatch.setattr(workerstart, "start_fork_server", calls.append)
+    workerstart.start_for_command_line(argv)
+    assert bool(calls) == started

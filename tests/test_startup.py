@@ -150,11 +150,13 @@ def test_ctrl_c_while_the_workers_join_is_a_clean_stop(tmp_path: Path) -> None:
 
 
 def spawned_workers(pid: int, timeout: float = 30) -> list[psutil.Process]:
-    """The flow's child processes once its workers are spawning (they start for seconds)."""
+    """The flow's processes once a worker is starting (they start for seconds): the
+    multiprocessing resource tracker, the workers' fork server, and at least one worker
+    forked from it."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         children = psutil.Process(pid).children(recursive=True)
-        if len(children) >= 2:  # a worker and the multiprocessing resource tracker, or two
+        if len(children) >= 3:
             return children
         time.sleep(0.05)
     return []

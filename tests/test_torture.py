@@ -79,10 +79,11 @@ def _no_bomb_limit() -> Iterator[None]:
 class WorkerWatch:
     """Every worker process seen under the flow while it runs, polled with psutil.
 
-    Dask's Nanny (inside the flow's process) starts each worker with multiprocessing's
-    spawn; a worker that dies is replaced by a new process, so more distinct worker pids
-    than workers means a restart. Only the flow's own children count: a process a worker
-    starts carries the worker's command line between fork and exec.
+    Dask's Nanny (inside the flow's process) has each worker forked by multiprocessing's
+    fork server, a child of the flow (imgtasks/workerstart.py); a worker that dies is
+    replaced by a new process, so more distinct worker pids than workers means a restart.
+    Only the fork server's own children count: a process a worker starts carries the
+    worker's command line between fork and exec.
     ``workers`` maps each pid to when it was first seen, for the report.
     """
 
@@ -104,16 +105,19 @@ class WorkerWatch:
     def _poll(self) -> None:
         while not self._stop.is_set():
             with contextlib.suppress(psutil.Error):
-                for child in self.flow.children():
-                    with contextlib.suppress(psutil.Error):
-                        if child.pid not in self.workers and _is_worker(child):
+                for server in filter(_is_fork_server, self.flow.children()):
+                    for child in server.children():
+                        if child.pid not in self.workers:
                             seen = time.monotonic() - self._start
                             self.workers[child.pid] = f"seen at {seen:.1f} s"
             time.sleep(0.05)
 
 
-def _is_worker(proc: psutil.Process) -> bool:
-    return "multiprocessing.spawn" in " ".join(proc.cmdline())
+def _is_fork_server(proc: psutil.Process) -> bool:
+    try:
+        return "multiprocessing.forkserver" in " ".join(proc.cmdline())
+    except psutil.Error:
+        return False
 
 
 def dask_lines(stderr: str) -> list[str]:
