@@ -953,6 +953,33 @@ def fetch_many(
     return [r for r in results if r is not None]
 
 
+HOSTS_REPORTED = 8  # per batch: the hosts with the highest limits (the job page's chart)
+
+
+def host_concurrency(
+    urls: Sequence[str], settings: DownloadSettings = DEFAULT_DOWNLOAD
+) -> dict[str, tuple[float, int]]:
+    """This process's limit and requests in flight for the hosts of ``urls`` (at most
+    HOSTS_REPORTED, highest limits first), by ``host`` (``host:port`` off the default
+    ports): what a batch reports, so the job page can chart how each host's limit moves."""
+    limits = host_limits(settings)
+    seen: dict[str, tuple[float, int]] = {}
+    for key in set(map(_host_key_or_none, urls)) - {None}:
+        state = limits.peek(key)
+        if state is not None:
+            _, host, port = key
+            name = host if port in (80, 443) else f"{host}:{port}"
+            seen[name] = (state.limit, state.in_flight)
+    return dict(sorted(seen.items(), key=lambda item: -item[1][0])[:HOSTS_REPORTED])
+
+
+def _host_key_or_none(url: str) -> tuple[str, str, int | None] | None:
+    try:
+        return _host_key(url)
+    except ValueError:  # an unparsable port: never fetched
+        return None
+
+
 # One pool per process whose threads outlive the batch: a pool per batch started and
 # stopped up to `parallel` threads for every batch. The pool makes a thread only when none
 # is idle, so concurrent calls still get `parallel` each. Measured on 3000 web-size

@@ -308,6 +308,11 @@ class HostLimits:
                 host, HostLimit(self.ceiling, self.start, adaptive=self.adaptive, clock=self._clock)
             )
 
+    def peek(self, host: Hashable) -> Snapshot | None:
+        """One host's state now; None for a host not (or no longer) known."""
+        limit = self._limits.get(host)
+        return None if limit is None else limit.snapshot()
+
     def snapshot(self) -> dict[Hashable, Snapshot]:
         """Every host's state now."""
         with self._lock:

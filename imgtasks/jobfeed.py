@@ -27,6 +27,8 @@ RECENT_TILES = 24  # thumbnails in the grid
 SAMPLES = 3600  # points kept of the rate series (one per finished batch; older ones thinned)
 RATE_WINDOW_S = 5.0  # images/s and MB/s: over the batches of the last few seconds
 _CACHE = 256  # thumbnails kept in memory by path
+HOST_SERIES = 8  # hosts whose concurrency limit is charted: the highest limits seen
+HOST_POINTS = 600  # points kept per host (one per batch that fetched from it)
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,16 @@ class Rate:
     t: float
     images_per_s: float
     mb_per_s: float
+
+
+@dataclass(frozen=True)
+class HostPoint:
+    """One point of a host's concurrency series: seconds since the start, the adaptive
+    limit of the I/O process that reported it, and its requests in flight then."""
+
+    t: float
+    limit: float
+    in_flight: int
 
 
 @dataclass(frozen=True)
@@ -51,6 +63,7 @@ class JobFigures:
     rates: tuple[Rate, ...] = ()
     failed_hosts: Mapping[str, int] = field(default_factory=dict)  # top TOP
     errors: Mapping[str, int] = field(default_factory=dict)  # top TOP failing statuses/errors
+    host_limits: Mapping[str, tuple[HostPoint, ...]] = field(default_factory=dict)
     finished: bool = False
     version: int = 0  # grows with every report: a page redraws only when it changed
 
@@ -92,6 +105,7 @@ class JobFeed:
         self._hosts: Counter = Counter()
         self._errors: Counter = Counter()
         self._rates: deque[Rate] = deque(maxlen=SAMPLES)
+        self._host_series: dict[str, deque[HostPoint]] = {}
         self._window: deque[tuple[float, int, int]] = deque()  # (t, entries, bytes) per batch
         self._parts: deque[str] = deque(maxlen=RECENT_TILES)  # newest manifest parts last
         self._thumbs: OrderedDict[str, bytes | None] = OrderedDict()
@@ -114,12 +128,27 @@ class JobFeed:
             while len(self._window) > 1 and now - self._window[0][0] > RATE_WINDOW_S:
                 self._window.popleft()
             self._rates.append(_rate(self._window, now))
+            for host, (limit, in_flight) in report.host_limits.items():
+                self._add_host_point(host, HostPoint(now, limit, in_flight))
             if report.manifest_path:
                 self._parts.append(report.manifest_path)
             self._done += report.entries
             self._bytes += report.bytes_in
             self._elapsed = now
             self._version += 1
+
+    def _add_host_point(self, host: str, point: HostPoint) -> None:
+        """Keep the series of the HOST_SERIES hosts with the highest limits: a new host
+        takes the place of the one whose peak is lowest, if its limit is higher."""
+        series = self._host_series.get(host)
+        if series is None:
+            if len(self._host_series) >= HOST_SERIES:
+                lowest = min(self._host_series, key=lambda h: _peak(self._host_series[h]))
+                if _peak(self._host_series[lowest]) >= point.limit:
+                    return
+                del self._host_series[lowest]
+            series = self._host_series[host] = deque(maxlen=HOST_POINTS)
+        series.append(point)
 
     def finish(self) -> None:
         with self._lock:
@@ -140,6 +169,7 @@ class JobFeed:
                     rates=tuple(self._rates),
                     failed_hosts=dict(self._hosts.most_common(TOP)),
                     errors=dict(self._errors.most_common(TOP)),
+                    host_limits={h: tuple(s) for h, s in self._host_series.items()},
                     finished=self._finished,
                     version=self._version,
                 )
@@ -199,6 +229,10 @@ class JobFeed:
         while len(self._thumbs) > _CACHE:
             self._thumbs.popitem(last=False)
         return data
+
+
+def _peak(series: deque[HostPoint]) -> float:
+    return max(p.limit for p in series)
 
 
 def failure_kinds(report: BatchReport) -> Counter:

@@ -49,6 +49,17 @@ STAGE_COLOURS = {
     "thumbnail": "#ff7f0e",
     "flow": "#7f7f7f",
 }
+# One colour per charted host (Category10 without the stages' green and red).
+HOST_COLOURS = (
+    "#1f77b4",
+    "#ff7f0e",
+    "#9467bd",
+    "#8c564b",
+    "#e377c2",
+    "#7f7f7f",
+    "#bcbd22",
+    "#17becf",
+)
 TOOLTIP = (
     '<div><span style="font-size: 12px; font-weight: bold;">{label}:</span>&nbsp;'
     '<span style="font-size: 10px; font-family: Monaco, monospace;">{value}</span></div>'
@@ -168,6 +179,7 @@ class JobPage:
         self.counts = source("counts", {"status": [], "n": [], "colour": []})
         self.rates = source("rates", {"t": [], "images_per_s": [], "mb_per_s": []})
         self.hosts = source("hosts", {"host": [], "n": []})
+        self.limits = source("host-limits", {"xs": [], "ys": [], "host": [], "colour": []})
         self.errors = source("errors", {"error": [], "n": []})
         glyphs = tile_glyphs([])
         self.pictures = source("pictures", glyphs.pictures)
@@ -240,11 +252,29 @@ class JobPage:
         return column(
             progress,
             row(counts, rates, sizing_mode="stretch_width"),
+            self._host_limits(),
             row(hosts, errors, sizing_mode="stretch_width"),
             self._thumbnails(),
             sizing_mode="stretch_width",
             name="imgtasks",
         )
+
+    def _host_limits(self) -> Any:
+        """Each host's adaptive concurrency limit over time, as the I/O worker that
+        fetched a batch saw it at the batch's end (the hosts with the highest limits)."""
+        limits = figure(
+            title="Requests at once per host: the adaptive limit (top hosts)",
+            name="imgtasks-host-limits",
+            height=220,
+            tools="pan,wheel_zoom,reset",
+            toolbar_location="above",
+            sizing_mode="stretch_width",
+            x_axis_label="seconds",
+        )
+        limits.multi_line(xs="xs", ys="ys", line_color="colour", line_width=2, source=self.limits)
+        limits.add_tools(HoverTool(tooltips=tooltip(("host", "@host"))))
+        limits.y_range.start = 0
+        return limits
 
     def _thumbnails(self) -> Any:
         width, height = sheet.sheet_size(RECENT_TILES, columns=COLUMNS)
@@ -341,8 +371,20 @@ class JobPage:
                 rollover=SAMPLES,
             )
         hosts, errors = figures.failed_hosts, figures.errors
+        self.limits.data = host_limit_lines(figures)
         self.hosts.data = {"host": list(hosts), "n": list(hosts.values())}
         self.errors.data = {"error": list(errors), "n": list(errors.values())}
+
+
+def host_limit_lines(figures: JobFigures) -> dict[str, list]:
+    """The host-limit chart's columns: one line per host, a step at each point."""
+    lines: dict[str, list] = {"xs": [], "ys": [], "host": [], "colour": []}
+    for i, (host, points) in enumerate(sorted(figures.host_limits.items())):
+        lines["xs"].append([p.t for p in points])
+        lines["ys"].append([p.limit for p in points])
+        lines["host"].append(host)
+        lines["colour"].append(HOST_COLOURS[i % len(HOST_COLOURS)])
+    return lines
 
 
 def progress_text(figures: JobFigures) -> str:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import urlsplit
 
-from imgtasks.download import DownloadResult, DownloadSettings, fetch_many
+from imgtasks.download import DownloadResult, DownloadSettings, fetch_many, host_concurrency
 from imgtasks.manifest import (
     KeptColumns,
     Record,
@@ -47,6 +47,8 @@ class DownloadedBatch:
     batch: UrlBatch
     results: tuple[DownloadResult | None, ...]
     wall_s: float = 0.0
+    # the I/O process's limit and requests in flight for the batch's hosts, at its end
+    hosts: Mapping[str, tuple[float, int]] = field(default_factory=dict, hash=False)
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,9 @@ class BatchReport:
     # error: the client spots an error storm and names the hosts behind it.
     failed_hosts: Mapping[str, int] = field(default_factory=dict, hash=False)
     network_errors: Mapping[str, int] = field(default_factory=dict, hash=False)
+    # Per-host concurrency as the batch ended (DownloadedBatch.hosts): host -> (limit of
+    # the I/O process that fetched it, its requests in flight). The job page charts it.
+    host_limits: Mapping[str, tuple[float, int]] = field(default_factory=dict, hash=False)
 
     @property
     def ok(self) -> int:
@@ -109,7 +114,8 @@ def download_batch(batch: UrlBatch, settings: DownloadSettings) -> DownloadedBat
     with counted("download node"):
         fetched = iter(fetch_many(batch.pending_urls, settings))
         results = tuple(next(fetched) if entry.pending else None for entry in batch.entries)
-    return DownloadedBatch(batch, results, time.perf_counter() - start)
+        hosts = host_concurrency(batch.pending_urls, settings)
+    return DownloadedBatch(batch, results, time.perf_counter() - start, hosts)
 
 
 def resume_batch(batch: UrlBatch, done: Mapping[str, Record]) -> tuple[UrlBatch, dict[int, Record]]:
@@ -156,6 +162,7 @@ def _thumbnail_batch(
         resumed=len(previous),
         download_wall_s=downloaded.wall_s,
         thumbnail_wall_s=wall,
+        host_limits=downloaded.hosts,
     )
 
 
@@ -182,7 +189,12 @@ def thumbnail_piece(downloaded: DownloadedBatch, job: JobSettings) -> ShardedBat
     began = time.time() - wall - downloaded.wall_s
     piece = ShardPiece(batch_id, records, tuple(image for _, image in samples), began)
     report = batch_report(
-        batch_id, "", list(records), download_wall_s=downloaded.wall_s, thumbnail_wall_s=wall
+        batch_id,
+        "",
+        list(records),
+        download_wall_s=downloaded.wall_s,
+        thumbnail_wall_s=wall,
+        host_limits=downloaded.hosts,
     )
     return ShardedBatch(piece, report)
 
@@ -206,7 +218,12 @@ def shard_node(shard_id: int, batches: list[ShardedBatch], job: JobSettings) -> 
 
 
 def batch_report(
-    batch_id: int, manifest: str, records: list[Record], resumed: int = 0, **walls: float
+    batch_id: int,
+    manifest: str,
+    records: list[Record],
+    resumed: int = 0,
+    host_limits: Mapping[str, tuple[float, int]] | None = None,
+    **walls: float,
 ) -> BatchReport:
     return BatchReport(
         batch_id=batch_id,
@@ -221,6 +238,7 @@ def batch_report(
         network_errors=dict(
             Counter(f"{r.status}: {r.error[:120]}" for r in records if r.status in NETWORK)
         ),
+        host_limits=dict(host_limits or {}),
         **walls,
     )
 

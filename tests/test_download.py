@@ -24,6 +24,7 @@ from imgtasks.download import (
     DownloadSettings,
     fetch,
     fetch_many,
+    host_concurrency,
     validate_url,
 )
 
@@ -571,3 +572,14 @@ def test_fetch_many_caps_each_call_at_parallel_and_reuses_its_threads(
     after = {t for t in threading.enumerate() if t.name.startswith("imgtasks-dl")}
     assert len(before) >= 3  # kept after the call, idle, for the next one
     assert after == before  # the next batch ran on the same threads: none started
+
+
+def test_a_batch_reports_its_hosts_limits(demo_server) -> None:
+    settings = fast(per_host=64, per_host_start=4)
+    urls = demo_server.urls(20)
+    assert all(r.ok for r in fetch_many(urls, settings))
+    never = "http://never-asked.example/a.jpg"
+    hosts = host_concurrency([*urls, never, "http://bad-port.example:99999/x"], settings)
+    assert list(hosts) == [f"127.0.0.1:{demo_server.port}"]  # only hosts it asked
+    limit, in_flight = hosts[f"127.0.0.1:{demo_server.port}"]
+    assert 4 < limit <= 64 and in_flight == 0  # grew from 4 while the host coped

@@ -22,8 +22,8 @@ import imgtasks
 from imgtasks import jobserver
 from imgtasks.cluster import ClusterSettings
 from imgtasks.contact_sheet import Tile
-from imgtasks.jobfeed import JobFeed, failure_kinds
-from imgtasks.jobpage import PATH, progress_text, tile_glyphs
+from imgtasks.jobfeed import HOST_SERIES, HostPoint, JobFeed, failure_kinds
+from imgtasks.jobpage import PATH, host_limit_lines, progress_text, tile_glyphs
 from imgtasks.nodes import BatchReport
 
 # --- figures ---------------------------------------------------------------------------------
@@ -61,6 +61,25 @@ def test_the_feed_adds_reports_up() -> None:
     assert "8 / 10 images (80 %), 5 ok, 3 failed" in progress_text(figures)
     feed.finish()
     assert feed.figures().finished and "done" in progress_text(feed.figures())
+
+
+def test_the_feed_charts_the_hosts_with_the_highest_limits() -> None:
+    now = [0.0]
+    feed = JobFeed(clock=lambda: now[0])
+    for t in range(1, 4):
+        now[0] = float(t)
+        limits = {f"h{i}": (float(8 * t + i), i) for i in range(HOST_SERIES)}
+        feed.add(report(t, {"ok": 1}, host_limits=limits))
+    now[0] = 4.0
+    feed.add(report(4, {"ok": 1}, host_limits={"low": (1.0, 1), "high": (100.0, 3)}))
+    series = feed.figures().host_limits
+    assert len(series) == HOST_SERIES and "high" in series and "low" not in series
+    assert "h0" not in series  # the lowest peak made way for a higher one
+    assert series["high"] == (HostPoint(4.0, 100.0, 3),)
+    assert [p.limit for p in series["h7"]] == [15.0, 23.0, 31.0]
+    lines = host_limit_lines(feed.figures())
+    assert len(lines["xs"]) == len(lines["ys"]) == len(lines["host"]) == HOST_SERIES
+    assert lines["ys"][lines["host"].index("high")] == [100.0]
 
 
 def test_network_failures_count_once_by_their_error() -> None:
@@ -192,11 +211,14 @@ PAGE_FIGURES = r"""
   const images = view && view.glyph && view.glyph.image ? view.glyph.image : [];
   const drawn = images.filter((im) => im && im.naturalWidth > 0).length;
   const progress = data('imgtasks-progress-data');
+  const limits = data('imgtasks-host-limits-data') || {host: [], ys: []};
   return JSON.stringify({
     ready: true,
     progress: progress ? {done: progress.done[0], text: progress.text[0]} : null,
     counts: Object.fromEntries(Array.from(counts.status).map((s, i) => [s, counts.n[i]])),
     thumbnails: drawn,
+    host_limits: Object.fromEntries(
+      Array.from(limits.host).map((h, i) => [h, Array.from(limits.ys[i])])),
     menu: Array.from(document.querySelectorAll('.navbar a')).map((a) => a.textContent.trim()),
   });
 })()
@@ -252,6 +274,7 @@ def test_the_page_draws_the_run_in_chromium(
 
     with DemoServer(ServerSettings(latency=0.2, jitter=0.0)) as slow:
         urls = [*slow.urls(120), f"{slow.base_url}/status/404", "not a url"]
+        demo_host = f"127.0.0.1:{slow.port}"
         finished: list[imgtasks.Result] = []
         run = threading.Thread(
             target=lambda: finished.append(
@@ -295,6 +318,10 @@ def test_the_page_draws_the_run_in_chromium(
     assert 0 < during["progress"]["done"] <= 1, during
     assert sum(during["counts"].values()) > 0, during
     assert "Imgtasks" in during["menu"] and "Status" in during["menu"], during
+    # the demo host's adaptive limit, one point per batch (its URLs all on one host)
+    (host, limits), *others = at_end["host_limits"].items()
+    assert not others and host == demo_host, at_end["host_limits"]
+    assert len(limits) >= 1 and all(limit >= 1 for limit in limits), limits
     manifest = result.manifest()
     expected = {str(k): int(v) for k, v in manifest["status"].value_counts().items()}
     assert at_end["counts"] == expected == dict(result.counts), at_end
