@@ -36,14 +36,24 @@ DEFAULT_ENVIRON: Mapping[str, str | None] = {
 }
 
 
+_started_with: dict[str, str | None] | None = None  # the running server's environment
+
+
 def start_fork_server(environ: Mapping[str, str | None]) -> None:
-    """Start the fork server with ``environ`` (None: unset) if it is not running, and
-    return at once: it imports PRELOAD meanwhile. A running server keeps the environment
-    it started with."""
+    """Make sure a fork server started with ``environ`` (None: unset) runs, and return at
+    once: a new one imports PRELOAD meanwhile. One started with another environment is
+    stopped first (a cluster with other ``worker_environ``: its workers must start with
+    theirs). Workers it forked for a cluster still running would then look dead to their
+    nannies: close a cluster before starting one with another environment."""
+    global _started_with
+    wanted = dict(environ)
+    if _started_with is not None and _started_with != wanted:
+        stop_fork_server()
     context = multiprocessing.get_context(START_METHOD)
     context.set_forkserver_preload(list(PRELOAD))
-    with _environ(environ):
+    with _environ(wanted):
         multiprocessing.forkserver.ensure_running()
+    _started_with = wanted
 
 
 def start_for_command_line(argv: Sequence[str]) -> None:
@@ -72,10 +82,12 @@ def stop_fork_server() -> None:
     exits). Its CPU time, and through it its workers', then counts in this process's
     children, as a spawned worker's did: without the wait the server outlives this
     process, and whoever measures it (``benchmarks/``) sees none of the workers' CPU."""
+    global _started_with
     server = getattr(multiprocessing.forkserver, "_forkserver", None)
     stop = getattr(server, "_stop", None)  # CPython's own, used by its tests; 3.9-3.13
     if stop is not None:
         stop()
+        _started_with = None
 
 
 @contextlib.contextmanager
