@@ -20,7 +20,8 @@ import os
 from collections.abc import Iterator, Mapping, Sequence
 
 START_METHOD = "forkserver"
-PRELOAD = ("distributed", "imgtasks.nodes", "imgtasks.cluster", "pandas")
+# What the server imports before it forks anything; imgtasks.forkserverexit last.
+PRELOAD = ("distributed", "imgtasks.nodes", "imgtasks.cluster", "pandas", "imgtasks.forkserverexit")
 # What a worker needs in its environment from the moment its interpreter starts, for a
 # server started before Dask's config can be read (importing distributed takes 0.4 s):
 # Dask's ``distributed.nanny.pre-spawn-environ`` defaults, ours over them
