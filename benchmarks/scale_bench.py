@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import math
 import os
 import shutil
 import socket
@@ -90,10 +89,11 @@ class Sample:
 @dataclass
 class Result:
     count: int
-    batch_size: int
+    batch_size: int | str
     wall: float  # end to end, interpreter start to exit
     flow_wall: float  # the flow's wall_s (its result JSON), cluster start-up included
     startup: float  # the flow's startup_s (its result JSON)
+    batches: int  # the flow's batches (its result JSON)
     rows: int  # manifest rows
     ok: int  # manifest rows with status ok and the thumbnail file present
     client: Sample
@@ -115,9 +115,7 @@ class Result:
 
     @property
     def tasks_per_s(self) -> float:
-        return (
-            2 * math.ceil(self.count / self.batch_size) / max(self.flow_wall - self.startup, 1e-9)
-        )
+        return 2 * self.batches / max(self.flow_wall - self.startup, 1e-9)
 
     @property
     def sched_share(self) -> float:
@@ -146,7 +144,7 @@ def sample(proc: psutil.Process, into: dict[int, Sample]) -> None:
 
 
 def run_flow(
-    urls: Path, count: int, batch_size: int, interval: float, server: psutil.Process
+    urls: Path, count: int, batch_size: int | str, interval: float, server: psutil.Process
 ) -> Result:
     work = Path(tempfile.mkdtemp(prefix="scale-bench-out-"))
     out, figures_file = work / "out", work / "result.json"
@@ -195,6 +193,7 @@ def run_flow(
         wall=wall,
         flow_wall=float(figures.get("wall_s", 0.0)),
         startup=float(figures.get("startup_s", 0.0)),
+        batches=int(figures.get("batches", 0)),
         rows=manifest.rows,
         ok=manifest.ok,
         client=client,
@@ -293,7 +292,7 @@ def progress_line(what: str, result: Result) -> str:
     return f"[{what}: {result.wall:.1f} s{verdict}]"
 
 
-def scale(counts: Sequence[int], batch_size: int, interval: float, workdir: Path) -> bool:
+def scale(counts: Sequence[int], batch_size: int | str, interval: float, workdir: Path) -> bool:
     """Print the scale table; False if a run was INVALID."""
     results = []
     with server_process(0.0, 0.0) as (base, pid):
@@ -362,7 +361,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--counts", type=int_list, default=[10_000, 100_000], help="list lengths")
-    parser.add_argument("--batch-size", type=int, default=16, help="--batch-size of scale runs")
+    parser.add_argument("--batch-size", default="auto", help="--batch-size (N or auto)")
     parser.add_argument(
         "--batch-sizes",
         type=int_list,

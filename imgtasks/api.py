@@ -100,6 +100,8 @@ class Result:
     download_s: float = 0.0  # summed over URLs, waits for a per-host slot excluded
     thumbnail_s: float = 0.0  # summed over URLs
     thumbnail_wall_s: float = 0.0  # summed over batches: how long the CPU pool was busy
+    batches: int = 0  # batches done (download and thumbnail node pairs)
+    largest_batch: int = 0  # input lines in the largest
     dashboard_link: str | None = None
     report: str | None = None  # Dask's performance report, when asked for
     contact_sheet: str | None = None
@@ -187,6 +189,7 @@ class Result:
             f"download / image {1000 * self.download_s / max(self.downloaded, 1):.1f} ms "
             "(per URL, queueing excluded)",
             f"thumbnail / image {1000 * self.thumbnail_s / per_thumb:.1f} ms",
+            f"batches          {self.batches} (up to {self.largest_batch} URLs each)",
             f"thumbnails       {self.out}",
             f"manifest         {self.manifest_dir}",
             f"run log          {self.run_log}",
@@ -502,6 +505,8 @@ def _result(
         download_s=tally.download_s,
         thumbnail_s=tally.thumbnail_s,
         thumbnail_wall_s=tally.thumbnail_wall_s,
+        batches=tally.batches,
+        largest_batch=tally.largest_batch,
         dashboard_link=links["dashboard"],
         report=how.report,
         contact_sheet=links["sheet"],

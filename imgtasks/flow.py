@@ -185,9 +185,13 @@ class Tally:
     ready: float = 0.0  # seconds until the scheduler was up and the first batch went out
     failed_batches: list[str] = field(default_factory=list)
     storms: StormWatch = field(default_factory=lambda: StormWatch())
+    batches: int = 0  # reports heard: batches done (their sizes vary: window.BatchSizing)
+    largest_batch: int = 0
 
     def add(self, report: BatchReport) -> None:
         self.storms.add(report)
+        self.batches += 1
+        self.largest_batch = max(self.largest_batch, report.entries)
         self.resumed += report.resumed
         self.counts.update(report.counts)
         self.entries += report.entries

@@ -245,3 +245,16 @@ def test_import_imgtasks_stays_light() -> None:
 
 def test_cluster_settings_from_the_api_match_the_cli_defaults() -> None:
     assert ClusterSettings().kind == "hybrid"
+
+
+def test_batch_sizes_grow_as_batches_come_back(tmp_path: Path, demo_server, client: Client) -> None:
+    """The default batch size is measured: 16 URLs at first, more once cheap batches come
+    back (tiny images: ~1 ms of thumbnail work each, so up to the ceiling of 128)."""
+    urls = [f"{demo_server.base_url}/tiny/{i}.jpg" for i in range(1200)]
+    result = imgtasks.thumbnails(urls, tmp_path / "auto", client=client, progress=False)
+    assert result.ok == 1200
+    assert 16 < result.largest_batch <= 128 and result.batches < 1200 / 16
+    fixed = imgtasks.thumbnails(
+        urls[:100], tmp_path / "fixed", client=client, batch_size=16, progress=False
+    )
+    assert (fixed.batches, fixed.largest_batch) == (7, 16)
