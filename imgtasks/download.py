@@ -982,10 +982,14 @@ def _host_key_or_none(url: str) -> tuple[str, str, int | None] | None:
 
 # One pool per process whose threads outlive the batch: a pool per batch started and
 # stopped up to `parallel` threads for every batch. The pool makes a thread only when none
-# is idle, so concurrent calls still get `parallel` each. Measured on 3000 web-size
-# images (2 interleaved pairs, whole runs from each checkout): the I/O worker's CPU
-# 4.54 / 4.89 -> 4.16 / 3.80 s, `fetch` itself 2.75 / 2.79 -> 2.56 / 2.36 s.
-_POOL_THREADS = 4096
+# is idle. Measured on 3000 web-size images (2 interleaved pairs, whole runs from each
+# checkout): the I/O worker's CPU 4.54 / 4.89 -> 4.16 / 3.80 s, `fetch` itself 2.75 /
+# 2.79 -> 2.56 / 2.36 s. At most 512 requests of one process at once (the 32 download
+# nodes x 16 of earlier versions): beyond, URLs wait their turn in the pool's queue, in
+# the order their batches started. With 4096, batches of 128 sent at once grew the I/O
+# worker to ~950 threads, most of them waiting for the one host's slots (30k tiny
+# images: 165 MiB instead of 142 at ~210 threads; 312 MiB at 100k).
+_POOL_THREADS = 512
 _pool: tuple[int, ThreadPoolExecutor] | None = None
 _pool_lock = threading.Lock()
 
