@@ -19,7 +19,8 @@ import multiprocessing.forkserver
 import os
 from collections.abc import Iterator, Mapping, Sequence
 
-START_METHOD = "forkserver"
+# Where there is no fork server (Windows), workers are spawned as Dask does by default.
+START_METHOD = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
 # What the server imports before it forks anything; imgtasks.forkserverexit last.
 PRELOAD = ("distributed", "imgtasks.nodes", "imgtasks.cluster", "pandas", "imgtasks.forkserverexit")
 # What a worker needs in its environment from the moment its interpreter starts, for a
@@ -47,6 +48,8 @@ def start_fork_server(environ: Mapping[str, str | None]) -> None:
     theirs). Workers it forked for a cluster still running would then look dead to their
     nannies: close a cluster before starting one with another environment."""
     global _started_with
+    if START_METHOD != "forkserver":
+        return
     wanted = dict(environ)
     if _started_with is not None and _started_with != wanted:
         stop_fork_server()
