@@ -252,8 +252,7 @@ def spawn_config(settings: ClusterSettings) -> dict[str, Any]:
         f"distributed.nanny.pre-spawn-environ.{name}": value
         for name, value in settings.worker_environ.items()
     }
-    method = {"distributed.worker.multiprocessing-method": workerstart.START_METHOD}
-    return environ | method | dict(WORKER_CONFIG) | dict(QUIET_TIMERS_CONFIG)
+    return environ | dict(WORKER_CONFIG) | dict(QUIET_TIMERS_CONFIG)
 
 
 def warm_worker_start(settings: ClusterSettings) -> None:
@@ -294,12 +293,12 @@ class LocalNanny(Nanny):
         with dask.config.set(dict(spawn_config or {})):
             # the workers' config is read when they spawn, later: a copy, not a view
             config = copy.deepcopy(dask.config.config)
-            self._start_method = dask.config.get("distributed.worker.multiprocessing-method")
             super().__init__(*args, config=config, **kwargs)
 
     async def instantiate(self) -> Status:
         # Dask reads the start method from its global config as the worker process starts
-        with dask.config.set({"distributed.worker.multiprocessing-method": self._start_method}):
+        method = {"distributed.worker.multiprocessing-method": workerstart.START_METHOD}
+        with dask.config.set(method):
             return await super().instantiate()
 
     @property

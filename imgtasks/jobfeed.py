@@ -106,6 +106,7 @@ class JobFeed:
         self._errors: Counter = Counter()
         self._rates: deque[Rate] = deque(maxlen=SAMPLES)
         self._host_series: dict[str, deque[HostPoint]] = {}
+        self._host_peaks: dict[str, float] = {}  # the highest limit of each charted host
         self._window: deque[tuple[float, int, int]] = deque()  # (t, entries, bytes) per batch
         self._parts: deque[str] = deque(maxlen=RECENT_TILES)  # newest manifest parts last
         self._thumbs: OrderedDict[str, bytes | None] = OrderedDict()
@@ -143,12 +144,14 @@ class JobFeed:
         series = self._host_series.get(host)
         if series is None:
             if len(self._host_series) >= HOST_SERIES:
-                lowest = min(self._host_series, key=lambda h: _peak(self._host_series[h]))
-                if _peak(self._host_series[lowest]) >= point.limit:
+                # a crawl meets new hosts in every report: the peaks are kept, not recounted
+                lowest = min(self._host_peaks, key=self._host_peaks.__getitem__)
+                if self._host_peaks[lowest] >= point.limit:
                     return
-                del self._host_series[lowest]
+                del self._host_series[lowest], self._host_peaks[lowest]
             series = self._host_series[host] = deque(maxlen=HOST_POINTS)
         series.append(point)
+        self._host_peaks[host] = max(self._host_peaks.get(host, 0.0), point.limit)
 
     def finish(self) -> None:
         with self._lock:
@@ -229,10 +232,6 @@ class JobFeed:
         while len(self._thumbs) > _CACHE:
             self._thumbs.popitem(last=False)
         return data
-
-
-def _peak(series: deque[HostPoint]) -> float:
-    return max(p.limit for p in series)
 
 
 def failure_kinds(report: BatchReport) -> Counter:
