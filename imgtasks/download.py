@@ -47,7 +47,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Iterator, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any
@@ -62,6 +62,7 @@ from urllib3.util.retry import Retry
 
 from imgtasks import __version__
 from imgtasks.hostlimits import HostLimit, HostLimits, Ticket
+from imgtasks.keyedpool import KeyedPool, Queued
 from imgtasks.politeness import (
     DEFAULT_TOKEN,
     DISALLOWED_DIRECTIVES,
@@ -602,7 +603,13 @@ class _Progress:
 
 def fetch(url: str, settings: DownloadSettings = DEFAULT_DOWNLOAD) -> DownloadResult:
     """Download one URL. Never raises for a per-URL problem: see the module docstring."""
-    progress = _Progress(url=url, settings=settings, current_url=url)
+    return _fetch(url, settings, 0.0)
+
+
+def _fetch(url: str, settings: DownloadSettings, waited: float) -> DownloadResult:
+    """``fetch``, after ``waited`` seconds in the queue for the host's slot: they count
+    towards the deadline, as queued time."""
+    progress = _Progress(url, settings, time.monotonic() - waited, url, queued=waited)
     try:
         content = _follow(progress)
     except _Failure as failure:
@@ -925,32 +932,63 @@ def _describe(exc: BaseException) -> str:
 def fetch_many(
     urls: Sequence[str], settings: DownloadSettings = DEFAULT_DOWNLOAD
 ) -> list[DownloadResult]:
-    """Download `urls` concurrently (up to `settings.parallel` threads), in input order."""
+    """Download `urls` concurrently (up to `settings.parallel` at once), in input order."""
     if not urls:
         return []
     pool = _download_pool()
     batch = next(_batch_order)
     results: list[DownloadResult | None] = [None] * len(urls)
     pending = iter(enumerate(urls))
-    running: dict[Future[DownloadResult], int] = {}
+    running: dict[Future[DownloadResult], Queued] = {}
+    places: dict[Future[DownloadResult], int] = {}
 
     def submit_next() -> None:
         for index, url in pending:
-            running[pool.submit(_counted_fetch, url, settings, (batch, index))] = index
+            entry = _submit(pool, url, settings, (batch, index))
+            running[entry.future], places[entry.future] = entry, index
             return
 
     try:
         for _ in range(settings.parallel):  # at most `parallel` of this call's URLs at once
             submit_next()
+        next_deadline = time.monotonic() + settings.deadline
         while running:
-            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            left = max(next_deadline - time.monotonic(), 0.0)
+            done, _ = wait(running, timeout=left, return_when=FIRST_COMPLETED)
             for future in done:
-                results[running.pop(future)] = future.result()
+                del running[future]
+                results[places.pop(future)] = future.result()
                 submit_next()
+            if time.monotonic() >= next_deadline:  # URLs that waited for their host too long
+                next_deadline = pool.expire(list(running.values()))
     finally:  # interrupted: what has not started yet never will
         for future in running:
             future.cancel()
     return [r for r in results if r is not None]
+
+
+def _submit(
+    pool: KeyedPool, url: str, settings: DownloadSettings, priority: tuple[int, ...]
+) -> Queued:
+    """Queue one fetch behind its host's limit: it gets a thread once the host has a slot."""
+    try:
+        limit: HostLimit | None = host_limits(settings).get(_host_key(url))
+    except ValueError:  # an unparsable port: fetch reports it, no request is made
+        limit = None
+    allowed = (lambda: _POOL_THREADS) if limit is None else (lambda: limit.allowed)
+
+    def expired(waited: float) -> DownloadResult:
+        progress = _Progress(url, settings, started=time.monotonic() - waited, queued=waited)
+        return progress.result(Status.TIMEOUT, "deadline passed while waiting for a per-host slot")
+
+    return pool.submit(
+        limit,
+        allowed,
+        lambda waited: _counted_fetch(url, settings, priority, waited),
+        expired=expired,
+        timeout=settings.deadline,
+        priority=priority,
+    )
 
 
 HOSTS_REPORTED = 8  # per batch: the hosts with the highest limits (the job page's chart)
@@ -990,16 +1028,15 @@ def _host_key_or_none(url: str) -> tuple[str, str, int | None] | None:
 # worker to ~950 threads, most of them waiting for the one host's slots (30k tiny
 # images: 165 MiB instead of 142 at ~210 threads; 312 MiB at 100k).
 _POOL_THREADS = 512
-_pool: tuple[int, ThreadPoolExecutor] | None = None
+_pool: tuple[int, KeyedPool] | None = None
 _pool_lock = threading.Lock()
 
 
-def _download_pool() -> ThreadPoolExecutor:
+def _download_pool() -> KeyedPool:
     global _pool
     with _pool_lock:
         if _pool is None or _pool[0] != os.getpid():  # none yet, or inherited through fork
-            pool = ThreadPoolExecutor(_POOL_THREADS, thread_name_prefix="imgtasks-dl")
-            _pool = (os.getpid(), pool)
+            _pool = (os.getpid(), KeyedPool(_POOL_THREADS, "imgtasks-dl"))
         return _pool[1]
 
 
@@ -1011,8 +1048,8 @@ _batch_order = itertools.count()
 
 
 def _counted_fetch(
-    url: str, settings: DownloadSettings, priority: tuple[int, ...] = ()
+    url: str, settings: DownloadSettings, priority: tuple[int, ...], waited: float
 ) -> DownloadResult:
     _this_request.priority = priority
     with counted("fetch"):
-        return fetch(url, settings)
+        return _fetch(url, settings, waited)

@@ -5,6 +5,7 @@ and the limits saw (requests in flight, 429s, limits), never on wall-clock speed
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -18,6 +19,7 @@ from imgtasks.demo import DemoServer, ServerSettings
 from imgtasks.demo.load import Fragility
 from imgtasks.download import DownloadSettings, fetch_many
 from imgtasks.hostlimits import Snapshot
+from imgtasks.keyedpool import KeyedPool
 
 
 @pytest.fixture(autouse=True)
@@ -152,3 +154,22 @@ def test_keep_alive_connections_survive_more_hosts_than_threads(
     assert all(r.ok for r in results)
     new = [r for r in caplog.records if "Starting new HTTP connection" in r.getMessage()]
     assert len(new) == len(hosts)  # one each, reused on the second and third visit
+
+
+def test_urls_waiting_for_a_slow_host_hold_no_thread_another_host_needs(
+    servers: ExitStack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Four threads, a slow host capped at 2 and its 12 URLs first in the batch: its
+    waiting URLs queue without a thread, so the fast host's 12 all go out during the
+    slow host's first round trip, not after its six."""
+    monkeypatch.setattr(download, "_pool", (os.getpid(), KeyedPool(4, "test-dl")))
+    slow = serve(servers, "127.0.0.2", latency=1.0)
+    fast = serve(servers, "127.0.0.3", latency=0.0)
+    settings = DownloadSettings(per_host=2, per_host_fixed=True, parallel=24, retries=0)
+    results = fetch_many(tiny(slow, 12) + tiny(fast, 12), settings)
+    assert all(r.ok for r in results)
+    slow_arrivals = [t for t, _ in slow.load.log()]
+    fast_arrivals = [t for t, _ in fast.load.log()]
+    assert len(fast_arrivals) == 12 and slow.load.peak == 2
+    assert max(fast_arrivals) < min(slow_arrivals) + 0.9  # before the slow host's second wave
+    assert download._pool[1].thread_count() <= 4
