@@ -45,6 +45,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from imgtasks import memtrim
 from imgtasks.sinks import OutputSettings, existing, file_exists, filesystem, write_file
 from imgtasks.status import Status
 
@@ -329,6 +330,7 @@ def compact_parts(settings: OutputSettings, run_id: str, first: int, last: int) 
         pq.write_table(table, buffer, compression="zstd")
         write_file(settings, target, buffer.getvalue())  # atomic: whole or absent
     _remove(settings, sources)
+    memtrim.trim()
     log.debug("manifest batches %d-%d of %s compacted into %s", first, last, run_id, target)
     return target
 
