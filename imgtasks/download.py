@@ -1022,11 +1022,13 @@ def _host_key_or_none(url: str) -> tuple[str, str, int | None] | None:
 # stopped up to `parallel` threads for every batch. The pool makes a thread only when none
 # is idle. Measured on 3000 web-size images (2 interleaved pairs, whole runs from each
 # checkout): the I/O worker's CPU 4.54 / 4.89 -> 4.16 / 3.80 s, `fetch` itself 2.75 /
-# 2.79 -> 2.56 / 2.36 s. At most 512 requests of one process at once (the 32 download
-# nodes x 16 of earlier versions): beyond, URLs wait their turn in the pool's queue, in
-# the order their batches started. With 4096, batches of 128 sent at once grew the I/O
-# worker to ~950 threads, most of them waiting for the one host's slots (30k tiny
-# images: 165 MiB instead of 142 at ~210 threads; 312 MiB at 100k).
+# 2.79 -> 2.56 / 2.36 s. A URL gets a thread only once its host has a slot
+# (keyedpool.KeyedPool): waiting for a slot, it holds none. Before, batches of 128 sent
+# at once to one host kept ~512 threads alive, half of them waiting; now ~100-190 on 30k
+# tiny images. And a slow host's waiting URLs no longer hold the threads another host's
+# URLs need (tests/test_adaptive.py: with 4 threads, a fast host's 12 URLs went out 5.0 s
+# after a 1 s host's first request; now within its first round trip). At most 512
+# requests of one process at once: beyond, URLs wait their turn in the pool's queue.
 _POOL_THREADS = 512
 _pool: tuple[int, KeyedPool] | None = None
 _pool_lock = threading.Lock()
