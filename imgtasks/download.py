@@ -959,8 +959,10 @@ def fetch_many(
                 del running[future]
                 results[places.pop(future)] = future.result()
                 submit_next()
-            if time.monotonic() >= next_deadline:  # URLs that waited for their host too long
-                next_deadline = pool.expire(list(running.values()))
+            now = time.monotonic()
+            if now >= next_deadline:  # URLs that waited for their host too long
+                # (a URL queued from now on cannot expire before now + deadline)
+                next_deadline = min(pool.expire(list(running.values())), now + settings.deadline)
     finally:  # interrupted: what has not started yet never will
         for future in running:
             future.cancel()

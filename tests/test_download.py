@@ -469,6 +469,21 @@ def test_waits_for_a_host_slot_are_queued_not_network_time(local: LocalServer) -
     assert sum(r.queued_s for r in results) >= 0.29 * (1 + 2 + 3)
 
 
+def test_urls_that_wait_for_their_host_past_the_deadline_end_as_timeout(
+    local: LocalServer,
+) -> None:
+    # One slot, 0.6 s requests, a 1 s deadline: the first is ok, the second starts with
+    # 0.4 s left, the rest never get the slot and end at their deadline without a request.
+    local.reset_concurrency()
+    urls = [f"{local.base_url}/slow/{i}.jpg?s=0.6" for i in range(5)]
+    results = fetch_many(urls, fast(per_host=1, per_host_fixed=True, parallel=5, deadline=1.0))
+    assert [r.status for r in results] == ["ok"] + ["timeout"] * 4
+    waited = [r for r in results if "waiting for a per-host slot" in r.error]
+    assert len(waited) >= 2
+    assert all(r.attempts == 0 and r.queued_s >= 0.99 for r in waited)
+    assert local.state.max_active == 1
+
+
 def test_fetch_many_concurrency(local: LocalServer) -> None:
     local.reset_concurrency()
     urls = [f"{local.base_url}/slow/{i}.jpg?s=0.3" for i in range(6)]
