@@ -10,26 +10,28 @@ from x1.33 to x1.12 (``benchmarks/scale_bench.py --counts 10000,100000``).
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
+import functools
 import sys
+from collections.abc import Callable
 
 
-def _malloc_trim() -> object:
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's malloc_trim from the symbols already loaded (no library search: this runs
+    in every worker, and ``ctypes.util.find_library`` took 3 ms), on first use."""
     if not sys.platform.startswith("linux"):
         return None
     try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        return ctypes.CDLL(None).malloc_trim
     except (OSError, AttributeError):  # musl and others have no malloc_trim
         return None
-
-
-_trim = _malloc_trim()
 
 
 def trim() -> bool:
     """Return the free memory of every malloc arena to the system; False where there is
     no ``malloc_trim`` (not glibc)."""
-    if _trim is None:
+    malloc_trim = _malloc_trim()
+    if malloc_trim is None:
         return False
-    _trim(0)
+    malloc_trim(0)
     return True
