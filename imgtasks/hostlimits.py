@@ -6,7 +6,7 @@ host and tells it how each request went.
 
 - **Grow while healthy.** A host starts at ``start`` concurrent requests. While its answers
   stay healthy (no 429/503, no time-outs or resets, latency not climbing) and the limit is
-  what holds requests back (it was reached, or a request waited for a slot, within the
+  what holds requests back (it was reached, or a request waited with every slot taken, within the
   last two round trips: TCP's "cwnd-limited" rule, RFC 7661), every answer adds one
   (slow start: the limit doubles per round trip) until the first sign of trouble; after
   that, one per round trip (each answer adds ``1 / limit``), and an eighth of that near
@@ -210,7 +210,8 @@ class HostLimit:
                 now = self._clock()
                 if self._waiters[0] is waiter and self._open(now):
                     return True
-                self._limited_at = now  # a request waits: the limit is what holds it back
+                if self.in_flight >= self.allowed:  # the limit holds it back (not a pause,
+                    self._limited_at = now  # nor a turn another thread has yet to take)
                 left = deadline - now
                 if left <= 0:
                     return False

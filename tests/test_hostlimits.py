@@ -133,6 +133,22 @@ def test_a_limit_above_the_demand_does_not_grow() -> None:
     assert limit.limit == 32
 
 
+def test_a_request_held_back_by_a_pause_does_not_make_the_limit_grow() -> None:
+    clock = Clock()
+    limit = HostLimit(128, 16, clock=clock)
+    first = limit.acquire(0)
+    limit.overloaded(first, retry_after_s=0.2)  # halved to 8, and nothing new for 0.2 s
+    limit.release(first)
+    assert limit.acquire(0) is None  # it waits for the pause with 8 slots free
+    clock.now += 0.2
+    tickets = [limit.acquire(0) for _ in range(4)]  # then 4 at a time under a limit of 8
+    clock.now += 0.3
+    for ticket in tickets:
+        limit.answered(ticket, 0.3)
+        limit.release(ticket)
+    assert limit.limit == 8
+
+
 def test_a_fixed_limit_ignores_signals() -> None:
     clock = Clock()
     limit = HostLimit(16, 4, adaptive=False, clock=clock)
