@@ -135,8 +135,7 @@ class HostLimit:
             now = self._clock()
             self.in_flight += 1
             self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
-            if self.in_flight >= self.allowed:
-                self._limited_at = now
+            self._note_if_full(now)
             self._wake_next()  # a slot may still be free: the next in line checks
             return Ticket(now, self.limit)
 
@@ -210,8 +209,7 @@ class HostLimit:
                 now = self._clock()
                 if self._waiters[0] is waiter and self._open(now):
                     return True
-                if self.in_flight >= self.allowed:  # the limit holds it back (not a pause,
-                    self._limited_at = now  # nor a turn another thread has yet to take)
+                self._note_if_full(now)  # not for a pause, nor a turn yet to be taken
                 left = deadline - now
                 if left <= 0:
                     return False
@@ -261,6 +259,11 @@ class HostLimit:
         refused += 1
         self._burst = (since, allowed, refused)
         self.limit = max(1.0, min(self.limit, allowed - refused))
+
+    def _note_if_full(self, now: float) -> None:
+        """Every slot is taken: the limit is what holds requests back now."""
+        if self.in_flight >= self.allowed:
+            self._limited_at = now
 
     def _limited(self) -> bool:
         """The limit was reached, or a request waited, within the last two round trips."""
