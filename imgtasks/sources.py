@@ -285,22 +285,30 @@ def dtype_kind(dtype: Any) -> str:
 
 
 class SeenSet:
-    """A set of URLs kept as 64-bit hashes in a numpy open-addressing table.
+    """A set of URLs kept as 64-bit hashes in numpy open-addressing tables.
 
     16 bytes per URL at the maximum load of 1/2 (a Python set of str costs ~100+), so
     100 million URLs fit in ~1.6 GB. Two different URLs share a hash with probability
     ~n^2/2^65 (about 3e-4 for 10^8 URLs): the second would be reported as a duplicate.
+
+    The hashes are split over SHARDS tables by their top bits, each growing on its own:
+    doubling one table of all the URLs held the old and the new at once, 1.5x the table
+    at each growth (1M URLs: 27 MiB of peak RSS for a 16 MiB table, and the client's
+    peak RSS x1.25 from 10k to 1M URLs in scale_bench); a shard's growth adds 1/SHARDS.
     """
 
+    SHARDS = 64
     GROW_SLICE = 1 << 16
 
     def __init__(self, capacity: int = 1 << 16) -> None:
-        size = 1 << max(4, (capacity * 2 - 1).bit_length())
-        self._table = np.zeros(size, dtype=np.uint64)
-        self._count = 0
+        per_shard = -(-capacity // self.SHARDS)
+        size = 1 << max(4, (per_shard * 2 - 1).bit_length())
+        self._tables = [np.zeros(size, dtype=np.uint64) for _ in range(self.SHARDS)]
+        self._counts = [0] * self.SHARDS
+        self._shard_shift = 64 - (self.SHARDS.bit_length() - 1)
 
     def __len__(self) -> int:
-        return self._count
+        return sum(self._counts)
 
     @staticmethod
     def key(url: str) -> int:
@@ -309,12 +317,18 @@ class SeenSet:
 
     def add(self, url: str) -> bool:
         """Add a URL; True if it was new."""
-        if (self._count + 1) * 2 > len(self._table):
-            self._grow()
-        return self._insert(self._table, self.key(url))
+        key = self.key(url)
+        shard = key >> self._shard_shift  # the top bits; the slot comes from the low ones
+        if (self._counts[shard] + 1) * 2 > len(self._tables[shard]):
+            self._grow(shard)
+        if not _insert(self._tables[shard], key):
+            return False
+        self._counts[shard] += 1
+        return True
 
     def __contains__(self, url: str) -> bool:
-        table, key = self._table, self.key(url)
+        key = self.key(url)
+        table = self._tables[key >> self._shard_shift]
         mask = len(table) - 1
         slot = key & mask
         while True:
@@ -325,30 +339,33 @@ class SeenSet:
                 return False
             slot = (slot + 1) & mask
 
-    def _insert(self, table: np.ndarray, key: int) -> bool:
-        mask = len(table) - 1
-        slot = key & mask
-        while True:
-            here = int(table[slot])
-            if here == key:
-                return False
-            if here == 0:
-                table[slot] = key
-                self._count += 1
-                return True
-            slot = (slot + 1) & mask
+    def nbytes(self) -> int:
+        """Bytes held by the tables."""
+        return sum(table.nbytes for table in self._tables)
 
-    def _grow(self) -> None:
-        old = self._table
-        self._table = np.zeros(len(old) * 2, dtype=np.uint64)
-        self._count = 0
-        # A slice at a time: ``tolist()`` of the whole table made a Python int per slot,
-        # ~36 MB at 1M URLs on top of both tables (peak client RSS x1.29 from 10k to 1M
-        # URLs, benchmarks/cost_model.py --memory).
+    def _grow(self, shard: int) -> None:
+        old = self._tables[shard]
+        table = self._tables[shard] = np.zeros(len(old) * 2, dtype=np.uint64)
+        # A slice at a time: ``tolist()`` of a whole table made a Python int per slot
+        # (~36 MB at 1M URLs when there was one table).
         for start in range(0, len(old), self.GROW_SLICE):
             chunk = old[start : start + self.GROW_SLICE]
             for key in chunk[chunk != 0].tolist():
-                self._insert(self._table, key)
+                _insert(table, key)
+
+
+def _insert(table: np.ndarray, key: int) -> bool:
+    """Put ``key`` in an open-addressing table (linear probing); False if it was there."""
+    mask = len(table) - 1
+    slot = key & mask
+    while True:
+        here = int(table[slot])
+        if here == key:
+            return False
+        if here == 0:
+            table[slot] = key
+            return True
+        slot = (slot + 1) & mask
 
 
 def classify(

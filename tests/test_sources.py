@@ -159,6 +159,19 @@ def test_seen_set_grows_slice_by_slice_and_loses_nothing(monkeypatch: pytest.Mon
     assert not any(seen.add(u) for u in urls) and "http://h/3000" not in seen
 
 
+def test_seen_set_growth_never_holds_a_second_copy_of_its_tables() -> None:
+    """Growing doubles one shard at a time: at no moment does the set hold much more than
+    its tables (one table for all grew into a copy of it: 1.5x at each doubling)."""
+    seen = SeenSet(capacity=16)
+    tracemalloc.start()
+    for i in range(100_000):
+        seen.add(f"http://h/{i}")
+    current, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert current >= seen.nbytes()  # numpy's buffers are traced: the check measures them
+    assert peak < 1.15 * seen.nbytes(), (peak, seen.nbytes())
+
+
 def test_big_list_is_streamed_not_loaded(tmp_path: Path) -> None:
     """A list far bigger than one batch: reading the first batches costs little memory."""
     path = tmp_path / "big.txt.gz"
