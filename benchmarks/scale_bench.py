@@ -250,7 +250,8 @@ def print_scale(results: Sequence[Result]) -> None:
                 f"{r.io_worker.cpu_s:.1f} s, CPU workers "
                 + ", ".join(f"{w.cpu_s:.1f} s" for w in r.cpu_workers)
                 + f", demo server CPU {r.server_cpu_s:.1f} s (not in the flow), "
-                f"wall end to end {r.wall:.1f} s, cluster start-up {r.startup:.1f} s"
+                f"wall end to end {r.wall:.1f} s, cluster start-up {r.startup:.1f} s; "
+                f"peak threads: client {r.client.threads}, I/O worker {r.io_worker.threads}"
             )
         if r.valid and len(r.workers) != r.expected_workers:
             print(

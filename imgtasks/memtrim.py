@@ -12,6 +12,8 @@ from __future__ import annotations
 import ctypes
 import functools
 import sys
+import threading
+import time
 from collections.abc import Callable
 
 
@@ -35,3 +37,19 @@ def trim() -> bool:
         return False
     malloc_trim(0)
     return True
+
+
+_last_trim = float("-inf")
+_trim_lock = threading.Lock()
+
+
+def trim_every(seconds: float, clock: Callable[[], float] = time.monotonic) -> bool:
+    """:func:`trim`, at most once per ``seconds`` in this process (any thread may call it
+    as often as it likes); True if this call trimmed."""
+    global _last_trim
+    now = clock()
+    with _trim_lock:
+        if now - _last_trim < seconds:
+            return False
+        _last_trim = now
+    return trim()

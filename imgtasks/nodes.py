@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import urlsplit
 
+from imgtasks import memtrim
 from imgtasks.download import DownloadResult, DownloadSettings, fetch_many, host_concurrency
 from imgtasks.manifest import (
     KeptColumns,
@@ -37,6 +38,12 @@ from imgtasks.thumbnail import Thumbnail, ThumbSettings, make_thumbnail
 log = logging.getLogger(__name__)
 
 ORIGINAL_EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "GIF": "gif", "WEBP": "webp", "MPO": "jpg"}
+# The I/O worker's download threads free memory into glibc's arenas, which keep it: a
+# trim after a batch, at most every 2 s, gives it back. 100k tiny images at 0 ms through
+# the flow, the I/O worker's RSS after 30-130 s: 137-146 MiB without, 122-134 with (one
+# run each, /tmp scratch monitor). It still creeps (~+10 MiB per 100k URLs either way);
+# Python's own allocations stay flat (sys.getallocatedblocks), so what creeps is native.
+TRIM_INTERVAL_S = 2.0
 RESUMED = "resumed"  # entry status: finished by an earlier run; its manifest row is kept
 
 
@@ -115,6 +122,7 @@ def download_batch(batch: UrlBatch, settings: DownloadSettings) -> DownloadedBat
         fetched = iter(fetch_many(batch.pending_urls, settings))
         results = tuple(next(fetched) if entry.pending else None for entry in batch.entries)
         hosts = host_concurrency(batch.pending_urls, settings)
+    memtrim.trim_every(TRIM_INTERVAL_S)
     return DownloadedBatch(batch, results, time.perf_counter() - start, hosts)
 
 
