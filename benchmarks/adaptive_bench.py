@@ -10,6 +10,10 @@
    installed; ratios printed.
 2. ``--hosts`` hosts (127.0.0.1 and up) answering in 1 s: how busy the flow keeps the CPU
    pool (the thumbnail nodes' time over CPU slots x wall time after start-up).
+3. The same hosts serving ``--photos-count`` large WebP photos (``--photo-side`` px, no
+   draft decoding: ~20 ms of CPU each): where bandwidth allows the CPU pool to be the
+   bottleneck, does the window keep it busy? On 2 cores, with web-size images (2.), the
+   I/O worker, the server and the client take most of the cores however full the window.
 
 The demo server (``python -m imgtasks.demo --hosts N --files-dir DIR``) runs as its own
 process. Figures come from the flow's result JSON and manifest, the hosts' concurrency
@@ -43,6 +47,7 @@ from imgtasks.demo.corpus import photo_like
 
 WEB_FILES = 64  # distinct images; each URL is unique (?i=N), so every one is fetched
 WEB_SIDE = 512
+PHOTO_FILES = 8
 BIN_S = 0.25  # the chart's time step
 
 
@@ -55,9 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hosts", type=int, default=16, help="hosts of the many-hosts scenario")
     p.add_argument("--hosts-count", type=int, default=3000, help="images over those hosts")
     p.add_argument("--hosts-latency", type=float, default=1.0, help="their latency, s")
+    p.add_argument("--photos-count", type=int, default=600, help="photos over those hosts")
+    p.add_argument("--photo-side", type=int, default=1600, help="the photos' longest side, px")
     p.add_argument("--processes", type=int, default=os.cpu_count() or 1, help="CPU workers")
     p.add_argument("--img2dataset", metavar="PATH", help="img2dataset CLI (or on PATH)")
-    p.add_argument("--skip", default="", help="comma list of: fixed, img2dataset, hosts")
+    p.add_argument("--skip", default="", help="comma list of: fixed, img2dataset, hosts, photos")
     p.add_argument("--out-dir", metavar="DIR", help="keep scratch outputs there")
     p.add_argument("--flow-options", default="", help="more flows/run.py options, one string")
     p.add_argument("--html", default="adaptive.html", help="bokeh chart of per-host concurrency")
@@ -81,11 +88,19 @@ def web_files(where: Path) -> None:
         (where / f"w{i}.jpg").write_bytes(buf.getvalue())
 
 
-def url_list(base: str, hosts: int, count: int, path: Path) -> list[str]:
+def photo_files(where: Path, side: int) -> None:
+    """PHOTO_FILES large WebP photos: decoded at full size (WebP has no draft mode)."""
+    for i in range(PHOTO_FILES):
+        image = photo_like(side, side * 3 // 4, seed=2000 + i)
+        image.save(where / f"p{i}.webp", "WEBP", quality=80)
+
+
+def url_list(base: str, hosts: int, count: int, path: Path, name: str = "w{}.jpg") -> list[str]:
     parts = urlsplit(base)
     addresses = neighbour_addresses(parts.hostname or "127.0.0.1", hosts)
+    files = PHOTO_FILES if name.startswith("p") else WEB_FILES
     urls = [
-        f"http://{addresses[i % hosts]}:{parts.port}/files/w{i % WEB_FILES}.jpg?i={i}"
+        f"http://{addresses[i % hosts]}:{parts.port}/files/{name.format(i % files)}?i={i}"
         for i in range(count)
     ]
     path.write_text("\n".join(urls) + "\n")
@@ -202,13 +217,29 @@ def one_host(args, work: Path, files: Path, skip: set[str]) -> list[Run]:
     return runs
 
 
-def many_hosts(args, work: Path, files: Path) -> Run:
+def many_hosts(args, work: Path, files: Path, name: str, count: int, title: str) -> Run:
     extra = ("--files-dir", str(files), "--hosts", str(args.hosts))
     with server_process(args.hosts_latency, 0.05, *extra) as (base, pid):
-        urls = work / "many-hosts.txt"
-        hosts = url_list(base, args.hosts, args.hosts_count, urls)
+        urls = work / f"{title.replace(' ', '-')}.txt"
+        hosts = url_list(base, args.hosts, count, urls, name)
         options = ["--cpu-workers", str(args.processes), *shlex.split(args.flow_options)]
-        return run_flow("many hosts", urls, work, options, psutil.Process(pid), LoadWatch(hosts))
+        return run_flow(title, urls, work, options, psutil.Process(pid), LoadWatch(hosts))
+
+
+def print_many(run: Run, args, heading: str) -> None:
+    print(f"\n{heading}")
+    print(line(run))
+    busy = cpu_busy(run, args.processes)
+    shown = "n/a" if busy is None else f"{100 * busy:.0f} %"
+    print(f"  CPU pool busy (thumbnail nodes' time / slots x wall after start-up): {shown}")
+    flowing = cpu_busy_flowing(run, args.processes)
+    shown = "n/a" if flowing is None else f"{100 * flowing:.0f} %"
+    print(f"  CPU pool busy while thumbnails were written (first file to last): {shown}")
+    cores = machine_busy(run)
+    shown = "n/a" if cores is None else f"{100 * cores:.0f} %"
+    print(f"  the machine's cores busy (flow and server CPU-s / cores x wall): {shown}")
+    print(f"  hosts saw at most: {peaks(run)}")
+    print(f"  load average at the end: {os.getloadavg()[0]:.1f}")
 
 
 def write_chart(runs: Sequence[Run], path: Path) -> None:
@@ -258,23 +289,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         base = runs[0]
         for other in runs[1:]:
             print(f"  default vs {other.row.method}: {ratio(base, other)} faster")
+        latency = f"{args.hosts_latency * 1000:.0f} ms"
         if "hosts" not in skip:
-            many = many_hosts(args, work, files)
+            many = many_hosts(args, work, files, "w{}.jpg", args.hosts_count, "many hosts")
             runs.append(many)
-            busy = cpu_busy(many, args.processes)
-            print(f"\n2. {args.hosts_count} images over {args.hosts} hosts at "
-                  f"{args.hosts_latency * 1000:.0f} ms")  # fmt: skip
-            print(line(many))
-            shown = "n/a" if busy is None else f"{100 * busy:.0f} %"
-            print(f"  CPU pool busy (thumbnail nodes' time / slots x wall after start-up): {shown}")
-            flowing = cpu_busy_flowing(many, args.processes)
-            shown = "n/a" if flowing is None else f"{100 * flowing:.0f} %"
-            print(f"  CPU pool busy while thumbnails were written (first file to last): {shown}")
-            cores = machine_busy(many)
-            shown = "n/a" if cores is None else f"{100 * cores:.0f} %"
-            print(f"  the machine's cores busy (flow and server CPU-s / cores x wall): {shown}")
-            print(f"  hosts saw at most: {peaks(many)}")
-            print(f"  load average at the end: {os.getloadavg()[0]:.1f}")
+            print_many(
+                many, args, f"2. {args.hosts_count} images over {args.hosts} hosts at {latency}"
+            )
+        if "photos" not in skip:
+            photo_files(files, args.photo_side)
+            size = sum(f.stat().st_size for f in files.glob("p*.webp")) // PHOTO_FILES // 1000
+            photos = many_hosts(
+                args, work, files, "p{}.webp", args.photos_count, "many hosts photos"
+            )
+            runs.append(photos)
+            print_many(photos, args, f"3. {args.photos_count} WebP photos ({args.photo_side} px, "
+                       f"{size} KB avg) over {args.hosts} hosts at {latency}")  # fmt: skip
         write_chart(runs, Path(args.html))
         print(f"\nchart: {args.html}")
         (work / "figures.json").write_text(json.dumps([r.figures for r in runs]))
