@@ -329,15 +329,7 @@ class SeenSet:
     def __contains__(self, url: str) -> bool:
         key = self.key(url)
         table = self._tables[key >> self._shard_shift]
-        mask = len(table) - 1
-        slot = key & mask
-        while True:
-            here = int(table[slot])
-            if here == key:
-                return True
-            if here == 0:
-                return False
-            slot = (slot + 1) & mask
+        return int(table[_slot_of(table, key)]) == key
 
     def nbytes(self) -> int:
         """Bytes held by the tables."""
@@ -354,18 +346,23 @@ class SeenSet:
                 _insert(table, key)
 
 
-def _insert(table: np.ndarray, key: int) -> bool:
-    """Put ``key`` in an open-addressing table (linear probing); False if it was there."""
+def _slot_of(table: np.ndarray, key: int) -> int:
+    """Where ``key`` is in an open-addressing table (linear probing), or the empty slot
+    where it would go."""
     mask = len(table) - 1
     slot = key & mask
-    while True:
-        here = int(table[slot])
-        if here == key:
-            return False
-        if here == 0:
-            table[slot] = key
-            return True
+    while (here := int(table[slot])) != key and here != 0:
         slot = (slot + 1) & mask
+    return slot
+
+
+def _insert(table: np.ndarray, key: int) -> bool:
+    """Put ``key`` in an open-addressing table; False if it was there."""
+    slot = _slot_of(table, key)
+    if int(table[slot]) == key:
+        return False
+    table[slot] = key
+    return True
 
 
 def classify(
