@@ -48,6 +48,9 @@ from imgtasks.demo.corpus import photo_like
 WEB_FILES = 64  # distinct images; each URL is unique (?i=N), so every one is fetched
 WEB_SIDE = 512
 PHOTO_FILES = 8
+# (file name pattern, distinct files) of each corpus the server serves from --files-dir
+WEB_CORPUS = ("w{}.jpg", WEB_FILES)
+PHOTO_CORPUS = ("p{}.webp", PHOTO_FILES)
 BIN_S = 0.25  # the chart's time step
 
 
@@ -95,10 +98,12 @@ def photo_files(where: Path, side: int) -> None:
         image.save(where / f"p{i}.webp", "WEBP", quality=80)
 
 
-def url_list(base: str, hosts: int, count: int, path: Path, name: str = "w{}.jpg") -> list[str]:
+def url_list(
+    base: str, hosts: int, count: int, path: Path, corpus: tuple[str, int] = WEB_CORPUS
+) -> list[str]:
     parts = urlsplit(base)
     addresses = neighbour_addresses(parts.hostname or "127.0.0.1", hosts)
-    files = PHOTO_FILES if name.startswith("p") else WEB_FILES
+    name, files = corpus
     urls = [
         f"http://{addresses[i % hosts]}:{parts.port}/files/{name.format(i % files)}?i={i}"
         for i in range(count)
@@ -217,11 +222,13 @@ def one_host(args, work: Path, files: Path, skip: set[str]) -> list[Run]:
     return runs
 
 
-def many_hosts(args, work: Path, files: Path, name: str, count: int, title: str) -> Run:
+def many_hosts(
+    args, work: Path, files: Path, corpus: tuple[str, int], count: int, title: str
+) -> Run:
     extra = ("--files-dir", str(files), "--hosts", str(args.hosts))
     with server_process(args.hosts_latency, 0.05, *extra) as (base, pid):
         urls = work / f"{title.replace(' ', '-')}.txt"
-        hosts = url_list(base, args.hosts, count, urls, name)
+        hosts = url_list(base, args.hosts, count, urls, corpus)
         options = ["--cpu-workers", str(args.processes), *shlex.split(args.flow_options)]
         return run_flow(title, urls, work, options, psutil.Process(pid), LoadWatch(hosts))
 
@@ -291,7 +298,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"  default vs {other.row.method}: {ratio(base, other)} faster")
         latency = f"{args.hosts_latency * 1000:.0f} ms"
         if "hosts" not in skip:
-            many = many_hosts(args, work, files, "w{}.jpg", args.hosts_count, "many hosts")
+            many = many_hosts(args, work, files, WEB_CORPUS, args.hosts_count, "many hosts")
             runs.append(many)
             print_many(
                 many, args, f"2. {args.hosts_count} images over {args.hosts} hosts at {latency}"
@@ -300,7 +307,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             photo_files(files, args.photo_side)
             size = sum(f.stat().st_size for f in files.glob("p*.webp")) // PHOTO_FILES // 1000
             photos = many_hosts(
-                args, work, files, "p{}.webp", args.photos_count, "many hosts photos"
+                args, work, files, PHOTO_CORPUS, args.photos_count, "many hosts photos"
             )
             runs.append(photos)
             print_many(photos, args, f"3. {args.photos_count} WebP photos ({args.photo_side} px, "

@@ -6,8 +6,8 @@ host and tells it how each request went.
 
 - **Grow while healthy.** A host starts at ``start`` concurrent requests. While its answers
   stay healthy (no 429/503, no time-outs or resets, latency not climbing) and the limit is
-  what holds requests back (it was reached, or a request waited with every slot taken, within the
-  last two round trips: TCP's "cwnd-limited" rule, RFC 7661), every answer adds one
+  what holds requests back (every slot was taken, by requests or with one waiting, within
+  the last two round trips: TCP's "cwnd-limited" rule, RFC 7661), every answer adds one
   (slow start: the limit doubles per round trip) until the first sign of trouble; after
   that, one per round trip (each answer adds ``1 / limit``), and an eighth of that near
   the level where the host last complained.
@@ -266,7 +266,7 @@ class HostLimit:
             self._limited_at = now
 
     def _limited(self) -> bool:
-        """The limit was reached, or a request waited, within the last two round trips."""
+        """Every slot was taken (a request may have waited) within the last two round trips."""
         recent = self._recent
         memory = LIMITED_MEMORY_S if recent is None else LIMITED_MEMORY_ROUND_TRIPS * recent
         return self._clock() - self._limited_at <= memory
