@@ -15,8 +15,9 @@ cluster layer), three processes on two cores, before the first request went out.
 if __name__ == "__main__":
     import sys
 
-    from imgtasks import workerstart
+    from imgtasks import memtrim, workerstart
 
+    memtrim.for_command_line()  # before anything imports pyarrow or starts a thread
     # Before the command line's own imports: the workers' fork server imports what they
     # need meanwhile, on the other core (imgtasks/workerstart.py).
     workerstart.start_for_command_line(sys.argv[1:])

@@ -66,11 +66,14 @@ LOOPBACK = "127.0.0.1"
 # I/O worker's many threads write and compact manifest parts: its peak RSS grew x1.93
 # from 10k to 200k URLs (scale_bench). With the system allocator, three rounds of 20k
 # URLs on one cluster: 150 -> 153 -> 161 MiB, against 171 -> 193 -> 208 with mimalloc.
+# One malloc arena (memtrim.one_arena says why): set from the start here, so that none of
+# the threads Dask starts before the first download gets an arena of its own either.
 # None = unset; a value in the user's own environment still wins (Dask reads os.environ
 # first).
 WORKER_PRE_SPAWN_ENVIRON: Mapping[str, Any] = {
     "MALLOC_TRIM_THRESHOLD_": None,
     "ARROW_DEFAULT_MEMORY_POOL": "system",
+    "MALLOC_ARENA_MAX": "1",
 }
 # Dask's statistical profiler calls sys._current_frames() every 10 ms in every worker; on
 # CPython 3.11 that can deadlock (gh-106883: the thread-list lock and the GIL taken in

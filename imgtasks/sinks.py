@@ -106,6 +106,10 @@ def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
 # A thumbnail file used to cost ~0.13 ms of CPU with makedirs + mkstemp + fdopen, 0.06 ms
 # with a known directory, a counter-named temporary and bare os.write (3000 files, ext4).
 _made_dirs: set[str] = set()  # directories this process made or found
+# Forgotten all at once past this many: a long run writes into ever new directories, and
+# the set grew with them (a CPU worker's largest Python allocation after 40k thumbnails,
+# ~2.5 MiB and ~23k strings). Forgetting costs one makedirs per directory met again.
+MAX_KNOWN_DIRS = 1024
 _temp_names = itertools.count()
 _TEMP_TOKEN = secrets.token_hex(4)  # with the pid: no two processes pick the same names
 # Which machine wrote a temporary: a sweep may then remove at once those whose writer
@@ -118,6 +122,8 @@ def _open_temporary(directory: str) -> tuple[int, str]:
     for _ in range(100):
         if directory not in _made_dirs:
             os.makedirs(directory, exist_ok=True)
+            if len(_made_dirs) >= MAX_KNOWN_DIRS:
+                _made_dirs.clear()
             _made_dirs.add(directory)
         name = f"{TEMP_PREFIX}{_HOST}-{os.getpid()}-{_TEMP_TOKEN}-{next(_temp_names)}"
         tmp = f"{directory}/{name}"

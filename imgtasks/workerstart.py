@@ -34,6 +34,7 @@ DEFAULT_ENVIRON: Mapping[str, str | None] = {
     "MKL_NUM_THREADS": "1",
     "OPENBLAS_NUM_THREADS": "1",
     "ARROW_DEFAULT_MEMORY_POOL": "system",
+    "MALLOC_ARENA_MAX": "1",
     "PYTHONHASHSEED": "6640",
 }
 

@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 from fsspec.implementations.local import LocalFileSystem
 
+from imgtasks import sinks
 from imgtasks.manifest import Record, manifest_parts, read_manifest, write_manifest_part
 from imgtasks.sinks import (
     OutputSettings,
@@ -151,3 +152,17 @@ def test_atomic_write_into_a_directory_removed_since(tmp_path: Path) -> None:
     write_atomic(fs, str(target), b"again")
     assert target.read_bytes() == b"again"
     assert sorted(p.name for p in target.parent.iterdir()) == ["f.bin"]
+
+
+def test_the_known_directories_stay_bounded_and_files_still_land(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sinks, "MAX_KNOWN_DIRS", 8)
+    monkeypatch.setattr(sinks, "_made_dirs", set())
+    fs = LocalFileSystem()
+    for i in range(30):
+        sinks.write_atomic(fs, f"{tmp_path}/d{i}/f.jpg", b"x")
+        assert len(sinks._made_dirs) <= 8
+    sinks.write_atomic(fs, f"{tmp_path}/d0/g.jpg", b"y")  # forgotten, made again: fine
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"d{i}" for i in range(30))
+    assert (tmp_path / "d0" / "g.jpg").read_bytes() == b"y"
