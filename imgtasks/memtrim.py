@@ -46,8 +46,10 @@ def one_arena() -> bool:
     Why: glibc gives each new thread an arena of its own, up to 8 per core, and the I/O
     worker's ~100 download threads each left memory pinned in theirs. 100k tiny images at
     0 ms (RSS of the I/O worker 30 s in -> at the end, and its peak): 134 -> 142 MiB, peak
-    150, the thread arenas growing 5 -> 15 MiB; with one arena 122 -> 125, peak 133. The
-    threads allocate holding the GIL, so one arena's lock costs them little.
+    150, the thread arenas growing 5 -> 15 MiB; with one arena from the start
+    (``MALLOC_ARENA_MAX=1``) 122 -> 125, peak 133 in one run, 122 -> 135, peak 143 in
+    another: a lower level, not the end of the creep. The threads allocate holding the
+    GIL, so one arena's lock costs them little (10k URLs, 2 interleaved pairs: no change).
     """
     mallopt = _glibc("mallopt")
     return mallopt is not None and mallopt(M_ARENA_MAX, 1) == 1
