@@ -43,8 +43,8 @@ def one_arena() -> bool:
     one, in a process that calls this before starting its threads). False where there is
     no ``mallopt`` (not glibc); once per process.
 
-    Why: glibc gives each new thread an arena of its own, up to 8 per core, and the I/O
-    worker's ~100 download threads each left memory pinned in theirs. 100k tiny images at
+    Why: glibc gives new threads arenas of their own, up to 8 per core, and the I/O
+    worker's ~100 download threads left memory pinned in them. 100k tiny images at
     0 ms (RSS of the I/O worker 30 s in -> at the end, and its peak): 134 -> 142 MiB, peak
     150, the thread arenas growing 5 -> 15 MiB; with one arena from the start
     (``MALLOC_ARENA_MAX=1``) 122 -> 125, peak 133 in one run, 122 -> 135, peak 143 in

@@ -39,6 +39,23 @@ def test_trim_every_trims_at_most_once_per_interval(monkeypatch: pytest.MonkeyPa
     assert len(calls) == 2
 
 
+def run_fresh(code: str, *args: str, env: dict[str, str]) -> str:
+    """What a fresh interpreter running ``code`` printed."""
+    run = subprocess.run(
+        [sys.executable, "-c", code, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+        env=env,
+    )
+    return run.stdout.strip()
+
+
+def environ_without(name: str) -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k != name}
+
+
 # A fresh process starts 8 threads that each malloc, then counts its arenas with glibc's
 # malloc_info (one <heap> element per arena).
 ARENAS_AFTER_THREADS = """
@@ -67,16 +84,7 @@ with tempfile.NamedTemporaryFile("r") as out:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 @pytest.mark.parametrize("mode, expect_one", [("one", True), ("default", False)])
 def test_one_arena_keeps_new_threads_on_the_main_arena(mode: str, expect_one: bool) -> None:
-    env = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"}
-    run = subprocess.run(
-        [sys.executable, "-c", ARENAS_AFTER_THREADS, mode],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-        env=env,
-    )
-    arenas = int(run.stdout)
+    arenas = int(run_fresh(ARENAS_AFTER_THREADS, mode, env=environ_without("MALLOC_ARENA_MAX")))
     assert (arenas == 1) is expect_one, (mode, arenas)
 
 
@@ -92,15 +100,7 @@ print(pa.default_memory_pool().backend_name)
 def test_the_command_line_gives_pyarrow_the_system_allocator_unless_the_user_chose(
     users_pool: str | None, expected: str
 ) -> None:
-    env = {k: v for k, v in os.environ.items() if k != "ARROW_DEFAULT_MEMORY_POOL"}
+    env = environ_without("ARROW_DEFAULT_MEMORY_POOL")
     if users_pool:
         env["ARROW_DEFAULT_MEMORY_POOL"] = users_pool
-    run = subprocess.run(
-        [sys.executable, "-c", POOL_AFTER_COMMAND_LINE_SETUP],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-        env=env,
-    )
-    assert run.stdout.strip() == expected
+    assert run_fresh(POOL_AFTER_COMMAND_LINE_SETUP, env=env) == expected
