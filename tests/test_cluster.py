@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import gc
+import logging
 import os
 import sys
 
@@ -196,6 +197,9 @@ def test_hybrid_cluster_starts_with_routing_and_routes(monkeypatch: pytest.Monke
         # and they exit without the interpreter's last garbage collections (QuickExit)
         quick = client.run(lambda dask_worker: QuickExit.name in dask_worker.plugins)
         assert set(quick.values()) == {True}
+        # a peer hanging up mid-transfer (a Ctrl-C) is not an ERROR with a traceback
+        heard = client.run(_logged_by_worker)
+        assert [*heard.values()] == [[repr(OSError("disk full"))]] * 3
         # forked from the fork server, which imported their stages once for all of them
         started = client.run(_how_started)
         assert {parent for parent, _, _ in started.values()} != {os.getpid()}
@@ -205,6 +209,27 @@ def test_hybrid_cluster_starts_with_routing_and_routes(monkeypatch: pytest.Monke
         client.close()
         assert cluster is not None
         cluster.close()
+
+
+def _logged_by_worker() -> list[str]:
+    """Which failures of a transfer ``distributed.worker`` passes on, logged as Dask's
+    get_data logs them: a peer that hung up, and a local error."""
+    from distributed.comm.core import CommClosedError
+
+    logger = logging.getLogger("distributed.worker")
+    heard: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: heard.append(repr(record.exc_info[1]))  # type: ignore
+    logger.addHandler(handler)
+    try:
+        for error in (CommClosedError("Stream is closed"), OSError("disk full")):
+            try:
+                raise error
+            except OSError:
+                logger.exception("failed during get data with %s -> %s", "tls://a", None)
+    finally:
+        logger.removeHandler(handler)
+    return heard
 
 
 def _worker_name() -> str:
