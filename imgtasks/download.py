@@ -57,6 +57,7 @@ import requests
 import urllib3.connection
 import urllib3.connectionpool
 import urllib3.exceptions
+import urllib3.util
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
@@ -655,17 +656,95 @@ def _request(progress: _Progress) -> bytes | str:
     with _polite_slot(progress, url, "the request") as remaining:
         progress.attempts += 1  # corrected below from urllib3's retry history
         asked = time.monotonic()
-        with _get(settings, url, remaining, allow_redirects=False) as resp:
+        with _get_image(settings, url, remaining) as resp:
             _answered(resp, time.monotonic() - asked)
             return _handle_response(progress, resp)
 
 
-def _get(
-    settings: DownloadSettings, url: str, remaining: float, **options: Any
-) -> requests.Response:
-    """A streamed GET whose connect and read time-outs fit in the time left."""
+def _get(settings: DownloadSettings, url: str, remaining: float) -> requests.Response:
+    """A streamed GET, redirects followed, whose connect and read time-outs fit in the
+    time left (robots.txt)."""
     timeout = (min(settings.connect_timeout, remaining), min(settings.read_timeout, remaining))
-    return get_session(settings).get(url, stream=True, timeout=timeout, **options)
+    return get_session(settings).get(url, stream=True, timeout=timeout)
+
+
+def _get_image(settings: DownloadSettings, url: str, remaining: float) -> Any:
+    """One hop of an image request, streamed, redirects not followed: the session's own
+    urllib3 pool (its retries, TLS settings and headers) called the way requests' adapter
+    calls it, without requests' per-request work around it (preparing the request, the
+    cookie jar on the way out and in, building the Response). Measured on the demo's
+    web-size images (~33 KiB), one thread, 600 requests x 5: 1.11-1.21 ms CPU per request
+    instead of 1.69 (a package build beside it); in the flow (``cpu_breakdown.py``, 3
+    interleaved pairs) ``fetch`` took 0.67-0.96 ms per image instead of 1.10-1.28. With
+    proxy variables in the environment the request goes through requests as a whole, which
+    resolves them per URL (no_proxy rules included)."""
+    session = get_session(settings)
+    if session.trust_env:
+        timeout = (min(settings.connect_timeout, remaining), min(settings.read_timeout, remaining))
+        return session.get(url, stream=True, timeout=timeout, allow_redirects=False)
+    parsed = urllib3.util.parse_url(url)  # as requests does: IDNA host, invalid chars quoted
+    adapter = session.get_adapter(url)
+    assert isinstance(adapter, HTTPAdapter)
+    pool = _pool_for(session, adapter, parsed.url)
+    raw = pool.urlopen(
+        "GET",
+        parsed.request_uri,
+        headers=session.headers,
+        redirect=False,
+        assert_same_host=False,
+        preload_content=False,
+        decode_content=False,
+        retries=adapter.max_retries,
+        timeout=urllib3.Timeout(
+            connect=min(settings.connect_timeout, remaining),
+            read=min(settings.read_timeout, remaining),
+        ),
+    )
+    return _Answer(raw)
+
+
+def _pool_for(
+    session: requests.Session, adapter: HTTPAdapter, url: str
+) -> urllib3.connectionpool.HTTPConnectionPool:
+    """The session's connection pool for the URL's host, with the TLS settings requests
+    would give it (``get_connection_with_tls_context``, then ``cert_verify``)."""
+    request = requests.PreparedRequest()
+    request.url = url
+    host, tls = adapter.build_connection_pool_key_attributes(request, session.verify, session.cert)
+    pool = adapter.poolmanager.connection_from_host(**host, pool_kwargs=tls)
+    adapter.cert_verify(pool, url, session.verify, session.cert)
+    return pool
+
+
+class _Answer:
+    """What the fetch reads of a ``requests.Response`` (``status_code``, ``reason``,
+    ``headers``, ``raw``), over urllib3's response; closed as requests closes a streamed
+    response: a body not read to its end drops its connection, the rest go back to the
+    pool."""
+
+    __slots__ = ("raw",)
+
+    def __init__(self, raw: urllib3.BaseHTTPResponse) -> None:
+        self.raw = raw
+
+    @property
+    def status_code(self) -> int:
+        return self.raw.status
+
+    @property
+    def reason(self) -> str | None:
+        return self.raw.reason
+
+    @property
+    def headers(self) -> urllib3.HTTPHeaderDict:
+        return self.raw.headers
+
+    def __enter__(self) -> _Answer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.raw.close()
+        self.raw.release_conn()
 
 
 @contextmanager
@@ -856,7 +935,7 @@ _INVALID_URL_ERRORS: tuple[type[BaseException], ...] = (
     requests.exceptions.InvalidURL,
     requests.exceptions.MissingSchema,
     requests.exceptions.InvalidSchema,
-    urllib3.exceptions.LocationParseError,
+    urllib3.exceptions.LocationValueError,  # LocationParseError included
     UnicodeError,
 )
 _TIMEOUT_ERRORS: tuple[type[BaseException], ...] = (

@@ -67,6 +67,7 @@ class _State:
         self.active = 0
         self.max_active = 0
         self.headers: dict[str, dict[str, str]] = {}
+        self.targets: list[str] = []  # request targets as sent: absolute through a proxy
         self.stop = threading.Event()
 
 
@@ -85,6 +86,7 @@ class _Handler(BaseHTTPRequestHandler):
         query = {k: v[0] for k, v in parse_qs(parts.query).items()}
         with self.state.lock:
             self.state.headers[parts.path] = dict(self.headers.items())
+            self.state.targets.append(self.path)
         route = getattr(self, f"route_{segments[0].replace('-', '_')}", None) if segments else None
         try:
             if route is None:
@@ -572,6 +574,31 @@ def test_environment_is_read_once_unless_proxies_are_set(
     assert session.trust_env is proxied
     if not proxied:
         assert session.verify == "/etc/ssl/custom-bundle.pem"
+
+
+def test_a_proxy_from_the_environment_carries_the_image_requests(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name in (*PROXY_VARIABLES, "all_proxy", "NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    with LocalServer() as proxy:  # it routes an absolute target by its path
+        monkeypatch.setenv("HTTP_PROXY", proxy.base_url)
+        settings = fast(user_agent="proxied-test/1")  # a session of its own, made here
+        result = fetch("http://images.invalid/img/7.jpg", settings)
+    assert result.ok, result
+    assert proxy.state.targets == ["http://images.invalid/img/7.jpg"]
+
+
+def test_image_requests_reuse_one_connection_per_host(demo: DemoServer) -> None:
+    settings = fast(user_agent="reuse-test/1")  # a session (and pools) of its own
+    for index in range(12):
+        assert fetch(f"{demo.base_url}/img/{index % 4}.jpg", settings).ok
+    assert fetch(f"{demo.base_url}/missing.jpg", settings).status == "http_4xx"
+    session = download.get_session(settings)
+    pool = download._pool_for(session, session.get_adapter(demo.base_url), demo.base_url)
+    # each answer went back to the pool once read (a read body) or dropped (a refusal)
+    assert pool.num_connections == 1
+    assert pool.pool is not None and pool.pool.qsize() == settings.per_host
 
 
 def test_fetch_many_caps_each_call_at_parallel_and_reuses_its_threads(
