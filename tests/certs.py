@@ -4,6 +4,7 @@ the certificates it signs (Dask checks the signature, not the host name)."""
 from __future__ import annotations
 
 import datetime
+import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,10 +45,12 @@ def make_cert(
     ca: Pem,
     valid_from: datetime.timedelta = -DAY,
     valid_to: datetime.timedelta = 30 * DAY,
+    ip: str | None = None,
 ) -> Pem:
     """A certificate signed by ``ca``, valid from now + ``valid_from`` to now + ``valid_to``
-    (both negative: expired)."""
-    return _write(directory, name, issuer=ca, valid_from=valid_from, valid_to=valid_to)
+    (both negative: expired); ``ip``: the address it names, for a client that checks it
+    (an HTTPS server's)."""
+    return _write(directory, name, issuer=ca, valid_from=valid_from, valid_to=valid_to, ip=ip)
 
 
 def _write(
@@ -56,6 +59,7 @@ def _write(
     issuer: Pem | None,
     valid_from: datetime.timedelta,
     valid_to: datetime.timedelta,
+    ip: str | None = None,
 ) -> Pem:
     # EC keys: ~1 ms each, where RSA-2048 takes ~50-100 ms
     key = ec.generate_private_key(ec.SECP256R1())
@@ -67,7 +71,7 @@ def _write(
         issuer_name = issuer_cert.subject
         signing_key = serialization.load_pem_private_key(issuer.key.read_bytes(), None)
     now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
+    builder = (
         x509.CertificateBuilder()
         .subject_name(subject)
         .issuer_name(issuer_name)
@@ -76,8 +80,11 @@ def _write(
         .not_valid_before(now + valid_from)
         .not_valid_after(now + valid_to)
         .add_extension(x509.BasicConstraints(ca=issuer is None, path_length=None), critical=True)
-        .sign(signing_key, hashes.SHA256())
     )
+    if ip is not None:
+        names = x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(ip))])
+        builder = builder.add_extension(names, critical=False)
+    cert = builder.sign(signing_key, hashes.SHA256())
     directory.mkdir(parents=True, exist_ok=True)
     pem = Pem(directory / f"{name}.pem", directory / f"{name}-key.pem")
     pem.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))

@@ -6,13 +6,16 @@ import dataclasses
 import gzip
 import hashlib
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from urllib.parse import parse_qs, quote, urlsplit
 
 import pytest
+from certs import make_ca, make_cert
 
 from imgtasks import download
 from imgtasks.demo import DemoServer, ServerSettings
@@ -587,6 +590,32 @@ def test_a_proxy_from_the_environment_carries_the_image_requests(
         result = fetch("http://images.invalid/img/7.jpg", settings)
     assert result.ok, result
     assert proxy.state.targets == ["http://images.invalid/img/7.jpg"]
+
+
+@pytest.mark.parametrize("trusted", [True, False])
+def test_https_verifies_the_server_with_the_ca_bundle_named(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, trusted: bool
+) -> None:
+    ca = make_ca(tmp_path / "ca")
+    server_cert = make_cert(tmp_path / "server", "image-host", ca, ip="127.0.0.1")
+    stranger = make_ca(tmp_path / "other", "another-ca")
+    for name in (*PROXY_VARIABLES, "all_proxy", "CURL_CA_BUNDLE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str((ca if trusted else stranger).cert))
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(server_cert.cert, server_cert.key)
+    server = LocalServer()
+    server.httpd.socket = context.wrap_socket(server.httpd.socket, server_side=True)
+    with server:
+        url = server.base_url.replace("http://", "https://") + "/img/3.jpg"
+        settings = fast(user_agent=f"tls-test-{trusted}/1")  # its own session, made here
+        results = [fetch(url, settings) for _ in range(2)]
+    if trusted:
+        assert [r.content for r in results] == [image_bytes(3)] * 2
+    else:  # an unknown issuer is refused, never read
+        for result in results:
+            assert_failed(result, "connection_error")
+            assert "CERTIFICATE_VERIFY_FAILED" in result.error
 
 
 def test_image_requests_reuse_one_connection_per_host(demo: DemoServer) -> None:
