@@ -530,7 +530,7 @@ def _slot() -> tuple[HostLimit, Ticket] | None:
     return getattr(_this_request, "slot", None)
 
 
-def _answered(resp: requests.Response, latency_s: float) -> None:
+def _answered(resp: _Response, latency_s: float) -> None:
     """Tell the host's limit how its answer went: an overload, or healthy with its time to
     first byte (not measured when urllib3 retried: its waits are not the host's pace)."""
     held = _slot()
@@ -664,11 +664,15 @@ def _request(progress: _Progress) -> bytes | str:
 def _get(settings: DownloadSettings, url: str, remaining: float) -> requests.Response:
     """A streamed GET, redirects followed, whose connect and read time-outs fit in the
     time left (robots.txt)."""
-    timeout = (min(settings.connect_timeout, remaining), min(settings.read_timeout, remaining))
-    return get_session(settings).get(url, stream=True, timeout=timeout)
+    return get_session(settings).get(url, stream=True, timeout=_timeouts(settings, remaining))
 
 
-def _get_image(settings: DownloadSettings, url: str, remaining: float) -> Any:
+def _timeouts(settings: DownloadSettings, remaining: float) -> tuple[float, float]:
+    """(connect, read) time-outs that fit in the ``remaining`` seconds."""
+    return min(settings.connect_timeout, remaining), min(settings.read_timeout, remaining)
+
+
+def _get_image(settings: DownloadSettings, url: str, remaining: float) -> _Response:
     """One hop of an image request, streamed, redirects not followed: the session's own
     urllib3 pool (its retries, TLS settings and headers) called the way requests' adapter
     calls it, without requests' per-request work around it (preparing the request, the
@@ -679,9 +683,9 @@ def _get_image(settings: DownloadSettings, url: str, remaining: float) -> Any:
     proxy variables in the environment the request goes through requests as a whole, which
     resolves them per URL (no_proxy rules included)."""
     session = get_session(settings)
+    connect, read = _timeouts(settings, remaining)
     if session.trust_env:
-        timeout = (min(settings.connect_timeout, remaining), min(settings.read_timeout, remaining))
-        return session.get(url, stream=True, timeout=timeout, allow_redirects=False)
+        return session.get(url, stream=True, timeout=(connect, read), allow_redirects=False)
     parsed = urllib3.util.parse_url(url)  # as requests does: IDNA host, invalid chars quoted
     adapter = session.get_adapter(url)
     assert isinstance(adapter, HTTPAdapter)
@@ -695,10 +699,7 @@ def _get_image(settings: DownloadSettings, url: str, remaining: float) -> Any:
         preload_content=False,
         decode_content=False,
         retries=adapter.max_retries,
-        timeout=urllib3.Timeout(
-            connect=min(settings.connect_timeout, remaining),
-            read=min(settings.read_timeout, remaining),
-        ),
+        timeout=urllib3.Timeout(connect=connect, read=read),
     )
     return _Answer(raw)
 
@@ -745,6 +746,9 @@ class _Answer:
     def __exit__(self, *exc: object) -> None:
         self.raw.close()
         self.raw.release_conn()
+
+
+_Response = requests.Response | _Answer  # an answer, through requests or straight from urllib3
 
 
 @contextmanager
@@ -810,7 +814,7 @@ def _fetch_robots(progress: _Progress, robots_url: str) -> RobotsAnswer:
         return RobotsAnswer(None)
 
 
-def _handle_response(progress: _Progress, resp: requests.Response) -> bytes | str:
+def _handle_response(progress: _Progress, resp: _Response) -> bytes | str:
     progress.attempts += _retries_used(resp)
     progress.http_status = resp.status_code
     progress.content_type = resp.headers.get("Content-Type", "")
@@ -823,7 +827,7 @@ def _handle_response(progress: _Progress, resp: requests.Response) -> bytes | st
     return _read_body(progress, resp)
 
 
-def _check_opt_out(settings: DownloadSettings, resp: requests.Response) -> None:
+def _check_opt_out(settings: DownloadSettings, resp: _Response) -> None:
     """Nothing is kept of a response whose X-Robots-Tag opts out (checked before the body
     is read). The headers one by one: requests joins repeated headers with commas, which
     would merge one header's agent scope into the next."""
@@ -845,7 +849,7 @@ def _resolve_location(base: str, location: str) -> str:
     return location if absolute else urljoin(base, location)
 
 
-def _retries_used(resp: requests.Response) -> int:
+def _retries_used(resp: _Response) -> int:
     retries = getattr(resp.raw, "retries", None)
     history = getattr(retries, "history", None)
     return len(history) if history else 0
@@ -859,7 +863,7 @@ def _http_status_kind(code: int) -> Status:
     return Status.HTTP_ERROR
 
 
-def _declared_length(resp: requests.Response) -> int | None:
+def _declared_length(resp: _Response) -> int | None:
     # With a content-encoding the header counts compressed bytes, not what we count.
     if resp.headers.get("Content-Encoding", "identity").lower() not in ("", "identity"):
         return None
@@ -871,7 +875,7 @@ def _declared_length(resp: requests.Response) -> int | None:
     return length if length >= 0 else None
 
 
-def _read_body(progress: _Progress, resp: requests.Response) -> bytes:
+def _read_body(progress: _Progress, resp: _Response) -> bytes:
     settings = progress.settings
     raw_length = resp.headers.get("Content-Length", "")
     if raw_length.isdigit() and int(raw_length) > settings.max_bytes:
@@ -895,7 +899,7 @@ def _read_body(progress: _Progress, resp: requests.Response) -> bytes:
     return body
 
 
-def _read_chunks(progress: _Progress, resp: requests.Response) -> bytes:
+def _read_chunks(progress: _Progress, resp: _Response) -> bytes:
     """Read the (decoded) body in chunks, enforcing max_bytes and the deadline."""
     settings = progress.settings
     raw = resp.raw
