@@ -391,11 +391,11 @@ class QuietHangUps(WorkerPlugin):
 class PeerHungUp(logging.Filter):
     """Turns "failed during get data" for a closed connection into a DEBUG line."""
 
+    MESSAGE = "failed during get data"  # Worker.get_data's own words (a test checks them)
+
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
-        if isinstance(error, CommClosedError) and str(record.msg).startswith(
-            "failed during get data"
-        ):
+        if isinstance(error, CommClosedError) and str(record.msg).startswith(self.MESSAGE):
             log.debug("a peer hung up during a transfer: %s", error)
             return False
         return True

@@ -1,11 +1,13 @@
 from __future__ import annotations
 
 import gc
+import inspect
 import logging
 import os
 import sys
 
 import dask
+import distributed.worker
 import psutil
 import pytest
 from conftest import client_refused, tls_handshake_error
@@ -14,6 +16,7 @@ from distributed import Nanny, Scheduler
 from imgtasks import workerstart
 from imgtasks.cluster import (
     ClusterSettings,
+    PeerHungUp,
     QuickExit,
     connect_early,
     exposure_warnings,
@@ -200,6 +203,8 @@ def test_hybrid_cluster_starts_with_routing_and_routes(monkeypatch: pytest.Monke
         # a peer hanging up mid-transfer (a Ctrl-C) is not an ERROR with a traceback
         heard = client.run(_logged_by_worker)
         assert [*heard.values()] == [[repr(OSError("disk full"))]] * 3
+        # the filter matches Dask's text: a Dask that rewords it must fail here
+        assert PeerHungUp.MESSAGE in inspect.getsource(distributed.worker.Worker.get_data)
         # forked from the fork server, which imported their stages once for all of them
         started = client.run(_how_started)
         assert {parent for parent, _, _ in started.values()} != {os.getpid()}
@@ -226,7 +231,7 @@ def _logged_by_worker() -> list[str]:
             try:
                 raise error
             except OSError:
-                logger.exception("failed during get data with %s -> %s", "tls://a", None)
+                logger.exception(PeerHungUp.MESSAGE + " with %s -> %s", "tls://a", None)
     finally:
         logger.removeHandler(handler)
     return heard
