@@ -222,6 +222,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="connect to the cluster described by this scheduler file",
     )
     run.add_argument(
+        "--scheduler-wait",
+        type=float,
+        default=preflight.SCHEDULER_WAIT_S,
+        metavar="SECONDS",
+        help="how long a remote scheduler (or its scheduler file) may take to appear",
+    )
+    run.add_argument(
         "--io-threads",
         type=int,
         default=clusters.DEFAULT_IO_THREADS,
@@ -237,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-size",
         type=batch_size_arg,
         default="auto",
-        help="URLs per download/thumbnail node; auto: 16 at first, then enough for ~0.1 s "
+        help="URLs per download/thumbnail node; auto: 16 at first, then enough for ~0.25 s "
         "of thumbnail work each, up to 128 (16 when the workers read the input)",
     )
     run.add_argument(
@@ -412,6 +419,7 @@ def job_from_args(args: argparse.Namespace) -> Job:
         tls_ca_file=args.tls_ca_file,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
+        scheduler_wait=args.scheduler_wait,
     )
     jobserver.check_loopback(args.job_page_address)
     if args.report and cluster.kind == "sync" and not cluster.is_remote:

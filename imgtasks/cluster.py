@@ -138,6 +138,8 @@ class ClusterSettings:
     tls_ca_file: str | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
+    # a remote scheduler (or its scheduler file): how long it may take to appear, seconds
+    scheduler_wait: float = preflight.SCHEDULER_WAIT_S
 
     def __post_init__(self) -> None:
         if self.scheduler_file is None and not (self.kind in KINDS or "://" in self.kind):
@@ -149,6 +151,8 @@ class ClusterSettings:
             raise ValueError(f"--io-threads must be >= 1, got {self.io_threads}")
         if self.cpu_workers < 1:
             raise ValueError(f"--cpu-workers must be >= 1, got {self.cpu_workers}")
+        if not self.scheduler_wait >= 0:  # NaN too
+            raise ValueError(f"--scheduler-wait must be >= 0, got {self.scheduler_wait}")
         if not 0 < self.memory_fraction <= 1:
             raise ValueError(f"memory fraction must be in (0, 1], got {self.memory_fraction}")
         given = [flag(name) for name in CLIENT_TLS if getattr(self, name) is not None]

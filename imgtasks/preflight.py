@@ -122,7 +122,9 @@ def check(
     if source is not None:
         check_source(source)
     if cluster is not None:
-        check_scheduler(cluster.kind, cluster.scheduler_file, tls=cluster.tls_files())
+        check_scheduler(
+            cluster.kind, cluster.scheduler_file, cluster.scheduler_wait, cluster.tls_files()
+        )
 
 
 # --- filesystems ---------------------------------------------------------------------------

@@ -109,6 +109,27 @@ def run_flow(
     )
 
 
+def run_main(args: list[str], capsys: pytest.CaptureFixture[str]) -> subprocess.CompletedProcess:
+    """``runjob.main(["--no-progress", *ARGS])`` in this process, shaped like ``run_flow``'s
+    result: what ``flows/run.py`` runs after its interpreter start, fork server and imports
+    (~2 s per case). For argument and setup errors; a few tests keep the real command."""
+    import logging
+
+    if str(FLOWS) not in sys.path:
+        sys.path.insert(0, str(FLOWS))
+    import runjob
+
+    said = logging.getLogger("imgtasks.run")  # main() gives it a handler to stdout
+    kept = (list(said.handlers), said.level, said.propagate)
+    capsys.readouterr()
+    try:
+        code = runjob.main(["--no-progress", *args])
+    finally:
+        said.handlers[:], said.level, said.propagate = kept
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(["runjob.main", *args], code, out, err)
+
+
 def one_line_error(proc: subprocess.CompletedProcess) -> str:
     """The single stderr line of a run stopped by a setup check, after the common asserts."""
     lines = [line for line in proc.stderr.splitlines() if line.strip()]

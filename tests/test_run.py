@@ -1,4 +1,5 @@
-"""End-to-end tests of flows/run.py, run as the user runs it: a subprocess."""
+"""End-to-end tests of flows/run.py, run as the user runs it: a subprocess (argument
+errors call its ``main()`` in-process, one through the real command)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from conftest import (
     kill_tree,
     non_loopback_address,
     run_flow,
+    run_main,
     start_flow,
     subprocess_environment,
     thumbnail_files,
@@ -52,16 +54,28 @@ def manifest(out: Path) -> pd.DataFrame:
         (["--no-such-flag"], "unrecognized"),
         (["--formats", "jpeg,nosuch"], "unknown source formats NOSUCH"),
         (["--insecure", "--scheduler", "tls://10.0.0.1:8786"], "--insecure is for local"),
+        (["--scheduler", "tcp://10.0.0.1:8786", "--scheduler-wait", "-1"], "must be >= 0"),
     ],
 )
 def test_bad_arguments_are_one_line_and_exit_2(
-    args: list[str], message: str, subprocess_env: dict[str, str]
+    args: list[str], message: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    proc = run_flow(args, subprocess_env, timeout=60)
+    proc = run_main(args, capsys)  # in-process: the command line's main()
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
     assert message in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_a_bad_argument_to_the_real_command_is_one_line_and_exit_2(
+    subprocess_env: dict[str, str],
+) -> None:
+    """The cases above through flows/run.py itself: its fork server and imports add no line."""
+    proc = run_flow(["--batch-size", "0"], subprocess_env, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert lines == ["run.py: error: argument --batch-size: must be >= 1, got 0"], proc.stderr
+    assert proc.stdout == ""
 
 
 def test_help(subprocess_env: dict[str, str]) -> None:
@@ -267,10 +281,10 @@ def test_imgur_source_downloads_the_gallery_links(
     ],
 )
 def test_imgur_bad_arguments_are_one_line_and_exit_2(
-    args: list[str], message: str, subprocess_env: dict[str, str]
+    args: list[str], message: str, capsys: pytest.CaptureFixture[str], monkeypatch
 ) -> None:
-    subprocess_env.pop("IMGUR_CLIENT_ID", None)
-    proc = run_flow(["--imgur", "5", *args], subprocess_env, timeout=60)
+    monkeypatch.delenv("IMGUR_CLIENT_ID", raising=False)
+    proc = run_main(["--imgur", "5", *args], capsys)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], proc.stderr

@@ -1,8 +1,12 @@
 """A problem with a setting or the environment is one line on stderr that says what to do,
 found before anything starts; tracebacks only at --log-level DEBUG.
 
-The CLI cases run flows/run.py as a user would (a subprocess). "Before anything starts" is
-checked by what the flow did not print (no demo server, no dashboard), not by the clock.
+The CLI cases run the command line's ``main()`` in-process (``run_main``: what
+flows/run.py runs after its interpreter start and imports, ~2 s a case saved); those that
+need their own environment or the real entry point (a missing package, the scheduler
+waits, the DEBUG traceback) run flows/run.py as a user would (a subprocess). "Before
+anything starts" is checked by what the flow did not print (no demo server, no
+dashboard), not by the clock.
 The unit tests below them call ``imgtasks.preflight`` in-process.
 """
 
@@ -20,14 +24,22 @@ from pathlib import Path
 import fsspec
 import pytest
 from certs import DAY, Pem, make_ca, make_cert
-from conftest import free_port, one_line_error, run_flow, run_python, subprocess_environment
+from conftest import (
+    free_port,
+    one_line_error,
+    run_flow,
+    run_main,
+    run_python,
+    subprocess_environment,
+)
 
 from imgtasks import preflight
 from imgtasks.preflight import BAD_SETTING, UNAVAILABLE, SetupError
 from imgtasks.sinks import OutputSettings
 from imgtasks.sources import SourceSettings
 
-CLI_TIMEOUT = 90  # generous: the checks take seconds, the scheduler wait 10 s
+CLI_TIMEOUT = 90  # generous: the checks take seconds
+WAIT = ("--scheduler-wait", "1")  # for a scheduler that is not there (default 10 s)
 
 
 def hidden_package_env(tmp_path: Path, package: str) -> dict[str, str]:
@@ -55,30 +67,30 @@ def a_file(tmp_path: Path) -> Path:
 
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
 @pytest.mark.parametrize("option", ["--out", "--keep-originals"])
-def test_output_that_cannot_be_created(option: str) -> None:
-    proc = run_flow([option, "/proc/nope"], timeout=CLI_TIMEOUT)
+def test_output_that_cannot_be_created(option: str, capsys: pytest.CaptureFixture[str]) -> None:
+    proc = run_main([option, "/proc/nope"], capsys)
     line = one_line_error(proc)
     assert proc.returncode == BAD_SETTING
     assert f"{option} /proc/nope" in line and "you can write to" in line
 
 
-def test_output_that_is_a_file(a_file: Path) -> None:
-    proc = run_flow(["--out", str(a_file)], timeout=CLI_TIMEOUT)
+def test_output_that_is_a_file(a_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    proc = run_main(["--out", str(a_file)], capsys)
     line = one_line_error(proc)
     assert proc.returncode == BAD_SETTING
     assert "existing file" in line and "give a directory" in line
     assert a_file.read_text() == "not a directory\n"
 
 
-def test_unknown_protocol() -> None:
-    proc = run_flow(["--out", "nosuch://x"], timeout=CLI_TIMEOUT)
+def test_unknown_protocol(capsys: pytest.CaptureFixture[str]) -> None:
+    proc = run_main(["--out", "nosuch://x"], capsys)
     line = one_line_error(proc)
     assert proc.returncode == BAD_SETTING
     assert "'nosuch'" in line and "s3://" in line
 
 
-def test_urls_that_is_a_directory(tmp_path: Path) -> None:
-    proc = run_flow(["--urls", str(tmp_path), "--out", str(tmp_path / "out")], timeout=90)
+def test_urls_that_is_a_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    proc = run_main(["--urls", str(tmp_path), "--out", str(tmp_path / "out")], capsys)
     line = one_line_error(proc)
     assert proc.returncode == BAD_SETTING
     assert "is a directory" in line and ".txt" in line
@@ -103,7 +115,7 @@ def test_gcs_without_gcsfs() -> None:
 
 def test_unreachable_scheduler() -> None:
     address = f"tcp://127.0.0.1:{free_port()}"  # nothing listens there
-    proc = run_flow(["--scheduler", address], timeout=CLI_TIMEOUT)
+    proc = run_flow(["--scheduler", address, *WAIT], timeout=CLI_TIMEOUT)
     line = one_line_error(proc)
     assert proc.returncode == UNAVAILABLE
     assert address in line and "no scheduler answers" in line and "dask scheduler" in line
@@ -112,7 +124,7 @@ def test_unreachable_scheduler() -> None:
 def test_scheduler_file_naming_a_dead_scheduler(tmp_path: Path) -> None:
     scheduler_file = tmp_path / "scheduler.json"
     scheduler_file.write_text(json.dumps({"address": f"tcp://127.0.0.1:{free_port()}"}))
-    proc = run_flow(["--scheduler-file", str(scheduler_file)], timeout=CLI_TIMEOUT)
+    proc = run_flow(["--scheduler-file", str(scheduler_file), *WAIT], timeout=CLI_TIMEOUT)
     line = one_line_error(proc)
     assert proc.returncode == UNAVAILABLE
     assert str(scheduler_file) in line and "no scheduler answers" in line
@@ -157,25 +169,35 @@ def tls_case(name: str, files: dict[str, Pem], tmp_path: Path) -> list[str]:
         ("expired certificate", "expired on "),
     ],
 )
-def test_bad_tls_files(case: str, said: str, tls_files: dict[str, Pem], tmp_path: Path) -> None:
+def test_bad_tls_files(
+    case: str,
+    said: str,
+    tls_files: dict[str, Pem],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     # nothing listens at the address: the files are checked first, in milliseconds
     address = f"tls://127.0.0.1:{free_port()}"
-    proc = run_flow(["--scheduler", address, *tls_case(case, tls_files, tmp_path)])
+    proc = run_main(["--scheduler", address, *tls_case(case, tls_files, tmp_path)], capsys)
     line = one_line_error(proc)
     assert proc.returncode == BAD_SETTING
     assert said in line, line
 
 
-def test_tls_files_with_a_tcp_address(tls_files: dict[str, Pem]) -> None:
+def test_tls_files_with_a_tcp_address(
+    tls_files: dict[str, Pem], capsys: pytest.CaptureFixture[str]
+) -> None:
     flags = tls_files["client"].flags(tls_files["ca"])
-    proc = run_flow(["--scheduler", f"tcp://127.0.0.1:{free_port()}", *flags])
+    proc = run_main(["--scheduler", f"tcp://127.0.0.1:{free_port()}", *flags], capsys)
     line = one_line_error(proc)
     assert proc.returncode == BAD_SETTING
     assert "is not a tls:// address" in line
 
 
-def test_tls_files_for_a_local_cluster(tls_files: dict[str, Pem]) -> None:
-    proc = run_flow(["--tls-cert", str(tls_files["client"].cert)], timeout=CLI_TIMEOUT)
+def test_tls_files_for_a_local_cluster(
+    tls_files: dict[str, Pem], capsys: pytest.CaptureFixture[str]
+) -> None:
+    proc = run_main(["--tls-cert", str(tls_files["client"].cert)], capsys)
     line = one_line_error(proc)
     assert proc.returncode == BAD_SETTING
     assert "local clusters make their own certificates" in line
