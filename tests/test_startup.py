@@ -20,7 +20,7 @@ from imgtasks import cluster as clusters
 from imgtasks.cluster import ClusterSettings
 
 SETTINGS = ClusterSettings(cpu_workers=2, io_threads=4, dashboard_address="127.0.0.1:0")
-SLOW_START_S = 4  # how late the slowed workers join: far longer than the flow's own set-up
+SLOW_START_S = 2.5  # how late the slowed workers join: far longer than the flow's own set-up
 
 
 def preload_on(monkeypatch: pytest.MonkeyPatch, resource: str, code: str, tmp_path: Path) -> None:
