@@ -113,6 +113,25 @@ def test_gcs_without_gcsfs() -> None:
     assert "gcsfs" in line and "pip install 'imgtasks[gcs]'" in line
 
 
+def test_scheduler_wait_reaches_the_check(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--scheduler-wait is the wait the scheduler check is given (the default 10 s when
+    not set); the check itself, with a wait, is tested in-process below."""
+    waits: list[float] = []
+
+    def refusing(kind: str, scheduler_file: str | None, wait_s: float, tls: object) -> None:
+        waits.append(wait_s)
+        raise SetupError("no scheduler (test)", UNAVAILABLE)
+
+    monkeypatch.setattr(preflight, "check_scheduler", refusing)
+    address = ("--scheduler", f"tcp://127.0.0.1:{free_port()}", "--out", str(tmp_path))
+    for flags in ([], ["--scheduler-wait", "2.5"], ["--scheduler-wait", "0"]):
+        proc = run_main([*address, *flags], capsys)
+        assert proc.returncode == UNAVAILABLE and "no scheduler (test)" in proc.stderr
+    assert waits == [preflight.SCHEDULER_WAIT_S, 2.5, 0.0]
+
+
 def test_unreachable_scheduler() -> None:
     address = f"tcp://127.0.0.1:{free_port()}"  # nothing listens there
     proc = run_flow(["--scheduler", address, *WAIT], timeout=CLI_TIMEOUT)
