@@ -70,6 +70,7 @@ def worker_memory() -> dict[str, Any]:
         "malloc_mmapped": round(info.hblkhd / MIB, 2),
         "py_blocks": sys.getallocatedblocks(),
         "threads": threading.active_count(),
+        "cpu_s": round(time.process_time(), 2),  # the worker's, since it started
     }
 
 
