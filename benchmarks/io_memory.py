@@ -17,8 +17,8 @@ worker (``client.run``) for:
   stacks, other anonymous mappings (pymalloc's 1 MiB arenas and bigger ones apart), files;
 - glibc's view of the heap (``mallinfo2``): bytes in use, free but held, mmapped chunks;
 - Python's: allocated blocks (``sys.getallocatedblocks``), threads;
-- with ``--tracemalloc N``: tracing starts after round 1 (N frames); the N largest
-  growths by line between the snapshot after round 2 and the one after the last round.
+- with ``--tracemalloc FRAMES``: tracing starts with round 1; the ``--tracemalloc-top``
+  largest growths by line between the snapshot after round 2 and the one after the last.
   Tracing costs malloc too (its own tables) and slows the worker.
 
 Native growth is ``in_use`` minus what tracemalloc accounts for. Rounds are separate runs,
@@ -44,6 +44,7 @@ import requests
 import imgtasks
 from imgtasks import cluster as clusters
 from imgtasks.demo import server_process
+from imgtasks.worker_input import Readers
 
 MIB = 2**20
 MALLINFO2_FIELDS = (
@@ -129,11 +130,6 @@ def traced_growth(before: str, after: str, top: int) -> list[str]:
     return lines
 
 
-def io_worker(client: Any) -> str:
-    workers = client.scheduler_info(n_workers=-1)["workers"]
-    return next(a for a, w in workers.items() if w.get("resources", {}).get(clusters.IO_RESOURCE))
-
-
 def round_urls(tiny: list[str], round_no: int, count: int) -> list[str]:
     """``count`` URLs no earlier round fetched (the tiny images, with a query that differs)."""
     return [f"{tiny[i % len(tiny)]}?round={round_no}&i={i}" for i in range(count)]
@@ -153,13 +149,12 @@ def main(argv: list[str] | None = None) -> int:
         clusters.run_config(),
     ):
         tiny = requests.get(f"{base_url}/urls?count=2000&kind=tiny", timeout=60).text.split()
-        client, cluster, _joining = clusters.connect_early(settings)
+        client, cluster = clusters.connect(settings)  # every worker joined
         with contextlib.ExitStack() as stack:
             stack.callback(client.close)
             if cluster is not None:
                 stack.callback(cluster.close)
-            client.wait_for_workers(1 + settings.cpu_workers, timeout=120)
-            io = io_worker(client)
+            io = Readers(client, route=True).addresses()[0]  # the download worker
             print(f"I/O worker {io}; worker variables {extra or 'as the flow sets them'}")
             run_rounds(client, io, tiny, args, scratch)
     return 0
@@ -185,7 +180,7 @@ def run_rounds(
         took = time.perf_counter() - start
         memory = client.run(worker_memory, workers=[io])[io]
         print(f"round {round_no}: {result.ok} ok in {took:.0f} s  {json.dumps(memory)}", flush=True)
-        if args.tracemalloc and round_no >= 2 and round_no in (2, args.rounds - 1):
+        if args.tracemalloc and round_no in (2, args.rounds - 1):  # rounds >= 4
             snapshots.append(os.path.join(scratch, f"snapshot{round_no}"))
             client.run(take_snapshot, snapshots[-1], workers=[io])
         shutil.rmtree(out, ignore_errors=True)

@@ -281,7 +281,10 @@ def test_imgur_source_downloads_the_gallery_links(
     ],
 )
 def test_imgur_bad_arguments_are_one_line_and_exit_2(
-    args: list[str], message: str, capsys: pytest.CaptureFixture[str], monkeypatch
+    args: list[str],
+    message: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.delenv("IMGUR_CLIENT_ID", raising=False)
     proc = run_main(["--imgur", "5", *args], capsys)
