@@ -107,6 +107,7 @@ def fake_thumbnail_batch(downloaded, job, previous=None):
         thumbnail_s=0.005 * len(entries),
         download_wall_s=0.5,
         thumbnail_wall_s=0.1,
+        thumbnail_cpu_s=0.1,
         failed_hosts=dict(Counter(failed)),
         network_errors={"timeout: read timed out (20 s)": timeouts} if timeouts else {},
     )

@@ -575,6 +575,7 @@ def finished(report: BatchReport, turnaround_s: float) -> Finished:
         download_s=report.download_s,
         download_wall_s=report.download_wall_s,
         thumbnail_wall_s=report.thumbnail_wall_s,
+        thumbnail_cpu_s=report.thumbnail_cpu_s,
         bytes_in=report.bytes_in,
         turnaround_s=turnaround_s,
     )

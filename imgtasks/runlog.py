@@ -40,7 +40,8 @@ class BatchLog:
         counts = " ".join(f"{k}={v}" for k, v in sorted(report.counts.items()))
         self.line(
             f"batch {report.batch_id} entries={report.entries} {counts} "
-            f"download_s={report.download_wall_s:.3f} thumbnail_s={report.thumbnail_wall_s:.3f}"
+            f"download_s={report.download_wall_s:.3f} thumbnail_s={report.thumbnail_wall_s:.3f} "
+            f"thumbnail_cpu_s={report.thumbnail_cpu_s:.3f}"
         )
 
     def line(self, text: str) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
+import statistics
 import time
 from collections import deque
 from collections.abc import Callable
@@ -46,6 +47,7 @@ class Finished:
     thumbnail_wall_s: float
     bytes_in: int
     turnaround_s: float  # from submission to its report
+    thumbnail_cpu_s: float  # the thumbnail node's own CPU time (its wall counts waits too)
 
 
 @dataclass
@@ -150,14 +152,24 @@ class Window:
 # CPU slot busy while the others wait.
 BATCH_START = 16
 BATCH_CEILING = 128
-BATCH_TARGET_S = 0.25  # thumbnail work per batch (wall time, as the nodes report it)
+# Thumbnail work per batch, in the node's CPU seconds. It was wall seconds until
+# 2026-12-01: on 2 cores the thumbnail nodes share them with the I/O worker, the client and
+# the scheduler, so a node's wall was 2-3x its CPU and web-size batches stopped at 25-45
+# URLs, whose per-batch overhead loaded the cores further. Sized by CPU they reach 55-65
+# (3000 web-size images, 4 interleaved pairs: 55-64 batches instead of 78-111, median
+# 23.5 CPU-s and 14.0 s instead of 26.2 CPU-s and 15.3 s).
+BATCH_TARGET_S = 0.25
+# CPU per URL is the median of the last batches': a worker's first batch costs ~0.5 s
+# more (first decoders, first manifest part: 15.7 ms per web-size URL instead of 2-4 ms,
+# measured), and a mean took a dozen batches to forget one per worker.
+SIZING_BATCHES = 9
 
 
 @dataclass
 class BatchSizing:
     """URLs per batch, sized by measurement: ``start`` until batches come back, then
-    enough for ``target_s`` of thumbnail work (the measured time per downloaded URL), at
-    most doubling from one batch to the next, between ``start`` and ``ceiling``.
+    enough for ``target_s`` of thumbnail CPU time (the measured CPU per downloaded URL),
+    at most doubling from one batch to the next, between ``start`` and ``ceiling``.
 
     Called with no argument it is the size of the next batch (what ``sources.batched``
     asks at each batch it starts)."""
@@ -165,7 +177,7 @@ class BatchSizing:
     start: int = BATCH_START
     ceiling: int = BATCH_CEILING
     target_s: float = BATCH_TARGET_S
-    _per_url: float | None = None
+    _per_url: deque[float] = field(default_factory=lambda: deque(maxlen=SIZING_BATCHES))
     _size: int = 0
 
     def __post_init__(self) -> None:
@@ -179,8 +191,8 @@ class BatchSizing:
     def observe(self, done: Finished) -> None:
         if done.fetched == 0:
             return
-        self._per_url = _mean(self._per_url, done.thumbnail_wall_s / done.fetched)
-        wanted = round(self.target_s / max(self._per_url, 1e-6))
+        self._per_url.append(done.thumbnail_cpu_s / done.fetched)
+        wanted = round(self.target_s / max(statistics.median(self._per_url), 1e-6))
         self._size = max(self.start, min(self.ceiling, wanted, 2 * self._size))
 
 

@@ -6,7 +6,7 @@ import pandas as pd
 from PIL import Image
 
 from imgtasks.download import DownloadSettings
-from imgtasks.nodes import JobSettings, download_batch, thumbnail_batch
+from imgtasks.nodes import JobSettings, download_batch, thumbnail_batch, thumbnail_piece
 from imgtasks.sinks import OutputSettings, output_relpath
 from imgtasks.sources import batched, classify
 from imgtasks.thumbnail import ThumbSettings
@@ -53,6 +53,8 @@ def test_thumbnail_node_writes_files_and_one_row_per_entry(tmp_path: Path, demo_
         "decode_error": 1,
     }
     assert report.entries == len(urls)
+    # Its own thread's CPU (what batch sizes follow), never more than its wall time.
+    assert 0 < report.thumbnail_cpu_s <= report.thumbnail_wall_s
     df = pd.read_parquet(tmp_path / report.manifest_path)
     assert list(df["url"]) == urls
     ok = df[df["status"] == "ok"]
@@ -64,6 +66,13 @@ def test_thumbnail_node_writes_files_and_one_row_per_entry(tmp_path: Path, demo_
         assert len(row["sha256"]) == 64 and row["bytes"] > 0
     assert df.loc[4, "path"] == df.loc[0, "path"]  # the duplicate points at the first
     assert df.loc[2, "http_status"] == 404 and "404" in df.loc[2, "error"]
+
+
+def test_shard_mode_thumbnail_node_reports_its_cpu_time(tmp_path: Path, demo_server) -> None:
+    downloaded = download_batch(one_batch(demo_server.urls(3)), FAST)
+    report = thumbnail_piece(downloaded, job(tmp_path)).report
+    assert report.counts == {"ok": 3}
+    assert 0 < report.thumbnail_cpu_s <= report.thumbnail_wall_s
 
 
 def test_nodes_are_idempotent(tmp_path: Path, demo_server) -> None:

@@ -24,6 +24,7 @@ def batch(latency: float, cpu: float, size: int = 16, image_bytes: int = 32_000,
         "thumbnail_wall_s": cpu,
         "bytes_in": image_bytes * size,
         "turnaround_s": latency + cpu,
+        "thumbnail_cpu_s": cpu,
     }
     return Finished(**(options | kw))
 
@@ -83,8 +84,9 @@ def test_it_grows_past_the_formula_while_the_cpu_waits_with_the_window_full() ->
     assert feed(window, clock, starved, n=20, gap=0.25) > first
 
 
-def finished_batch(urls: int, per_url_s: float) -> Finished:
-    return Finished(urls, urls, 0.1, 0.1, urls * per_url_s, urls * 30_000, 0.2)
+def finished_batch(urls: int, per_url_s: float, wall_per_url_s: float | None = None) -> Finished:
+    wall = urls * (wall_per_url_s or per_url_s)
+    return Finished(urls, urls, 0.1, 0.1, wall, urls * 30_000, 0.2, urls * per_url_s)
 
 
 def test_batch_sizes_grow_to_the_target_work_at_most_doubling() -> None:
@@ -114,9 +116,29 @@ def test_batch_sizes_shrink_when_the_images_get_heavier() -> None:
     assert sizing() == 25
 
 
+def test_batch_sizes_follow_the_nodes_cpu_not_their_wall_time() -> None:
+    """On a loaded machine a thumbnail node waits for a core: 1.7 ms of CPU per web-size
+    image took 6 ms of wall. Sized by wall, batches stopped at 42 URLs, whose overhead
+    loaded the machine further; sized by CPU they reach the ceiling."""
+    sizing = BatchSizing(16, 128, 0.25)
+    for _ in range(6):
+        sizing.observe(finished_batch(sizing(), 0.0017, wall_per_url_s=0.006))
+    assert sizing() == 128
+
+
+def test_a_workers_slow_first_batch_does_not_keep_batches_small() -> None:
+    """Each CPU worker's first batch costs ~0.5 s more (first decoders, first manifest
+    part): 16 ms per URL instead of 2.5. Sizes follow the median of recent batches, so
+    two such batches are forgotten once the next ones agree (a mean still said ~6 ms)."""
+    sizing = BatchSizing(16, 128, 0.25)
+    for per_url in (0.016, 0.016, 0.0025, 0.0025, 0.0025, 0.0025, 0.0025, 0.0025):
+        sizing.observe(finished_batch(sizing(), per_url))
+    assert sizing() == 100  # 0.25 s / 2.5 ms
+
+
 def test_a_batch_with_nothing_downloaded_says_nothing_about_sizes() -> None:
     sizing = BatchSizing(16, 128, 0.25)
-    sizing.observe(Finished(16, 0, 0.0, 0.0, 0.002, 0, 0.01))  # all resumed or invalid
+    sizing.observe(Finished(16, 0, 0.0, 0.0, 0.002, 0, 0.01, 0.002))  # all resumed or invalid
     assert sizing() == 16
     with pytest.raises(ValueError, match="start <= ceiling"):
         BatchSizing(64, 32)
