@@ -273,7 +273,7 @@ def thumbnails(
             or Series, or a dask DataFrame or Series (its partitions read by the workers,
             see ``read_on``; never collected on the client). Each item is one input line:
             invalid and repeated URLs get rows too (``invalid_url``, ``duplicate``).
-        out: where thumbnails (``ab/cd/<sha256 of the URL>.jpg``), the manifest
+        out: where thumbnails (``ab/<sha256 of the URL>.jpg``), the manifest
             (``manifest/part-*.parquet``), ``run.log`` and ``contact_sheet.jpg`` go: a local
             directory or an fsspec URL (``s3://bucket/thumbs``); or ``OutputSettings``,
             e.g. to set ``manifest_part_rows`` (rows per compacted manifest part, 10,000).

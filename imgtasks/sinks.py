@@ -2,7 +2,7 @@
 
 Layout under the output root::
 
-    ab/cd/abcd...(sha256 of the URL).jpg     thumbnails, fanned out 256 x 256
+    ab/abcd...(sha256 of the URL).jpg        thumbnails, fanned out over 256 directories
     manifest/...                             see imgtasks.manifest
 
 File names come from a hash of the URL only, never from its path or query, so no URL can
@@ -33,7 +33,11 @@ log = logging.getLogger(__name__)
 
 TEMP_PREFIX = ".tmp-"  # write_atomic's temporaries; a killed writer leaves them behind
 STALE_TEMP_AGE = 120.0  # seconds: older temporaries belong to no live write
-FANOUT_LEVELS = 2  # 65,536 directories: 15k files each at a billion thumbnails
+# 256 directories: ~39k files each at 10M thumbnails. Two levels (65,536) made a run of a
+# few thousand images create a directory for nearly every file: 3000 files cost 0.25-0.89
+# ms of CPU each instead of 0.15-0.20 (4 interleaved rounds, ext4). Beyond ~10M images,
+# shards (--output-format webdataset/parquet) are the layout that scales, as img2dataset's.
+FANOUT_LEVELS = 1
 # Rows per compacted manifest part (imgtasks.manifest): img2dataset's shard size. Measured
 # (benchmarks/manifest_bench.py): 1M rows make 100 parts, 96 MB, read by pandas in 2.2 CPU s,
 # where a part per batch of 16 made 62,500 parts, 512 MB.
@@ -60,7 +64,7 @@ def url_key(url: str) -> str:
 
 
 def output_relpath(url: str, ext: str) -> str:
-    """Stable, fanned-out file name for a URL: ``ab/cd/<sha256>.<ext>``."""
+    """Stable, fanned-out file name for a URL: ``ab/<sha256>.<ext>``."""
     key = url_key(url)
     parts = [key[2 * i : 2 * i + 2] for i in range(FANOUT_LEVELS)]
     return "/".join([*parts, f"{key}.{ext}"])

@@ -33,9 +33,9 @@ def test_names_are_stable_fanned_out_hashes() -> None:
     a = output_relpath("http://h/a.jpg", "jpg")
     assert a == output_relpath("http://h/a.jpg", "jpg")
     assert a != output_relpath("http://h/b.jpg", "jpg")
-    first, second, name = a.split("/")
-    assert len(first) == len(second) == 2
-    assert name.startswith(first + second) and name.endswith(".jpg") and len(name) == 64 + 4
+    directory, name = a.split("/")  # 256 directories, named by the hash's first byte
+    assert len(directory) == 2
+    assert name.startswith(directory) and name.endswith(".jpg") and len(name) == 64 + 4
 
 
 @pytest.mark.parametrize("url", CLIMBERS)
