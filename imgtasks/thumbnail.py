@@ -60,7 +60,12 @@ FORMATS: dict[str, tuple[str, str, str]] = {
     "webp": ("WEBP", "webp", "image/webp"),
 }
 MAX_SIDE = 8192  # a thumbnail box larger than this is a configuration mistake
-REDUCING_GAP = 2.0  # resize(): integer reduce() stops at >= this many times the output
+# resize(): integer reduce() (a box average) stops at >= this many times the output. 1.0
+# as for JPEG's draft below: on the demo corpus's web-size PNGs and WebPs (512 px to 128
+# px) it renders in 1.68 / 3.50 ms instead of 2.46 / 4.53 (medians), PSNR against a
+# full-size LANCZOS reference 45.7 / 46.4 dB mean (min 43.1) instead of 52.5 / 52.8, and
+# after the quality-90 encoding 33.17 / 33.63 dB instead of 33.32 / 33.82 (2026-12-01).
+REDUCING_GAP = 1.0
 # draft(): decode at >= this many times the output size. No slack is needed: DCT scaling
 # filters properly (reduce() is a plain box average), and the JPEG encoding of the
 # thumbnail loses far more than the last resample gains. Measured on the 240 web-size
