@@ -39,7 +39,7 @@ from urllib.parse import urlsplit
 import psutil
 import requests
 from bench import Config, Row, flow_row, run_command, run_img2dataset, timed
-from flow_figures import NoFigures, flow_command, read_figures
+from flow_figures import NoFigures, compile_project, flow_command, read_figures
 
 from imgtasks.demo import server_process
 from imgtasks.demo.cli import neighbour_addresses
@@ -279,6 +279,7 @@ def write_chart(runs: Sequence[Run], path: Path) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    compile_project()
     skip = set(filter(None, args.skip.split(",")))
     with tempfile.TemporaryDirectory(prefix="imgtasks-adaptive-") as tmp:
         work = Path(args.out_dir or tmp)

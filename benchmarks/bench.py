@@ -36,7 +36,14 @@ from typing import Any
 
 import psutil
 import requests
-from flow_figures import NoFigures, failure, flow_command, manifest_count, read_figures
+from flow_figures import (
+    NoFigures,
+    compile_project,
+    failure,
+    flow_command,
+    manifest_count,
+    read_figures,
+)
 
 from imgtasks.demo import server_process
 
@@ -752,6 +759,7 @@ def scratch(cfg: Config) -> Iterator[Path]:
 
 
 def bench(cfg: Config) -> list[Row]:
+    compile_project()
     with scratch(cfg) as work, server_process(cfg.latency) as (base, pid):
         proc = psutil.Process(pid)
         urls = fetch_urls(base, cfg.count)

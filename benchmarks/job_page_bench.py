@@ -33,6 +33,7 @@ import requests
 from flow_figures import (
     NoFigures,
     children_cpu,
+    compile_project,
     failure,
     flow_command,
     manifest_count,
@@ -163,6 +164,7 @@ def report(runs: list[Run], args: argparse.Namespace) -> float:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    compile_project()
     runs: list[Run] = []
     with tempfile.TemporaryDirectory() as tmp, server_process(args.latency) as (base, _):
         work = Path(tmp)
