@@ -130,7 +130,7 @@ def test_killed_cpu_worker_is_replaced_and_the_run_completes(
     df = pd.read_parquet(out / "manifest").sort_values("index")
     assert list(df["url"]) == urls
     assert (df["status"] == "ok").all(), df[df["status"] != "ok"][["url", "status", "error"]]
-    files = {p.relative_to(out).as_posix() for p in out.glob("*/*/*.jpg")}
+    files = {p.relative_to(out).as_posix() for p in out.glob("*/*.jpg")}
     assert files == set(df["path"])
     assert list(out.rglob(".tmp-*")) == []
     for rel in df["path"]:

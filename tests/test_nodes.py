@@ -54,7 +54,7 @@ def test_thumbnail_node_writes_files_and_one_row_per_entry(tmp_path: Path, demo_
     }
     assert report.entries == len(urls)
     # Its own thread's CPU (what batch sizes follow), never more than its wall time.
-    assert 0 < report.thumbnail_cpu_s <= report.thumbnail_wall_s
+    assert 0 < report.thumbnail_cpu_s <= report.thumbnail_wall_s + 0.001  # clock resolution
     df = pd.read_parquet(tmp_path / report.manifest_path)
     assert list(df["url"]) == urls
     ok = df[df["status"] == "ok"]
@@ -72,7 +72,7 @@ def test_shard_mode_thumbnail_node_reports_its_cpu_time(tmp_path: Path, demo_ser
     downloaded = download_batch(one_batch(demo_server.urls(3)), FAST)
     report = thumbnail_piece(downloaded, job(tmp_path)).report
     assert report.counts == {"ok": 3}
-    assert 0 < report.thumbnail_cpu_s <= report.thumbnail_wall_s
+    assert 0 < report.thumbnail_cpu_s <= report.thumbnail_wall_s + 0.001  # clock resolution
 
 
 def test_nodes_are_idempotent(tmp_path: Path, demo_server) -> None:
