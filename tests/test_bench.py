@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import bench  # benchmarks/bench.py (on sys.path: conftest)
+import checkout_ab
 import pandas as pd
 import psutil
 import pytest
@@ -239,3 +240,50 @@ def test_cpu_breakdown_names_where_the_cpu_went(tmp_path: Path) -> None:
     assert "event loop (comms" in out and "task threads (node code)" in out
     assert "CPU per image, client + workers, the run:" in out
     assert "stages alone (16 images, here): fetch" in out
+
+
+def test_checkout_ab_medians_leave_invalid_runs_out() -> None:
+    a, b = checkout_ab.Side("A", ROOT, ()), checkout_ab.Side("B", ROOT, ())
+    runs = [
+        checkout_ab.Run("A", 10.0, 20.0, 100, 5),
+        checkout_ab.Run("A", 12.0, 24.0, 100, 5),
+        checkout_ab.Run("B", 8.0, 15.0, 100, 3),
+        checkout_ab.Run("B", 1.0, 1.0, 7, 1, problem="7 of 100 ok"),
+    ]
+    lines = checkout_ab.summary(runs, (a, b), 100)
+    assert lines[0] == "A: median 11.00 s, 22.00 CPU-s (220.00 ms per image) over 2 runs"
+    assert lines[1] == "B: median 8.00 s, 15.00 CPU-s (150.00 ms per image) over 1 runs"
+    assert lines[2] == "B / A: wall x0.727, CPU x0.682"
+
+
+@pytest.mark.timeout(200)
+def test_checkout_ab_runs_both_sides_with_their_options(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [
+            *(sys.executable, str(ROOT / "benchmarks" / "checkout_ab.py"), "--count", "12"),
+            *("--kind", "tiny", "--repeat", "1", "--b-options", "--batch-size 4"),
+            *("--a-options", "--dashboard-address 127.0.0.1:0 --no-job-page"),
+        ],
+        env=subprocess_environment(),
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rounds = [x for x in proc.stdout.splitlines() if x.startswith("round 0 ")]
+    assert [x.split(":")[0] for x in rounds] == ["round 0 A", "round 0 B"]
+    assert "1 batches" in rounds[0] and "3 batches" in rounds[1], rounds  # B's --batch-size 4
+    assert "B / A: wall x" in proc.stdout
+
+
+def test_checkout_ab_refuses_a_directory_that_is_no_checkout(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "checkout_ab.py"), "--a", str(tmp_path)],
+        env=subprocess_environment(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert f"not a checkout of imgtasks (no flows/run.py): {tmp_path}" in proc.stderr
