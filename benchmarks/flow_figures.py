@@ -38,8 +38,9 @@ def compile_project() -> None:
     """Write the bytecode of ``imgtasks/`` and ``flows/``, as pip does for an installed
     package (img2dataset's included). The project is installed editable, and where
     PYTHONDONTWRITEBYTECODE is set (as on our machines) every process of every run would
-    compile our modules from source again: ~0.16-0.23 CPU-s each in the client and in the
-    workers' fork server (``python -X importtime``, 2026-12-01)."""
+    compile our modules from source again, in the client and in the workers' fork server
+    (``python -X importtime``, 2026-12-01: our modules' own import time in the client 240
+    ms instead of 105)."""
     root = RUN_PY.parents[1]
     for package in ("imgtasks", "flows"):
         compileall.compile_dir(root / package, quiet=1)
