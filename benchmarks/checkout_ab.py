@@ -1,7 +1,8 @@
 """Interleaved A/B of ``flows/run.py`` from two checkouts (or with two sets of options).
 
     python benchmarks/checkout_ab.py --a ../old-checkout            # old code against this one
-    python benchmarks/checkout_ab.py --b-options "--batch-size 128" --repeat 6
+    python benchmarks/checkout_ab.py --b-options="--batch-size 128" --repeat 6
+    python benchmarks/checkout_ab.py --b-options=--insecure     # one option: the = form
     python benchmarks/checkout_ab.py --a ../old --kind photos --count 1000 --latency 0.1
 
 One demo server in its own process, one URL list (``--count`` images of ``--kind``), then
