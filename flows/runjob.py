@@ -245,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=batch_size_arg,
         default="auto",
         help="URLs per download/thumbnail node; auto: 16 at first, then enough for ~0.25 s "
-        "of thumbnail work each, up to 128 (16 when the workers read the input)",
+        "of thumbnail CPU each, up to 128 (16 when the workers read the input)",
     )
     run.add_argument(
         "--window",

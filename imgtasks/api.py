@@ -314,7 +314,7 @@ def thumbnails(
         resume: skip the URLs an earlier run into the same ``out`` finished (``ok`` row,
             thumbnail present); their rows are carried over.
         batch_size: URLs per download node and thumbnail node. None: chosen as the run
-            goes, 16 at first, then enough for ~0.25 s of thumbnail work each, up to 128
+            goes, 16 at first, then enough for ~0.25 s of thumbnail CPU each, up to 128
             (``window.BatchSizing``); when the workers read the input, 16.
         read_on: who reads ``urls``. ``"client"``: this process reads, numbers,
             de-duplicates and batches every line. ``"workers"``: a list file (local to the
