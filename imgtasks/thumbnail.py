@@ -67,8 +67,8 @@ MAX_SIDE = 8192  # a thumbnail box larger than this is a configuration mistake
 # after the quality-90 encoding 33.17 / 33.63 dB instead of 33.32 / 33.82 (2026-12-01).
 REDUCING_GAP = 1.0
 # draft(): decode at >= this many times the output size. No slack is needed: DCT scaling
-# filters properly (reduce() is a plain box average), and the JPEG encoding of the
-# thumbnail loses far more than the last resample gains. Measured on the 240 web-size
+# filters properly, and the JPEG encoding of the thumbnail loses far more than the last
+# resample gains. Measured on the 240 web-size
 # JPEGs of the demo corpus (512 px to 128 px): 1.0 instead of 1.5 renders in 0.63 ms
 # instead of 1.43 (a 512 px side now decodes at 1/4, not 1/2, and LANCZOS has nothing
 # left to do); PSNR against a full-size LANCZOS reference 44.5 dB mean (min 40.6)

@@ -155,9 +155,9 @@ BATCH_CEILING = 128
 # Thumbnail work per batch, in the node's CPU seconds. It was wall seconds until
 # 2026-12-01: on 2 cores the thumbnail nodes share them with the I/O worker, the client and
 # the scheduler, so a node's wall was 2-3x its CPU and web-size batches stopped at 25-45
-# URLs, whose per-batch overhead loaded the cores further. Sized by CPU they reach 55-65
-# (3000 web-size images, 4 interleaved pairs: 55-64 batches instead of 78-111, median
-# 23.5 CPU-s and 14.0 s instead of 26.2 CPU-s and 15.3 s).
+# URLs, whose per-batch overhead loaded the cores further. Sized by CPU they grow to
+# 45-100 (3000 web-size images, 4 interleaved pairs: 55-64 batches instead of 78-111,
+# median 23.5 CPU-s and 14.0 s instead of 26.2 CPU-s and 15.3 s).
 BATCH_TARGET_S = 0.25
 # CPU per URL is the median of the last batches': a worker's first batch costs ~0.5 s
 # more (first decoders, first manifest part: 15.7 ms per web-size URL instead of 2-4 ms,
