@@ -9,9 +9,9 @@ One demo server in its own process, one URL list (``--count`` images of ``--kind
 ``--repeat`` rounds of one A run and one B run, the order flipping each round. Each run is
 ``CHECKOUT/flows/run.py`` with ``PYTHONPATH=CHECKOUT``, timed from launch to exit; its CPU
 is its whole process tree's (client, scheduler, workers; ``getrusage`` of the children).
-Both checkouts get their bytecode written first (``flow_figures.compile_project`` does
-the same for this one). A run that does not finish every URL ``ok`` (from its result JSON)
-is INVALID and left out of the medians; the script then exits 1.
+Both checkouts get their bytecode written first (``flow_figures.compile_project``). A
+run that does not finish every URL ``ok`` (from its result JSON) is INVALID and left out
+of the medians; the script then exits 1.
 
 On a shared 2-core machine single runs of the same code spread by 20 % and more: judge a
 change on several interleaved pairs, never on one run against another taken apart.
@@ -20,7 +20,6 @@ change on several interleaved pairs, never on one run against another taken apar
 from __future__ import annotations
 
 import argparse
-import compileall
 import os
 import shlex
 import shutil
@@ -124,10 +123,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         Side("A", args.a.resolve(), tuple(shlex.split(args.a_options))),
         Side("B", args.b.resolve(), tuple(shlex.split(args.b_options))),
     )
-    compile_project()
     for side in sides:
-        for package in ("imgtasks", "flows"):
-            compileall.compile_dir(side.checkout / package, quiet=1)
+        compile_project(side.checkout)
     runs: list[Run] = []
     with tempfile.TemporaryDirectory() as tmp, server_process(args.latency, 0.0) as (base, _):
         work = Path(tmp)

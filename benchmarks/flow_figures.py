@@ -34,14 +34,13 @@ def subprocess_environment() -> dict[str, str]:
 
 
 @functools.cache
-def compile_project() -> None:
-    """Write the bytecode of ``imgtasks/`` and ``flows/``, as pip does for an installed
-    package (img2dataset's included). The project is installed editable, and where
-    PYTHONDONTWRITEBYTECODE is set (as on our machines) every process of every run would
-    compile our modules from source again, in the client and in the workers' fork server
-    (``python -X importtime``, 2026-12-01: our modules' own import time in the client 240
-    ms instead of 105)."""
-    root = RUN_PY.parents[1]
+def compile_project(root: Path = RUN_PY.parents[1]) -> None:
+    """Write the bytecode of a checkout's (default: this one's) ``imgtasks/`` and
+    ``flows/``, as pip does for an installed package (img2dataset's included). The project
+    is installed editable, and where PYTHONDONTWRITEBYTECODE is set (as on our machines)
+    every process of every run would compile our modules from source again, in the client
+    and in the workers' fork server (``python -X importtime``, 2026-12-01: our modules' own
+    import time in the client 240 ms instead of 105)."""
     for package in ("imgtasks", "flows"):
         compileall.compile_dir(root / package, quiet=1)
 

@@ -21,6 +21,20 @@ from conftest import ROOT, subprocess_environment
 CFG = bench.parse_config(["--count", "100", "--processes", "2"])
 
 
+def run_benchmark(
+    script: str, args: list[str], cwd: Path, timeout: float
+) -> subprocess.CompletedProcess[str]:
+    """``benchmarks/SCRIPT`` as a command, with the tests' environment, output captured."""
+    return subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), *args],
+        env=subprocess_environment(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+    )
+
+
 def rows() -> list[bench.Row]:
     return [
         bench.Row("John serial download", "download", 40.0, 100, 100, cpu_s=4.0, server_cpu_s=1.0),
@@ -186,17 +200,14 @@ def test_small_real_run_measures_every_method_it_can(tmp_path: Path) -> None:
 
 @pytest.mark.timeout(240)
 def test_flow_cpu_ab_shows_dask_malloc_trim_costs_page_faults(tmp_path: Path) -> None:
-    proc = subprocess.run(
+    proc = run_benchmark(
+        "flow_cpu.py",
         [
-            *(sys.executable, str(ROOT / "benchmarks" / "flow_cpu.py"), "--count", "60"),
-            *("--latency", "0", "--ab", "dask-malloc-trim", "--", "--cpu-workers", "1"),
-            *("--io-threads", "4", "--dashboard-address", "127.0.0.1:0"),
+            *("--count", "60", "--latency", "0", "--ab", "dask-malloc-trim", "--"),
+            *("--cpu-workers", "1", "--io-threads", "4", "--dashboard-address", "127.0.0.1:0"),
         ],
-        env=subprocess_environment(),
-        capture_output=True,
-        text=True,
+        tmp_path,
         timeout=220,
-        cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     runs = proc.stdout.split("run 1, ")[1:]
@@ -212,16 +223,11 @@ def test_flow_cpu_ab_shows_dask_malloc_trim_costs_page_faults(tmp_path: Path) ->
 
 @pytest.mark.timeout(200)
 def test_cpu_breakdown_names_where_the_cpu_went(tmp_path: Path) -> None:
-    proc = subprocess.run(
-        [
-            *(sys.executable, str(ROOT / "benchmarks" / "cpu_breakdown.py"), "--count", "40"),
-            *("--alone", "16", "--", "--cpu-workers", "1", "--io-threads", "4"),
-        ],
-        env=subprocess_environment(),
-        capture_output=True,
-        text=True,
+    proc = run_benchmark(
+        "cpu_breakdown.py",
+        ["--count", "40", "--alone", "16", "--", "--cpu-workers", "1", "--io-threads", "4"],
+        tmp_path,
         timeout=180,
-        cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
@@ -258,17 +264,15 @@ def test_checkout_ab_medians_leave_invalid_runs_out() -> None:
 
 @pytest.mark.timeout(200)
 def test_checkout_ab_runs_both_sides_with_their_options(tmp_path: Path) -> None:
-    proc = subprocess.run(
+    proc = run_benchmark(
+        "checkout_ab.py",
         [
-            *(sys.executable, str(ROOT / "benchmarks" / "checkout_ab.py"), "--count", "12"),
-            *("--kind", "tiny", "--repeat", "1", "--b-options", "--batch-size 4"),
+            *("--count", "12", "--kind", "tiny", "--repeat", "1"),
+            *("--b-options", "--batch-size 4"),
             *("--a-options", "--dashboard-address 127.0.0.1:0 --no-job-page"),
         ],
-        env=subprocess_environment(),
-        capture_output=True,
-        text=True,
+        tmp_path,
         timeout=180,
-        cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rounds = [x for x in proc.stdout.splitlines() if x.startswith("round 0 ")]
@@ -278,12 +282,6 @@ def test_checkout_ab_runs_both_sides_with_their_options(tmp_path: Path) -> None:
 
 
 def test_checkout_ab_refuses_a_directory_that_is_no_checkout(tmp_path: Path) -> None:
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "checkout_ab.py"), "--a", str(tmp_path)],
-        env=subprocess_environment(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    proc = run_benchmark("checkout_ab.py", ["--a", str(tmp_path)], tmp_path, timeout=60)
     assert proc.returncode == 2
     assert f"not a checkout of imgtasks (no flows/run.py): {tmp_path}" in proc.stderr
