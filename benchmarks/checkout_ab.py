@@ -33,11 +33,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import requests
-from flow_figures import RUN_PY, NoFigures, children_cpu, compile_project, read_figures
+from flow_figures import (
+    HERE,
+    NoFigures,
+    children_cpu,
+    failure,
+    flow_command,
+    read_figures,
+    subprocess_environment,
+)
 
 from imgtasks.demo import server_process
-
-HERE = RUN_PY.parents[1]
 
 
 @dataclass(frozen=True)
@@ -52,7 +58,6 @@ class Run:
     label: str
     wall_s: float
     cpu_s: float
-    ok: int
     batches: int
     problem: str = ""
 
@@ -80,20 +85,18 @@ def run_once(side: Side, urls: Path, work: Path, count: int) -> Run:
     out, figures = work / "out", work / "result.json"
     shutil.rmtree(out, ignore_errors=True)
     figures.unlink(missing_ok=True)
-    cmd = [sys.executable, str(side.checkout / "flows" / "run.py"), "--urls", str(urls)]
-    cmd += ["--out", str(out), "--result-json", str(figures), "--no-progress", *side.options]
-    env = os.environ | {"PYTHONPATH": str(side.checkout), "NO_PROXY": "127.0.0.1,localhost"}
+    cmd = flow_command(urls, out, figures, side.options, root=side.checkout)
+    env = subprocess_environment(side.checkout)  # its bytecode written on the first call
     cpu, start = children_cpu(), time.perf_counter()
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600 + count)
     wall, cpu = time.perf_counter() - start, children_cpu() - cpu
     try:
         result = read_figures(figures)
     except NoFigures as exc:
-        tail = done.stderr.strip().splitlines()[-1:] or [""]
-        return Run(side.label, wall, cpu, 0, 0, f"exit {done.returncode}: {exc}; {tail[0]}")
+        return Run(side.label, wall, cpu, 0, failure(done.returncode, done.stderr, str(exc)))
     ok, batches = int(result["ok"]), int(result.get("batches", 0))
     problem = "" if ok == count else f"{ok} of {count} ok"
-    return Run(side.label, wall, cpu, ok, batches, problem)
+    return Run(side.label, wall, cpu, batches, problem)
 
 
 def summary(runs: list[Run], sides: tuple[Side, Side], count: int) -> list[str]:
@@ -123,8 +126,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         Side("A", args.a.resolve(), tuple(shlex.split(args.a_options))),
         Side("B", args.b.resolve(), tuple(shlex.split(args.b_options))),
     )
-    for side in sides:
-        compile_project(side.checkout)
     runs: list[Run] = []
     with tempfile.TemporaryDirectory() as tmp, server_process(args.latency, 0.0) as (base, _):
         work = Path(tmp)

@@ -16,17 +16,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-RUN_PY = Path(__file__).resolve().parents[1] / "flows" / "run.py"
+HERE = Path(__file__).resolve().parents[1]  # this checkout
 # The keys the benchmarks read; a file without them is as good as none.
 FIGURES = ("wall_s", "startup_s", "ok", "entries")
 
 
-def subprocess_environment() -> dict[str, str]:
-    """Environment for the processes a benchmark starts: the project importable, no
-    proxies (every request goes to loopback); the project's modules compiled first."""
-    compile_project()
+def subprocess_environment(root: Path = HERE) -> dict[str, str]:
+    """Environment for the processes a benchmark starts: the project of checkout ``root``
+    importable (its modules compiled first), no proxies (every request goes to loopback)."""
+    compile_project(root)
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(RUN_PY.parents[1]), env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
     for var in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY"):
         env.pop(var, None)
     env["NO_PROXY"] = "127.0.0.1,localhost"
@@ -34,7 +34,7 @@ def subprocess_environment() -> dict[str, str]:
 
 
 @functools.cache
-def compile_project(root: Path = RUN_PY.parents[1]) -> None:
+def compile_project(root: Path = HERE) -> None:
     """Write the bytecode of a checkout's (default: this one's) ``imgtasks/`` and
     ``flows/``, as pip does for an installed package (img2dataset's included). The project
     is installed editable, and where PYTHONDONTWRITEBYTECODE is set (as on our machines)
@@ -57,11 +57,12 @@ class NoFigures(Exception):
 
 
 def flow_command(
-    urls: Path, out: Path, figures_file: Path, options: Sequence[str] = ()
+    urls: Path, out: Path, figures_file: Path, options: Sequence[str] = (), root: Path = HERE
 ) -> list[str]:
-    """``python flows/run.py`` on a URL list, its figures written to ``figures_file``."""
+    """``python flows/run.py`` (checkout ``root``'s) on a URL list, its figures written
+    to ``figures_file``."""
     return [
-        *(sys.executable, str(RUN_PY), "--urls", str(urls), "--out", str(out)),
+        *(sys.executable, str(root / "flows" / "run.py"), "--urls", str(urls), "--out", str(out)),
         *("--result-json", str(figures_file), "--no-progress", *options),
     ]
 

@@ -251,10 +251,10 @@ def test_cpu_breakdown_names_where_the_cpu_went(tmp_path: Path) -> None:
 def test_checkout_ab_medians_leave_invalid_runs_out() -> None:
     a, b = checkout_ab.Side("A", ROOT, ()), checkout_ab.Side("B", ROOT, ())
     runs = [
-        checkout_ab.Run("A", 10.0, 20.0, 100, 5),
-        checkout_ab.Run("A", 12.0, 24.0, 100, 5),
-        checkout_ab.Run("B", 8.0, 15.0, 100, 3),
-        checkout_ab.Run("B", 1.0, 1.0, 7, 1, problem="7 of 100 ok"),
+        checkout_ab.Run("A", 10.0, 20.0, 5),
+        checkout_ab.Run("A", 12.0, 24.0, 5),
+        checkout_ab.Run("B", 8.0, 15.0, 3),
+        checkout_ab.Run("B", 1.0, 1.0, 1, problem="7 of 100 ok"),
     ]
     lines = checkout_ab.summary(runs, (a, b), 100)
     assert lines[0] == "A: median 11.00 s, 22.00 CPU-s (220.00 ms per image) over 2 runs"
