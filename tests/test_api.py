@@ -253,9 +253,10 @@ def test_batch_sizes_grow_as_batches_come_back(
     tmp_path: Path, demo_server, client: Client, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The default batch size is measured: 16 URLs at first, more once cheap batches come
-    back (tiny images: ~1 ms of thumbnail work each, so up to the ceiling of 128). The
+    back (tiny images: ~1 ms of thumbnail CPU each, so up to the ceiling of 128). The
     target is 2 s of work per batch instead of 0.25 s: on a machine loaded 5x a tiny
-    image took 16 ms and no batch grew (the growth, not the target, is tested here)."""
+    image once took 16 ms of wall time, when sizes followed wall time, and no batch grew;
+    sized by CPU they should grow anyway, and the growth, not the target, is tested here."""
     monkeypatch.setattr(api, "BatchSizing", functools.partial(window.BatchSizing, target_s=2.0))
     urls = [f"{demo_server.base_url}/tiny/{i}.jpg" for i in range(1200)]
     result = imgtasks.thumbnails(urls, tmp_path / "auto", client=client, progress=False)
