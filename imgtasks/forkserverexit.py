@@ -1,7 +1,7 @@
 """Imported by the workers' fork server only, last of its preloads (``workerstart.PRELOAD``);
 never import it anywhere else: it makes the process exit without finalizing.
 
-- ``gc.freeze()``: what the server imported (distributed, our stages, pandas) moves to
+- ``gc.freeze()``: what the server imported (distributed, our stages, pyarrow) moves to
   the permanent generation, so the workers forked from it never scan those objects in
   their collections (nor touch, and so copy, their pages).
 - At exit the server skips the interpreter's finalization over all it imported:

@@ -33,12 +33,15 @@ every row once.
 
 from __future__ import annotations
 
+import array
 import bisect
+import functools
 import io
+import itertools
 import json
 import logging
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -163,9 +166,73 @@ _INT_RANGES = {
 
 def records_table(records: Iterable[Record], kept: KeptColumns = ()) -> pa.Table:
     """The rows as a table of the manifest's schema (with the kept input columns appended),
-    whatever values a file put in them."""
-    schema = kept_schema(kept)
-    return pa.Table.from_pylist([manifest_row(r, kept) for r in records], schema=schema)
+    whatever values a file put in them (fitted as ``manifest_row`` fits them)."""
+    records = list(records)
+    columns = [
+        column_array([fit(getattr(r, name)) for r in records], kind)
+        for name, kind, fit in _FIXED_COLUMNS
+    ]
+    if kept:
+        values = [dict(r.kept) for r in records]
+        for name, kind in kept:
+            fit = fitter(KINDS[kind])
+            columns.append(column_array([_fit_kept(v.get(name), fit) for v in values], KINDS[kind]))
+    return pa.Table.from_arrays(columns, schema=kept_schema(kept))
+
+
+# Arrow arrays are built here from their buffers, not by ``pa.array`` or
+# ``pa.Table.from_pylist``: those import pandas on first use (pyarrow asks whether the
+# values are a pandas object), 0.5-0.6 s of CPU in each worker at its first manifest part,
+# or in the workers' fork server before it can fork the first one (workerstart.PRELOAD).
+_FIXED_WIDTH = {pa.int64(): "q", pa.int32(): "i", pa.float64(): "d"}
+_MAX_OFFSET = 2**31 - 1  # string and binary offsets are 32-bit
+
+
+def column_array(values: Sequence[Any], kind: pa.DataType) -> pa.Array | pa.ChunkedArray:
+    """``pa.array(values, kind)`` for the manifest's and the shards' kinds: 64- and 32-bit
+    integers, doubles, booleans, strings and bytes, each value already of its kind or None
+    (null). Strings and bytes past 2 GiB in all come as a chunked array, as from
+    ``pa.array``."""
+    validity = None
+    if any(v is None for v in values):
+        validity = _bitmap([v is not None for v in values])
+    if pa.types.is_string(kind) or pa.types.is_binary(kind):
+        return _variable_width(values, kind, validity)
+    if pa.types.is_boolean(kind):
+        data = _bitmap([bool(v) for v in values])
+    else:
+        data = pa.py_buffer(
+            array.array(_FIXED_WIDTH[kind], (0 if v is None else v for v in values))
+        )
+    return pa.Array.from_buffers(kind, len(values), [validity, data])
+
+
+def _variable_width(
+    values: Sequence[Any], kind: pa.DataType, validity: pa.Buffer | None
+) -> pa.Array | pa.ChunkedArray:
+    blobs = [b"" if v is None else v.encode("utf-8") if isinstance(v, str) else v for v in values]
+    ends = list(itertools.accumulate(map(len, blobs)))
+    if ends and ends[-1] > _MAX_OFFSET and len(values) > 1:
+        half = len(values) // 2
+        chunks = [column_array(values[:half], kind), column_array(values[half:], kind)]
+        return pa.chunked_array([c for part in chunks for c in _chunks(part)], kind)
+    offsets = pa.py_buffer(array.array("i", [0, *ends]))
+    return pa.Array.from_buffers(
+        kind, len(values), [validity, offsets, pa.py_buffer(b"".join(blobs))]
+    )
+
+
+def _chunks(column: pa.Array | pa.ChunkedArray) -> list[pa.Array]:
+    return column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+
+
+def _bitmap(flags: Sequence[bool]) -> pa.Buffer:
+    """Arrow's bitmap: bit i (least significant first) set when flags[i] is."""
+    bits = bytearray((len(flags) + 7) // 8)
+    for i, flag in enumerate(flags):
+        if flag:
+            bits[i >> 3] |= 1 << (i & 7)
+    return pa.py_buffer(bits)
 
 
 def manifest_row(record: Record, kept: KeptColumns = ()) -> dict[str, Any]:
@@ -173,12 +240,15 @@ def manifest_row(record: Record, kept: KeptColumns = ()) -> dict[str, Any]:
     floats made floats, strings valid UTF-8 (lone surrogates escaped) and at most
     ``MAX_TEXT`` characters. URLs are kept whole: resume matches rows by URL. Kept input
     columns are fitted alike, a missing value staying null."""
-    row = {c.name: _fit(getattr(record, c.name), c.type, c.name == "url") for c in MANIFEST_SCHEMA}
+    row = {name: fit(getattr(record, name)) for name, _, fit in _FIXED_COLUMNS}
     values = dict(record.kept)
     for name, kind in kept:
-        value = values.get(name)
-        row[name] = None if _missing(value) else _fit(value, KINDS[kind], False)
+        row[name] = _fit_kept(values.get(name), fitter(KINDS[kind]))
     return row
+
+
+def _fit_kept(value: Any, fit: Callable[[Any], Any]) -> Any:
+    return None if _missing(value) else fit(value)
 
 
 def _missing(value: Any) -> bool:
@@ -188,14 +258,21 @@ def _missing(value: Any) -> bool:
         return False
 
 
-def _fit(value: Any, kind: pa.DataType, whole: bool) -> Any:
+@functools.cache
+def fitter(kind: pa.DataType, whole: bool = False) -> Callable[[Any], Any]:
+    """The function fitting any value to a column of ``kind`` (chosen once per column: a
+    row fitted value by value through pyarrow's type tests cost ~75 us)."""
     if pa.types.is_boolean(kind):
-        return value if isinstance(value, bool) else bool(_as_int(value))
+        return lambda value: value if isinstance(value, bool) else bool(_as_int(value))
     if pa.types.is_integer(kind):
         low, high = _INT_RANGES[kind]
-        return min(max(_as_int(value), low), high)
+        return lambda value: min(max(_as_int(value), low), high)
     if pa.types.is_floating(kind):
-        return _as_float(value)
+        return _as_float
+    return functools.partial(_fit_text, whole=whole)
+
+
+def _fit_text(value: Any, whole: bool) -> str:
     text = value if isinstance(value, str) else "" if value is None else _as_text(value)
     text = text if whole else text[:MAX_TEXT]
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
@@ -219,6 +296,10 @@ def _as_float(value: Any) -> float:
         return float(value)
     except (TypeError, ValueError, OverflowError):
         return 0.0
+
+
+# (name, type, fitter) of each fixed column, in the schema's order; the URL kept whole.
+_FIXED_COLUMNS = [(f.name, f.type, fitter(f.type, f.name == "url")) for f in MANIFEST_SCHEMA]
 
 
 def write_manifest_part(
@@ -416,7 +497,7 @@ def conformed(table: pa.Table) -> pa.Table:
     fixed = [
         table.column(f.name).cast(f.type)
         if f.name in table.column_names
-        else pa.array([_fit(None, f.type, False)] * table.num_rows, f.type)
+        else column_array([fitter(f.type)(None)] * table.num_rows, f.type)
         for f in MANIFEST_SCHEMA
     ]
     extra = [name for name in table.column_names if name not in MANIFEST_SCHEMA.names]

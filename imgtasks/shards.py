@@ -39,7 +39,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from imgtasks.manifest import KeptColumns, Record, manifest_row, records_table
+from imgtasks.manifest import KeptColumns, Record, column_array, manifest_row, records_table
 from imgtasks.sinks import OutputSettings, filesystem, write_file
 from imgtasks.status import THUMBNAIL, Status
 
@@ -133,7 +133,7 @@ def write_shard(
     if shards.format == "webdataset":
         write_file(output, f"{name}.tar", tar_bytes(keys, records, images, ext, kept))
     else:
-        table = table.append_column(ext, pa.array(images, pa.binary()))
+        table = table.append_column(ext, column_array(images, pa.binary()))
     write_file(output, f"{name}.parquet", parquet_bytes(table))
     stats = shard_stats(records, min((p.started for p in pieces), default=time.time()))
     if Status.BATCH_FAILED in stats["counts"]:
@@ -154,9 +154,9 @@ def peer_table(table: pa.Table, keys: Sequence[str]) -> pa.Table:
     """Manifest rows as img2dataset names them: key first, its status beside ours."""
     ours = table.column("status").to_pylist()
     table = table.rename_columns([PEER_NAMES.get(name, name) for name in table.column_names])
-    table = table.add_column(0, "key", pa.array(keys, pa.string()))
+    table = table.add_column(0, "key", column_array(keys, pa.string()))
     at = table.column_names.index("imgtasks_status")
-    return table.add_column(at, "status", pa.array([peer_status(s) for s in ours], pa.string()))
+    return table.add_column(at, "status", column_array([peer_status(s) for s in ours], pa.string()))
 
 
 def manifest_view(frame: Any) -> Any:

@@ -1,9 +1,10 @@
 """How our local workers start: forked from multiprocessing's fork server, not spawned.
 
 A spawned worker is a fresh interpreter that imports distributed and our stages (~0.55 s
-of CPU each, measured on 2 cores), and a CPU worker then imports pandas at its first
-manifest part (pyarrow asks for it: 0.28 s more). The fork server imports them once,
-in the background, and forks each worker from there in milliseconds.
+of CPU each, measured on 2 cores). The fork server imports them once, in the background,
+and forks each worker from there in milliseconds. Not pandas: no stage imports it (the
+manifest builds its Arrow arrays without ``pa.array``, which would), and preloading it
+kept the server from forking the first worker for 0.5 s more.
 
 Standard library only, no dask: ``flows/run.py`` starts the server before it imports
 anything else, so that the server's imports overlap the command line's own (~0.9 s)
@@ -22,7 +23,7 @@ from collections.abc import Iterator, Mapping, Sequence
 # Where there is no fork server (Windows), workers are spawned as Dask does by default.
 START_METHOD = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
 # What the server imports before it forks anything; imgtasks.forkserverexit last.
-PRELOAD = ("distributed", "imgtasks.nodes", "imgtasks.cluster", "pandas", "imgtasks.forkserverexit")
+PRELOAD = ("distributed", "imgtasks.nodes", "imgtasks.cluster", "imgtasks.forkserverexit")
 # What a worker needs in its environment from the moment its interpreter starts, for a
 # server started before Dask's config can be read (importing distributed takes 0.4 s):
 # Dask's ``distributed.nanny.pre-spawn-environ`` defaults, ours over them

@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import imgtasks
+from imgtasks import manifest
 from imgtasks.manifest import KINDS, Record, manifest_row, read_manifest, write_manifest_part
 from imgtasks.sinks import OutputSettings
 from imgtasks.sources import InputColumns, SourceSettings, kept_kinds, url_batches
@@ -202,3 +203,42 @@ def test_any_kept_value_fits_its_column(tmp_path_factory, values: list[tuple]) -
         for name, _ in kept:
             got = row[name]
             assert got == want[name] or (isinstance(got, float) and math.isnan(got)), name
+
+
+_KIND_VALUES = {
+    pa.int64(): st.integers(-(2**63), 2**63 - 1),
+    pa.int32(): st.integers(-(2**31), 2**31 - 1),
+    pa.float64(): st.floats(),
+    pa.bool_(): st.booleans(),
+    pa.string(): st.text(max_size=12).map(lambda t: t.encode("utf-8", "backslashreplace").decode()),
+    pa.binary(): st.binary(max_size=12),
+}
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data(), kind=st.sampled_from(list(_KIND_VALUES)))
+def test_a_column_from_buffers_is_what_pa_array_makes(data, kind: pa.DataType) -> None:
+    """``manifest.column_array`` (no pandas) against ``pa.array`` (which imports it)."""
+    values = data.draw(st.lists(st.none() | _KIND_VALUES[kind], max_size=40))
+    built = manifest.column_array(values, kind)
+    built.validate(full=True)
+    assert built.type == kind and built.null_count == values.count(None)
+    expected = pa.array(values, kind).to_pylist()
+    assert _same(built.to_pylist(), values) and _same(built.to_pylist(), expected)
+
+
+def _same(got: list, want: list) -> bool:
+    """Equal lists, NaN equal to NaN."""
+    return len(got) == len(want) and all(
+        a == b or (a != a and b != b) for a, b in zip(got, want, strict=True)
+    )
+
+
+def test_text_past_the_offset_limit_comes_chunked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """32-bit offsets: a column holding more comes in chunks that each fit, as from pa.array."""
+    monkeypatch.setattr(manifest, "_MAX_OFFSET", 10)
+    values = [b"abcd", None, b"efgh", b"ijkl", b"", b"mnop"]
+    built = manifest.column_array(values, pa.binary())
+    assert isinstance(built, pa.ChunkedArray) and built.num_chunks > 1
+    assert all(sum(len(v or b"") for v in c.to_pylist()) <= 10 for c in built.chunks)
+    assert built.to_pylist() == values

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from typing import Any
 import psutil
 import pytest
 from conftest import free_port, kill_tree, start_flow, subprocess_environment
+from distributed import Client
 
 import imgtasks
 from imgtasks import api
@@ -180,3 +182,29 @@ def test_slots_from_the_settings_are_what_the_workers_report(kind: str) -> None:
     expected = {"hybrid": (3, 7), "processes": (3, 0), "threads": (6, 0)}[kind]
     assert clusters.spec_slots(settings) == expected
     assert clusters.Joining(settings, None).routes == (kind == "hybrid")  # type: ignore[arg-type]
+
+
+def _imported_pandas() -> bool:
+    return "pandas" in sys.modules
+
+
+@pytest.mark.timeout(180)
+def test_no_worker_imports_pandas(tmp_path: Path, demo_server) -> None:
+    """pyarrow imports pandas at its first ``pa.array`` (0.5-0.6 s of CPU): the fork
+    server does not preload it, and manifest parts, their compaction and shards (a failed
+    row among them: nulls) are built without it."""
+    urls = [*demo_server.urls(5), f"{demo_server.base_url}/status/404"]
+    with imgtasks.local_cluster(SETTINGS) as cluster, Client(cluster) as client:
+        for output_format in ("files", "webdataset", "parquet"):
+            result = imgtasks.thumbnails(
+                urls,
+                tmp_path / output_format,
+                client=client,
+                output_format=output_format,
+                progress=False,
+                job_page=False,
+            )
+            assert result.counts == {"ok": 5, "http_4xx": 1}, output_format
+            assert sorted(result.manifest()["url"]) == sorted(urls)
+        imported = client.run(_imported_pandas)
+    assert len(imported) == 3 and set(imported.values()) == {False}, imported
