@@ -30,7 +30,8 @@ import ipaddress
 import logging
 import os
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+import threading
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,6 +39,7 @@ from typing import Any
 import dask
 import distributed.utils
 import psutil
+import tornado.web
 from distributed import Client, Nanny, Scheduler, SpecCluster, WorkerPlugin
 from distributed.comm.core import CommClosedError
 from distributed.core import Status
@@ -411,11 +413,86 @@ def memory_per_worker(settings: ClusterSettings, workers: int) -> int:
 
 
 def scheduler_spec(settings: ClusterSettings, security: Security | None = None) -> dict[str, Any]:
-    return {
-        "cls": Scheduler,
-        "options": {"host": settings.host, "dashboard_address": settings.dashboard_address}
-        | comm_options(security),
-    }
+    options = {"host": settings.host, "dashboard_address": settings.dashboard_address}
+    return {"cls": LateDashboardScheduler, "options": options | comm_options(security)}
+
+
+class LateDashboardScheduler(Scheduler):
+    """Dask's scheduler, its dashboard attached from a thread (``LateDashboard``); before
+    that its HTTP server answers as ever (links, /health, /metrics), dashboard pages with
+    "starting". Made in one go on the cluster's loop, so no request comes in between."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs, dashboard=False)
+        self.late_dashboard = LateDashboard(self)
+
+
+class LateDashboard:
+    """The Dask dashboard of a scheduler in this process, attached from a thread once its
+    modules are imported, while the cluster starts and the run begins.
+
+    Dask imports the dashboard (bokeh) inside ``Scheduler()``: ~1.0 s of CPU on the command
+    line's path before anything else could start, its longest import. Here the scheduler
+    starts without it; a thread imports it and attaches it on the scheduler's loop as
+    ``Scheduler.__init__`` would (``distributed.dashboard.scheduler.connect``). Its pages
+    appear ~1 s after the start (a page until then says so and reloads itself); what
+    needs them waits with ``then``."""
+
+    def __init__(self, scheduler: Scheduler) -> None:
+        self.scheduler = scheduler
+        self.attached: Future[None] = Future()
+        self.starting = tornado.web.Application([(r"/.*", DashboardStarting)])
+        scheduler.http_application.add_application(self.starting)
+        threading.Thread(target=self._attach, name="imgtasks-dashboard", daemon=True).start()
+
+    def _attach(self) -> None:
+        try:
+            import distributed.dashboard.scheduler as dashboard
+
+            distributed.utils.sync(self.scheduler.loop, self._connect, dashboard)
+        except BaseException as exc:  # a cluster closed first, or no bokeh
+            log.debug("dashboard not attached: %s: %s", type(exc).__name__, exc)
+            self.attached.set_exception(exc)
+        else:
+            self.attached.set_result(None)
+
+    async def _connect(self, dashboard: Any) -> None:
+        if self.scheduler.status not in (Status.init, Status.running):
+            raise RuntimeError(f"the scheduler is {self.scheduler.status.name}")
+        http = self.scheduler.http_application, self.scheduler.http_server
+        dashboard.connect(*http, self.scheduler, prefix="/")  # Scheduler's default prefix
+        http[0].applications.remove(self.starting)
+
+    def then(self, step: Callable[[], None]) -> None:
+        """Call ``step`` once the dashboard is attached (at once if it is), in the thread
+        that attached it; never if it was not. A failing step is logged, not raised."""
+
+        def run(attached: Future[None]) -> None:
+            if attached.exception() is not None:
+                return
+            try:
+                step()
+            except Exception as exc:
+                log.warning("%s after the dashboard: %s: %s", step, type(exc).__name__, exc)
+
+        self.attached.add_done_callback(run)
+
+
+class DashboardStarting(tornado.web.RequestHandler):
+    """Any dashboard page before the dashboard is attached: 503, and a page that reloads."""
+
+    def get(self, *args: Any) -> None:
+        self.set_status(503)
+        self.set_header("Retry-After", "1")
+        self.write(
+            '<html><head><meta http-equiv="refresh" content="1"><title>Dask dashboard</title>'
+            "</head><body>The dashboard is starting; this page reloads itself.</body></html>"
+        )
+
+
+def late_dashboard(scheduler: Any) -> LateDashboard | None:
+    """The dashboard being attached to a scheduler of ours; None for any other."""
+    return getattr(scheduler, "late_dashboard", None)
 
 
 def exposure_warnings(settings: ClusterSettings) -> list[str]:

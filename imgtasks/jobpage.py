@@ -34,7 +34,6 @@ from imgtasks.status import DOWNLOAD, FLOW, SOURCE, THUMBNAIL, Status
 
 log = logging.getLogger(__name__)
 
-PATH = "/imgtasks"  # on the Dask dashboard, or on the client's own page server
 TITLE = "Dask: imgtasks"
 REFRESH_MS = 500  # figures: the dashboard refreshes its own at 100-500 ms
 TILES_EVERY = 4  # thumbnails: every 4th refresh (2 s) at most, and only when a batch finished

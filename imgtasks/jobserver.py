@@ -21,6 +21,7 @@ With :mod:`imgtasks.flow` and :mod:`imgtasks.cluster`, a module that imports das
 from __future__ import annotations
 
 import contextlib
+import functools
 import ipaddress
 import logging
 import os
@@ -30,17 +31,16 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
-from bokeh.application import Application
-from bokeh.application.handlers.function import FunctionHandler
 from tornado.ioloop import IOLoop
 from tornado.web import StaticFileHandler
 
+from imgtasks import cluster as clusters
 from imgtasks.jobfeed import JobFeed
-from imgtasks.jobpage import PATH, add_job_page
 
 log = logging.getLogger(__name__)
 
 DEFAULT_ADDRESS = "127.0.0.1:8790"
+PATH = "/imgtasks"  # on the Dask dashboard, or on the client's own page server
 MENU_ENTRY = PATH.strip("/")
 IFRAME_HEIGHT = 1000
 
@@ -142,27 +142,42 @@ def local_scheduler(client: Any) -> Any:
         dashboards = getattr(scheduler.http_application, "applications", [])
     except Exception:
         return None
-    return scheduler if link and dashboards else None
+    coming = clusters.late_dashboard(scheduler) is not None
+    return scheduler if link and (dashboards or coming) else None
 
 
 # --- a page of the Dask dashboard ---------------------------------------------------------
 
 
 def on_dashboard(scheduler: Any, dashboard_link: str) -> JobPageLink:
-    """Add the page (and its menu entry) to the dashboard of a scheduler in this process."""
-    from distributed.utils import sync
-
+    """Add the page (and its menu entry) to the dashboard of a scheduler in this process;
+    to one of our local clusters once its dashboard is attached (``LateDashboard``)."""
     base = dashboard_link.rsplit("/", 1)[0]
     page = JobPageLink(base + PATH)
     prefix = "/" + base.split("://", 1)[-1].partition("/")[2]
-    sync(scheduler.loop, _add_to_dashboard, scheduler, page, prefix)
+    late = clusters.late_dashboard(scheduler)
+    if late is None:
+        _add_page(scheduler, page, prefix)
+    else:
+        late.then(functools.partial(_add_page, scheduler, page, prefix))
     return page
+
+
+def _add_page(scheduler: Any, page: JobPageLink, prefix: str) -> None:
+    """Import the page's modules here (bokeh: ~0.1 s more), then add it on the loop."""
+    from distributed.utils import sync
+
+    import imgtasks.jobpage  # noqa: F401
+
+    sync(scheduler.loop, _add_to_dashboard, scheduler, page, prefix)
 
 
 async def _add_to_dashboard(scheduler: Any, page: JobPageLink, prefix: str) -> None:
     from distributed.dashboard.components.scheduler import BOKEH_THEME, env
     from distributed.dashboard.core import BokehApplication
     from distributed.dashboard.scheduler import template_variables
+
+    from imgtasks.jobpage import add_job_page
 
     variables = template_variables(scheduler)  # memoized: the dict every page renders from
 
@@ -207,6 +222,8 @@ class PageServer:
     def _run(self, port: int, ready: threading.Event, failure: list[BaseException]) -> None:
         import asyncio
 
+        from bokeh.application import Application
+        from bokeh.application.handlers.function import FunctionHandler
         from bokeh.server.server import Server
 
         asyncio.set_event_loop(asyncio.new_event_loop())
@@ -237,6 +254,8 @@ class PageServer:
 
     def _document(self, doc: Any) -> None:
         from distributed.dashboard.components.scheduler import BOKEH_THEME, env
+
+        from imgtasks.jobpage import add_job_page
 
         variables = {"pages": [MENU_ENTRY], "plots": [], "jupyter": False, "prefix": "/"}
         add_job_page(doc, self.feed, env.get_template("simple.html"), variables, BOKEH_THEME)

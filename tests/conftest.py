@@ -204,13 +204,16 @@ def kill_tree(proc: subprocess.Popen) -> None:
 
 
 def wait_for_dashboard(proc: subprocess.Popen, port: int, timeout: float = 120) -> int | None:
-    """The HTTP status of the flow's dashboard once it answers; None if the flow ended or
+    """The HTTP status of the flow's dashboard once it answers other than "starting" (503:
+    its pages are attached ~1 s after the scheduler listens); None if the flow ended or
     ``timeout`` passed first."""
     import requests
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
         with contextlib.suppress(requests.RequestException):  # not up yet, or busy
-            return requests.get(f"http://127.0.0.1:{port}/status", timeout=10).status_code
+            status = requests.get(f"http://127.0.0.1:{port}/status", timeout=10).status_code
+            if status != 503:
+                return status
         time.sleep(0.5)
     return None

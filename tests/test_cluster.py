@@ -5,17 +5,21 @@ import inspect
 import logging
 import os
 import sys
+import threading
 
 import dask
 import distributed.worker
 import psutil
 import pytest
+import requests
 from conftest import client_refused, tls_handshake_error
-from distributed import Nanny, Scheduler
+from distributed import Nanny
 
 from imgtasks import workerstart
 from imgtasks.cluster import (
     ClusterSettings,
+    LateDashboard,
+    LateDashboardScheduler,
     PeerHungUp,
     QuickExit,
     connect_early,
@@ -25,6 +29,7 @@ from imgtasks.cluster import (
     scheduler_spec,
     security,
     spawn_config,
+    start_local_cluster,
     worker_resources,
     worker_slots,
     worker_specs,
@@ -53,7 +58,7 @@ def test_memory_limits_add_up_to_less_than_the_machine(kind: str) -> None:
 def test_everything_binds_loopback_by_default() -> None:
     settings = ClusterSettings()
     assert scheduler_spec(settings) == {
-        "cls": Scheduler,
+        "cls": LateDashboardScheduler,
         "options": {"host": "127.0.0.1", "dashboard_address": "127.0.0.1:8787"},
     }
     for spec in worker_specs(settings).values():
@@ -312,3 +317,40 @@ def test_the_command_line_starts_the_fork_server_only_for_local_workers(
     monkeypatch.setattr(workerstart, "start_fork_server", calls.append)
     workerstart.start_for_command_line(argv)
     assert bool(calls) == started
+
+
+@pytest.mark.timeout(120)
+def test_dashboard_pages_say_starting_until_the_dashboard_is_attached(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The scheduler listens before its dashboard is imported: its pages answer 503 with a
+    page that reloads itself, its other routes as ever; then the dashboard itself, and
+    what waited for it (``then``) runs."""
+    gate = threading.Event()
+    attach = LateDashboard._attach
+
+    def held(self: LateDashboard) -> None:
+        gate.wait(60)
+        attach(self)
+
+    monkeypatch.setattr(LateDashboard, "_attach", held)
+    settings = ClusterSettings(cpu_workers=1, io_threads=2, dashboard_address="127.0.0.1:0")
+    cluster = start_local_cluster(settings, wait=False)
+    try:
+        link = cluster.dashboard_link
+        starting = requests.get(link, timeout=10)
+        assert starting.status_code == 503 and "starting" in starting.text
+        assert 'http-equiv="refresh"' in starting.text
+        assert requests.get(link.replace("/status", "/health"), timeout=10).text == "ok"
+        late = cluster.scheduler.late_dashboard
+        ran = threading.Event()
+        late.then(ran.set)
+        assert not ran.is_set()
+        gate.set()
+        late.attached.result(timeout=60)
+        assert ran.wait(10)
+        page = requests.get(link, timeout=10)
+        assert page.status_code == 200 and "bokeh" in page.text.lower()
+    finally:
+        gate.set()
+        cluster.close()

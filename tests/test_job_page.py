@@ -23,7 +23,8 @@ from imgtasks import jobserver
 from imgtasks.cluster import ClusterSettings
 from imgtasks.contact_sheet import Tile
 from imgtasks.jobfeed import HOST_SERIES, HostPoint, JobFeed, failure_kinds
-from imgtasks.jobpage import PATH, host_limit_lines, progress_text, tile_glyphs
+from imgtasks.jobpage import host_limit_lines, progress_text, tile_glyphs
+from imgtasks.jobserver import PATH
 from imgtasks.nodes import BatchReport
 
 # --- figures ---------------------------------------------------------------------------------
