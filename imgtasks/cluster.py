@@ -31,6 +31,7 @@ import logging
 import os
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -427,6 +428,9 @@ class LateDashboardScheduler(Scheduler):
         self.late_dashboard = LateDashboard(self)
 
 
+WAIT_FOR_A_WORKER_S = 10.0
+
+
 class LateDashboard:
     """The Dask dashboard of a scheduler in this process, attached from a thread once its
     modules are imported, while the cluster starts and the run begins.
@@ -447,6 +451,7 @@ class LateDashboard:
 
     def _attach(self) -> None:
         try:
+            self._wait_for_a_worker()
             import distributed.dashboard.scheduler as dashboard
 
             distributed.utils.sync(self.scheduler.loop, self._connect, dashboard)
@@ -455,6 +460,15 @@ class LateDashboard:
             self.attached.set_exception(exc)
         else:
             self.attached.set_result(None)
+
+    def _wait_for_a_worker(self) -> None:
+        """Until a worker joined (at most WAIT_FOR_A_WORKER_S): on 2 cores the import
+        otherwise took CPU from the workers' start (their fork server's own imports)."""
+        deadline = time.monotonic() + WAIT_FOR_A_WORKER_S
+        while not self.scheduler.workers and time.monotonic() < deadline:
+            if self.scheduler.status not in (Status.init, Status.running):
+                return
+            time.sleep(0.02)
 
     async def _connect(self, dashboard: Any) -> None:
         if self.scheduler.status not in (Status.init, Status.running):
