@@ -15,6 +15,7 @@ import requests
 from conftest import client_refused, tls_handshake_error
 from distributed import Nanny
 
+from imgtasks import cluster as clusters
 from imgtasks import workerstart
 from imgtasks.cluster import (
     ClusterSettings,
@@ -334,6 +335,7 @@ def test_dashboard_pages_say_starting_until_the_dashboard_is_attached(
         attach(self)
 
     monkeypatch.setattr(LateDashboard, "_attach", held)
+    monkeypatch.setattr(clusters, "WAIT_FOR_A_WORKER_S", 0.0)  # this cluster has none
     settings = ClusterSettings(cpu_workers=1, io_threads=2, dashboard_address="127.0.0.1:0")
     cluster = start_local_cluster(settings, wait=False)
     try:
