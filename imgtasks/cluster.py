@@ -31,7 +31,6 @@ import logging
 import os
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -40,6 +39,7 @@ from typing import Any
 import dask
 import distributed.utils
 import psutil
+import tornado.escape
 import tornado.web
 from distributed import Client, Nanny, Scheduler, SpecCluster, WorkerPlugin
 from distributed.comm.core import CommClosedError
@@ -419,67 +419,72 @@ def scheduler_spec(settings: ClusterSettings, security: Security | None = None) 
 
 
 class LateDashboardScheduler(Scheduler):
-    """Dask's scheduler, its dashboard attached from a thread (``LateDashboard``); before
-    that its HTTP server answers as ever (links, /health, /metrics), dashboard pages with
-    "starting". Made in one go on the cluster's loop, so no request comes in between."""
+    """Dask's scheduler, its dashboard imported and attached when first asked for
+    (``LateDashboard``); its HTTP server otherwise answers as ever (links, /health,
+    /metrics). Made in one go on the cluster's loop, so no request comes in between."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs, dashboard=False)
         self.late_dashboard = LateDashboard(self)
 
 
-WAIT_FOR_A_WORKER_S = 10.0
-
-
 class LateDashboard:
-    """The Dask dashboard of a scheduler in this process, attached from a thread once its
-    modules are imported, while the cluster starts and the run begins.
+    """The Dask dashboard of a scheduler in this process, imported and attached when a
+    dashboard page is first asked for.
 
-    Dask imports the dashboard (bokeh) inside ``Scheduler()``: ~1.0 s of CPU on the command
-    line's path before anything else could start, its longest import. Here the scheduler
-    starts without it; a thread imports it and attaches it on the scheduler's loop as
-    ``Scheduler.__init__`` would (``distributed.dashboard.scheduler.connect``). Its pages
-    appear ~1 s after the start (a page until then says so and reloads itself); what
-    needs them waits with ``then``."""
+    Dask imports the dashboard (bokeh) inside ``Scheduler()``: ~1.0 s of CPU, the longest
+    import on the command line's path before anything else could start, and paid by every
+    run whether or not anyone looks. Here the scheduler starts without it. The first
+    request for any dashboard page (the job page's included) gets a page saying the
+    dashboard is starting, which reloads itself each second, and starts a thread that
+    imports the dashboard and attaches it on the scheduler's loop as ``Scheduler.__init__``
+    would (``distributed.dashboard.scheduler.connect``); ~1-2 s later the reload finds it.
+    What is served on the dashboard (the job page) is added with ``then``."""
 
     def __init__(self, scheduler: Scheduler) -> None:
         self.scheduler = scheduler
         self.attached: Future[None] = Future()
-        self.starting = tornado.web.Application([(r"/.*", DashboardStarting)])
+        self.started = False
+        self._lock = threading.Lock()
+        self.starting = tornado.web.Application([(r"/.*", DashboardStarting, {"late": self})])
         scheduler.http_application.add_application(self.starting)
+
+    def start(self) -> None:
+        """Import and attach the dashboard in a thread, once; return at once."""
+        with self._lock:
+            if self.started:
+                return
+            self.started = True
         threading.Thread(target=self._attach, name="imgtasks-dashboard", daemon=True).start()
 
     def _attach(self) -> None:
         try:
-            self._wait_for_a_worker()
             import distributed.dashboard.scheduler as dashboard
 
             distributed.utils.sync(self.scheduler.loop, self._connect, dashboard)
-        except BaseException as exc:  # a cluster closed first, or no bokeh
+        except BaseException as exc:  # the cluster closed first, or no bokeh
             log.debug("dashboard not attached: %s: %s", type(exc).__name__, exc)
             self.attached.set_exception(exc)
-        else:
-            self.attached.set_result(None)
-
-    def _wait_for_a_worker(self) -> None:
-        """Until a worker joined (at most WAIT_FOR_A_WORKER_S): on 2 cores the import
-        otherwise took CPU from the workers' start (their fork server's own imports)."""
-        deadline = time.monotonic() + WAIT_FOR_A_WORKER_S
-        while not self.scheduler.workers and time.monotonic() < deadline:
-            if self.scheduler.status not in (Status.init, Status.running):
-                return
-            time.sleep(0.02)
+            return
+        # The starting page answers until the steps given to ``then`` (the job page) ran:
+        # every page appears at once.
+        self.attached.set_result(None)
+        with contextlib.suppress(Exception):  # closed meanwhile
+            distributed.utils.sync(self.scheduler.loop, self._stop_starting_page)
 
     async def _connect(self, dashboard: Any) -> None:
         if self.scheduler.status not in (Status.init, Status.running):
             raise RuntimeError(f"the scheduler is {self.scheduler.status.name}")
         http = self.scheduler.http_application, self.scheduler.http_server
         dashboard.connect(*http, self.scheduler, prefix="/")  # Scheduler's default prefix
-        http[0].applications.remove(self.starting)
+
+    async def _stop_starting_page(self) -> None:
+        self.scheduler.http_application.applications.remove(self.starting)
 
     def then(self, step: Callable[[], None]) -> None:
         """Call ``step`` once the dashboard is attached (at once if it is), in the thread
-        that attached it; never if it was not. A failing step is logged, not raised."""
+        that attached it, before the starting page goes; never if it was not attached. A
+        failing step is logged, not raised."""
 
         def run(attached: Future[None]) -> None:
             if attached.exception() is not None:
@@ -493,11 +498,21 @@ class LateDashboard:
 
 
 class DashboardStarting(tornado.web.RequestHandler):
-    """Any dashboard page before the dashboard is attached: 503, and a page that reloads."""
+    """Any dashboard page before the dashboard is attached: starts attaching it, and
+    answers 503 with a page that reloads itself (or says why there is no dashboard)."""
+
+    def initialize(self, late: LateDashboard) -> None:
+        self.late = late
 
     def get(self, *args: Any) -> None:
+        self.late.start()
         self.set_status(503)
         self.set_header("Retry-After", "1")
+        attached = self.late.attached
+        if attached.done() and attached.exception() is not None:
+            reason = tornado.escape.xhtml_escape(repr(attached.exception()))
+            self.write(f"<html><body>No dashboard: {reason}</body></html>")
+            return
         self.write(
             '<html><head><meta http-equiv="refresh" content="1"><title>Dask dashboard</title>'
             "</head><body>The dashboard is starting; this page reloads itself.</body></html>"

@@ -6,6 +6,7 @@ import logging
 import os
 import sys
 import threading
+import time
 
 import dask
 import distributed.worker
@@ -15,7 +16,6 @@ import requests
 from conftest import client_refused, tls_handshake_error
 from distributed import Nanny
 
-from imgtasks import cluster as clusters
 from imgtasks import workerstart
 from imgtasks.cluster import (
     ClusterSettings,
@@ -321,12 +321,11 @@ def test_the_command_line_starts_the_fork_server_only_for_local_workers(
 
 
 @pytest.mark.timeout(120)
-def test_dashboard_pages_say_starting_until_the_dashboard_is_attached(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """The scheduler listens before its dashboard is imported: its pages answer 503 with a
-    page that reloads itself, its other routes as ever; then the dashboard itself, and
-    what waited for it (``then``) runs."""
+def test_the_dashboard_is_imported_when_first_asked_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The scheduler listens without its dashboard, and nothing imports it until a page is
+    asked for: that request answers 503 with a page that reloads itself and starts the
+    import; its other routes answer as ever; then the dashboard itself, after what waited
+    for it (``then``)."""
     gate = threading.Event()
     attach = LateDashboard._attach
 
@@ -335,23 +334,27 @@ def test_dashboard_pages_say_starting_until_the_dashboard_is_attached(
         attach(self)
 
     monkeypatch.setattr(LateDashboard, "_attach", held)
-    monkeypatch.setattr(clusters, "WAIT_FOR_A_WORKER_S", 0.0)  # this cluster has none
     settings = ClusterSettings(cpu_workers=1, io_threads=2, dashboard_address="127.0.0.1:0")
     cluster = start_local_cluster(settings, wait=False)
     try:
         link = cluster.dashboard_link
+        late = cluster.scheduler.late_dashboard
+        assert requests.get(link.replace("/status", "/health"), timeout=10).text == "ok"
+        assert not late.started  # nobody asked for a page
+        ran = threading.Event()
+        late.then(ran.set)
+        assert not late.started and not ran.is_set()
         starting = requests.get(link, timeout=10)
         assert starting.status_code == 503 and "starting" in starting.text
         assert 'http-equiv="refresh"' in starting.text
-        assert requests.get(link.replace("/status", "/health"), timeout=10).text == "ok"
-        late = cluster.scheduler.late_dashboard
-        ran = threading.Event()
-        late.then(ran.set)
-        assert not ran.is_set()
+        assert late.started
         gate.set()
         late.attached.result(timeout=60)
         assert ran.wait(10)
-        page = requests.get(link, timeout=10)
+        deadline = time.monotonic() + 30
+        while (page := requests.get(link, timeout=10)).status_code == 503:
+            assert time.monotonic() < deadline, "the starting page stayed"
+            time.sleep(0.05)
         assert page.status_code == 200 and "bokeh" in page.text.lower()
     finally:
         gate.set()

@@ -13,7 +13,7 @@ from typing import Any
 
 import psutil
 import pytest
-from conftest import free_port, kill_tree, start_flow, subprocess_environment
+from conftest import free_port, kill_tree, run_python, start_flow, subprocess_environment
 from distributed import Client
 
 import imgtasks
@@ -208,3 +208,23 @@ def test_no_worker_imports_pandas(tmp_path: Path, demo_server) -> None:
             assert sorted(result.manifest()["url"]) == sorted(urls)
         imported = client.run(_imported_pandas)
     assert len(imported) == 3 and set(imported.values()) == {False}, imported
+
+
+@pytest.mark.timeout(180)
+def test_a_run_nobody_watches_imports_no_dashboard(tmp_path: Path, demo_server) -> None:
+    """Dashboard and job page are served, but bokeh (~1 s of imports) comes only with the
+    first request for one of their pages: a run nobody looks at never imports it."""
+    code = f"""
+import sys
+import imgtasks
+from imgtasks.cluster import ClusterSettings
+settings = ClusterSettings(cpu_workers=1, io_threads=4, dashboard_address="127.0.0.1:0")
+result = imgtasks.thumbnails({demo_server.urls(8)!r}, {str(tmp_path / "out")!r},
+                             cluster=settings, progress=False)
+print("COUNTS", result.counts, "JOB PAGE", bool(result.job_page))
+print("BOKEH", sorted(m for m in sys.modules if m == "bokeh" or m.startswith("bokeh.")))
+"""
+    proc = run_python(code, timeout=150)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "COUNTS {'ok': 8} JOB PAGE True" in proc.stdout, proc.stdout
+    assert "BOKEH []" in proc.stdout, proc.stdout
