@@ -82,7 +82,8 @@ _PAGES: weakref.WeakKeyDictionary[Any, JobPageLink] = weakref.WeakKeyDictionary(
 def job_page(client: Any = None, address: str = DEFAULT_ADDRESS) -> JobPageLink:
     """The job page of ``client``'s cluster (default: the default client), served from now
     on; in Jupyter, the cell shows it inline. ``imgtasks.thumbnails(..., client=client)``
-    then draws its job there.
+    then draws its job there. On one of our local clusters this also loads the dashboard
+    the page lives on (otherwise loaded when a page of it is first asked for).
 
     ``address``: where the client's own page server listens when the scheduler is not in
     this process (loopback only; a taken port moves to a free one).
@@ -91,7 +92,11 @@ def job_page(client: Any = None, address: str = DEFAULT_ADDRESS) -> JobPageLink:
         from distributed import default_client
 
         client = default_client()
-    return serve(client, address)
+    page = serve(client, address)
+    late = clusters.late_dashboard(local_scheduler(client))
+    if late is not None:  # asked for to be looked at: load the dashboard now
+        late.start()
+    return page
 
 
 def serve(client: Any, address: str = DEFAULT_ADDRESS) -> JobPageLink:

@@ -202,8 +202,10 @@ class Devtools:
         self.ws.close()
 
 
-def page_errors(devtools: Devtools, session: str) -> list[str]:
-    """JavaScript errors: uncaught exceptions, console.error/assert, error log entries."""
+def page_errors(devtools: Devtools, session: str, starting: str = "") -> list[str]:
+    """JavaScript errors: uncaught exceptions, console.error/assert, error log entries.
+    ``starting``: a URL that may first answer 503 (a dashboard page loaded before the
+    dashboard is: the page saying so reloads itself)."""
     errors = []
     for e in devtools.session_events(session, "Runtime.exceptionThrown"):
         details = e.get("exceptionDetails", {})
@@ -219,6 +221,8 @@ def page_errors(devtools: Devtools, session: str) -> list[str]:
             continue
         if entry.get("source") == "network" and entry.get("url", "").endswith("favicon.ico"):
             continue  # Dask's report links its favicon on docs.dask.org: cosmetic
+        if starting and entry.get("url") == starting and "503" in entry.get("text", ""):
+            continue
         errors.append(f"log {entry.get('source')}: {entry.get('text')} {entry.get('url', '')}")
     return errors
 
