@@ -10,8 +10,9 @@ One demo server in its own process, one URL list (``--count`` images of ``--kind
 ``CHECKOUT/flows/run.py`` with ``PYTHONPATH=CHECKOUT``, timed from launch to exit; its CPU
 is its whole process tree's (client, scheduler, workers; ``getrusage`` of the children).
 Both checkouts get their bytecode written first (``flow_figures.compile_project``). A
-run that does not finish every URL ``ok`` (from its result JSON) is INVALID and left out
-of the medians; the script then exits 1.
+run that does not finish every URL ``ok`` (from its result JSON), or is still running
+after 600 s + 1 s per URL, is INVALID and left out of the medians; the script then
+exits 1.
 
 On a shared 2-core machine single runs of the same code spread by 20 % and more: judge a
 change on several interleaved pairs, never on one run against another taken apart.
@@ -88,7 +89,12 @@ def run_once(side: Side, urls: Path, work: Path, count: int) -> Run:
     cmd = flow_command(urls, out, figures, side.options, root=side.checkout)
     env = subprocess_environment(side.checkout)  # its bytecode written on the first call
     cpu, start = children_cpu(), time.perf_counter()
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600 + count)
+    try:
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600 + count)
+    except subprocess.TimeoutExpired as exc:
+        wall, cpu = time.perf_counter() - start, children_cpu() - cpu
+        stderr = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else ""
+        return Run(side.label, wall, cpu, 0, failure(None, stderr, f"after {exc.timeout:.0f} s"))
     wall, cpu = time.perf_counter() - start, children_cpu() - cpu
     try:
         result = read_figures(figures)

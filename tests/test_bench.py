@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import bench  # benchmarks/bench.py (on sys.path: conftest)
 import checkout_ab
@@ -260,6 +261,21 @@ def test_checkout_ab_medians_leave_invalid_runs_out() -> None:
     assert lines[0] == "A: median 11.00 s, 22.00 CPU-s (220.00 ms per image) over 2 runs"
     assert lines[1] == "B: median 8.00 s, 15.00 CPU-s (150.00 ms per image) over 1 runs"
     assert lines[2] == "B / A: wall x0.727, CPU x0.682"
+
+
+def test_checkout_ab_counts_a_run_that_times_out_as_invalid(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run still going at its time-out is an INVALID row saying so, not a traceback."""
+
+    def too_slow(cmd: list[str], **kwargs: Any) -> None:
+        raise subprocess.TimeoutExpired(cmd, kwargs["timeout"], stderr=b"run.py: last words\n")
+
+    monkeypatch.setattr(checkout_ab.subprocess, "run", too_slow)
+    side = checkout_ab.Side("A", ROOT, ())
+    run = checkout_ab.run_once(side, tmp_path / "urls.txt", tmp_path, 10)
+    assert run.problem == "timed out: after 610 s; run.py: last words", run
+    assert run.label == "A" and run.batches == 0
 
 
 @pytest.mark.timeout(200)
