@@ -31,7 +31,7 @@ import logging
 import os
 import sys
 import threading
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -577,24 +577,26 @@ def start_local_cluster(
         )
 
 
-def join_later(
-    cluster: SpecCluster, stages: Sequence[Mapping[str, dict[str, Any]]]
-) -> Future[None]:
-    """Start the workers of ``stages`` in the background, each stage once the one before
-    has joined, and return at once. The future is done when all have joined (or the
-    cluster began to close); its exception is the first start-up failure.
+def join_later(cluster: SpecCluster, specs: Mapping[str, dict[str, Any]]) -> Future[None]:
+    """Start the workers of ``specs`` in the background, all at once, and return at once.
+    The future is done when all have joined (or the cluster began to close); its exception
+    is the first start-up failure.
 
-    Each stage is ``cluster.scale()`` (the spec updated, then SpecCluster's
-    ``_correct_state`` on the cluster's loop), with the task kept: ``scale`` drops it,
-    and with it the error of a worker that did not start. Closing the cluster meanwhile
-    waits for the starting workers (the task holds the cluster's lock), then closes them."""
+    All at once: each is forked from the preloaded fork server (~0.2-0.3 s of CPU to
+    start). When workers were spawned (~1 s of imports each) the I/O worker went first,
+    alone; forked, that order made a 30-image run x1.10 slower (6 interleaved pairs; 3000
+    web-size images x1.00, the seed task x1.03).
+
+    It is ``cluster.scale()`` (the spec updated, then SpecCluster's ``_correct_state`` on
+    the cluster's loop), with the task kept: ``scale`` drops it, and with it the error of a
+    worker that did not start. Closing the cluster meanwhile waits for the starting
+    workers (the task holds the cluster's lock), then closes them."""
 
     async def join() -> None:
-        for specs in stages:
-            if cluster.status != Status.running:  # closing: start no more
-                return
-            cluster.worker_spec.update(specs)
-            await cluster._correct_state()
+        if cluster.status != Status.running:  # closing: start none
+            return
+        cluster.worker_spec.update(specs)
+        await cluster._correct_state()
 
     return asyncio.run_coroutine_threadsafe(join(), cluster.loop.asyncio_loop)
 
@@ -648,17 +650,6 @@ class Joining:
         return self.joined.exception()
 
 
-def join_stages(
-    settings: ClusterSettings, credentials: Security | None
-) -> list[dict[str, dict[str, Any]]]:
-    """The workers of a local cluster in the order they are started: all at once. Each is
-    forked from the preloaded fork server (~0.2-0.3 s of CPU to start). When workers were
-    spawned (~1 s of imports each) the I/O worker went first, alone; forked, that order
-    made a 30-image run x1.10 slower (6 interleaved pairs; 3000 web-size images x1.00, the
-    seed task x1.03)."""
-    return [worker_specs(settings, credentials)]
-
-
 def connect_early(settings: ClusterSettings) -> tuple[Client, SpecCluster | None, Joining | None]:
     """``connect``, but a local cluster's client comes as soon as its scheduler is up
     (~0.15 s: its dashboard comes later, ``LateDashboard``), and its workers join while the
@@ -674,7 +665,7 @@ def connect_early(settings: ClusterSettings) -> tuple[Client, SpecCluster | None
         # straight from the workers that hold them, not relayed by the scheduler: our own
         # workers are always reachable from here.
         client = Client(cluster, direct_to_workers=True)
-        joining = Joining(settings, join_later(cluster, join_stages(settings, credentials)))
+        joining = Joining(settings, join_later(cluster, worker_specs(settings, credentials)))
     except BaseException:
         cluster.close()
         raise
