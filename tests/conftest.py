@@ -205,7 +205,7 @@ def kill_tree(proc: subprocess.Popen) -> None:
 
 def wait_for_dashboard(proc: subprocess.Popen, port: int, timeout: float = 120) -> int | None:
     """The HTTP status of the flow's dashboard once it answers other than "starting" (503:
-    its pages are attached ~1 s after the scheduler listens); None if the flow ended or
+    the first request loads the dashboard, ~1-2 s); None if the flow ended or
     ``timeout`` passed first."""
     import requests
 
