@@ -42,6 +42,7 @@ from flow_figures import (
     failure,
     flow_command,
     manifest_count,
+    output_text,
     read_figures,
 )
 
@@ -327,14 +328,12 @@ def run_command(cmd: Sequence[str], log: Path, timeout: float, env: dict | None 
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired as exc:
-        log.write_text(f"$ {' '.join(cmd)}\n{_text(exc.stdout)}\n--- stderr\n{_text(exc.stderr)}")
+        log.write_text(
+            f"$ {' '.join(cmd)}\n{output_text(exc.stdout)}\n--- stderr\n{output_text(exc.stderr)}"
+        )
         return Finished(None, "")
     log.write_text(f"$ {' '.join(cmd)}\n{done.stdout}\n--- stderr\n{done.stderr}")
     return Finished(done.returncode, done.stderr)
-
-
-def _text(output: str | bytes | None) -> str:
-    return output.decode(errors="replace") if isinstance(output, bytes) else output or ""
 
 
 def run_flow(

@@ -40,6 +40,7 @@ from flow_figures import (
     children_cpu,
     failure,
     flow_command,
+    output_text,
     read_figures,
     subprocess_environment,
 )
@@ -93,8 +94,8 @@ def run_once(side: Side, urls: Path, work: Path, count: int) -> Run:
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600 + count)
     except subprocess.TimeoutExpired as exc:
         wall, cpu = time.perf_counter() - start, children_cpu() - cpu
-        stderr = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else ""
-        return Run(side.label, wall, cpu, 0, failure(None, stderr, f"after {exc.timeout:.0f} s"))
+        problem = failure(None, output_text(exc.stderr), f"after {exc.timeout:.0f} s")
+        return Run(side.label, wall, cpu, 0, problem)
     wall, cpu = time.perf_counter() - start, children_cpu() - cpu
     try:
         result = read_figures(figures)

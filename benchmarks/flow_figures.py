@@ -84,6 +84,11 @@ def read_figures(path: Path) -> dict[str, Any]:
     return figures
 
 
+def output_text(output: str | bytes | None) -> str:
+    """What a process printed, as text: ``TimeoutExpired`` keeps it as bytes (or None)."""
+    return output.decode(errors="replace") if isinstance(output, bytes) else output or ""
+
+
 def last_line(text: str) -> str:
     lines = text.strip().splitlines()
     return lines[-1].strip()[:120] if lines else ""

@@ -28,6 +28,7 @@ import os
 import socket
 import threading
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -169,20 +170,21 @@ def on_dashboard(scheduler: Any, dashboard_link: str) -> JobPageLink:
 
 
 def _add_page(scheduler: Any, page: JobPageLink, prefix: str) -> None:
-    """Import the page's modules here (bokeh: ~0.1 s more), then add it on the loop."""
+    """Import the page's modules here, off the loop (bokeh: ~0.1 s more), then add it on
+    the loop."""
     from distributed.utils import sync
 
-    import imgtasks.jobpage  # noqa: F401
+    from imgtasks.jobpage import add_job_page
 
-    sync(scheduler.loop, _add_to_dashboard, scheduler, page, prefix)
+    sync(scheduler.loop, _add_to_dashboard, scheduler, page, prefix, add_job_page)
 
 
-async def _add_to_dashboard(scheduler: Any, page: JobPageLink, prefix: str) -> None:
+async def _add_to_dashboard(
+    scheduler: Any, page: JobPageLink, prefix: str, add_job_page: Callable[..., None]
+) -> None:
     from distributed.dashboard.components.scheduler import BOKEH_THEME, env
     from distributed.dashboard.core import BokehApplication
     from distributed.dashboard.scheduler import template_variables
-
-    from imgtasks.jobpage import add_job_page
 
     variables = template_variables(scheduler)  # memoized: the dict every page renders from
 
