@@ -5,6 +5,7 @@ Every image is generated here (numpy + Pillow); big ones once per module.
 
 from __future__ import annotations
 
+import functools
 import io
 import random
 import struct
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile, ImageOps, JpegImagePlugin, features
 
+from imgtasks import thumbnail
 from imgtasks.imagecheck import encode, photo_like, pillow_thumbnail_size, psnr, reference_resize
 from imgtasks.thumbnail import (
     DEFAULT_THUMB,
@@ -820,3 +822,99 @@ def test_unexpected_errors_never_escape(monkeypatch: pytest.MonkeyPatch) -> None
     thumb = make_thumbnail(encode(Image.new("RGB", (8, 8)), "PNG"))
     assert (thumb.ok, thumb.status) == (False, "decode_error")
     assert "a bug" in thumb.error
+
+
+# --------------------------------------------------------------------------- WebP through libwebp
+
+
+@functools.cache
+def webp_cases() -> dict[str, bytes]:
+    """Still WebPs of every kind Pillow writes: lossy and lossless, with and without
+    alpha, grey, EXIF-rotated."""
+    photo = photo_like(400, 300, seed=21)
+    rgba = photo.convert("RGBA")
+    rgba.putalpha(Image.fromarray(np.asarray(photo_like(400, 300, seed=22).convert("L")), "L"))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return {
+        "lossy": encode(photo, "WEBP", quality=85),
+        "lossless": encode(photo, "WEBP", lossless=True),
+        "lossy alpha": encode(rgba, "WEBP", quality=85),
+        "lossless alpha": encode(rgba, "WEBP", lossless=True),
+        "grey": encode(photo.convert("L"), "WEBP", quality=85),
+        "rotated": encode(photo, "WEBP", quality=85, exif=exif.tobytes()),
+    }
+
+
+@pytest.fixture
+def webp_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts the decodes that went through libwebp's WebPDecode (imagecodecs)."""
+    calls: list[int] = []
+    real = thumbnail.imagecodecs.webp_decode
+
+    def counted(data: bytes, **kwargs: object) -> np.ndarray:
+        calls.append(len(data))
+        return real(data, **kwargs)
+
+    monkeypatch.setattr(thumbnail.imagecodecs, "webp_decode", counted)
+    return calls
+
+
+def pillow_decoded(data: bytes, settings: ThumbSettings) -> Thumbnail:
+    """The thumbnail as Pillow's own WebP decoding makes it."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(thumbnail, "_webp_pixels", lambda data, im: None)
+        return make_thumbnail(data, settings)
+
+
+@pytest.mark.parametrize("case", list(webp_cases()))
+@pytest.mark.parametrize("fmt", ["jpeg", "png", "webp"])
+@pytest.mark.parametrize("mode", ["fit", "crop"])
+def test_still_webp_decoded_by_libwebp_as_pillow_would(
+    webp_calls: list[int], case: str, fmt: str, mode: str
+) -> None:
+    data, settings = webp_cases()[case], ThumbSettings(format=fmt, mode=mode)
+    thumb = make_thumbnail(data, settings)
+    assert webp_calls == [len(data)]
+    expected = pillow_decoded(data, settings)
+    assert thumb.ok and expected.ok
+    assert thumb.data == expected.data  # the same pixels, so the same encoded bytes
+    assert (thumb.width, thumb.height, thumb.orig_width, thumb.orig_height) == (
+        expected.width,
+        expected.height,
+        expected.orig_width,
+        expected.orig_height,
+    )
+    assert thumb.phash == expected.phash and thumb.source_format == "WEBP"
+
+
+def test_animated_webp_is_left_to_pillow(webp_calls: list[int]) -> None:
+    frames = [Image.new("RGB", (160, 120), c) for c in (RED, GREEN, BLUE)]
+    buf = io.BytesIO()
+    frames[0].save(buf, "WEBP", save_all=True, append_images=frames[1:], duration=100)
+    thumb = make_thumbnail(buf.getvalue(), ThumbSettings(format="png"))
+    assert webp_calls == []
+    assert_colour(patch_mean(decode(thumb), (0, 0, 128, 96)), RED, tol=6)
+
+
+@pytest.mark.parametrize("cut", [0.3, 0.6, 0.9])
+def test_truncated_webp_gets_pillows_status(webp_calls: list[int], cut: float) -> None:
+    """What libwebp refuses is decoded again by Pillow, whose error names the status."""
+    data = webp_cases()["lossy"]
+    data = data[: int(len(data) * cut)]
+    thumb = make_thumbnail(data)
+    assert thumb.status == pillow_decoded(data, DEFAULT_THUMB).status
+    assert not thumb.ok and thumb.status in ("truncated_image", "decode_error")
+
+
+def test_webp_frame_other_than_its_header_is_left_to_pillow(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Pixels of another size than the header's (whose pixel count was checked) are not
+    used: Pillow decodes the file instead."""
+    data = webp_cases()["lossy"]
+    monkeypatch.setattr(
+        thumbnail.imagecodecs, "webp_decode", lambda data, **kw: np.zeros((600, 800, 4), np.uint8)
+    )
+    thumb = make_thumbnail(data)
+    assert thumb.ok and thumb.data == pillow_decoded(data, DEFAULT_THUMB).data
