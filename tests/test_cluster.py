@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import datetime
 import gc
 import inspect
 import logging
@@ -14,6 +15,9 @@ import psutil
 import pytest
 import requests
 from conftest import client_refused, tls_handshake_error
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from distributed import Nanny
 
 from imgtasks import workerstart
@@ -77,6 +81,18 @@ def test_local_clusters_speak_tls_with_one_temporary_ca() -> None:
     for option in options:
         assert option["protocol"] == "tls://" and option["security"] is credentials
     assert security(settings).tls_ca_file != credentials.tls_ca_file  # a new CA per run
+
+
+def test_the_temporary_ca_is_one_p256_certificate_for_every_role() -> None:
+    credentials = security(ClusterSettings())
+    cert = x509.load_pem_x509_certificate(credentials.tls_ca_file.encode())
+    key = serialization.load_pem_private_key(credentials.tls_scheduler_key.encode(), None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp256r1"
+    assert cert.public_key() == key.public_key() and cert.issuer == cert.subject
+    assert cert.not_valid_after_utc - cert.not_valid_before_utc >= datetime.timedelta(days=365)
+    for role in ("client", "scheduler", "worker"):
+        assert getattr(credentials, f"tls_{role}_cert") == credentials.tls_ca_file
+        assert getattr(credentials, f"tls_{role}_key") == credentials.tls_scheduler_key
 
 
 def test_insecure_is_plain_tcp_and_says_so() -> None:
