@@ -22,8 +22,9 @@ from collections.abc import Iterator, Mapping, Sequence
 
 # Where there is no fork server (Windows), workers are spawned as Dask does by default.
 START_METHOD = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
-# What the server imports before it forks anything; imgtasks.forkserverexit last.
-PRELOAD = ("distributed", "imgtasks.nodes", "imgtasks.cluster", "imgtasks.forkserverexit")
+# What the server imports before it forks anything: distributed and our stages, by one
+# module of ours that also keeps the garbage collector out of it (and out of the workers).
+PRELOAD = ("imgtasks.forkserverpreload",)
 # What a worker needs in its environment from the moment its interpreter starts, for a
 # server started before Dask's config can be read (importing distributed takes 0.4 s):
 # Dask's ``distributed.nanny.pre-spawn-environ`` defaults, ours over them

@@ -299,9 +299,10 @@ def test_run_config_keeps_no_message_log_anywhere() -> None:
 
 def _how_started() -> tuple[int, str | None, bool]:
     """A worker's parent process, hash seed, and whether our stages were there at start,
-    frozen out of its garbage collections by the fork server (imgtasks.forkserverexit)."""
+    frozen out of its garbage collections by the fork server (imgtasks.forkserverpreload),
+    whose collector was off only while it imported them."""
     preloaded = "imgtasks.nodes" in sys.modules and gc.get_freeze_count() > 0
-    return os.getppid(), os.environ.get("PYTHONHASHSEED"), preloaded
+    return os.getppid(), os.environ.get("PYTHONHASHSEED"), preloaded and gc.isenabled()
 
 
 def test_the_command_lines_fork_server_starts_as_a_nanny_would_start_a_worker(
