@@ -43,6 +43,12 @@ DEFAULT_ENVIRON: Mapping[str, str | None] = {
 
 _started_with: dict[str, str | None] | None = None  # the running server's environment
 
+# The server is `python -c ...`, so Python puts the current directory first on its path,
+# and CPython's fork server does not apply the sys.path it is handed (3.10-3.13): an
+# `imgtasks/` (or a `dask.py`...) where the command was started from would be what every
+# worker imports, not what this process imported. Python 3.11+ leaves it out with this.
+SERVER_ENVIRON: Mapping[str, str | None] = {"PYTHONSAFEPATH": "1"}
+
 
 def start_fork_server(environ: Mapping[str, str | None]) -> None:
     """Make sure a fork server started with ``environ`` (None: unset) runs, and return at
@@ -58,7 +64,7 @@ def start_fork_server(environ: Mapping[str, str | None]) -> None:
         stop_fork_server()
     context = multiprocessing.get_context(START_METHOD)
     context.set_forkserver_preload(list(PRELOAD))
-    with _environ(wanted):
+    with _environ(wanted | SERVER_ENVIRON):
         multiprocessing.forkserver.ensure_running()
     _started_with = wanted
 

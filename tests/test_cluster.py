@@ -8,6 +8,7 @@ import os
 import sys
 import threading
 import time
+from pathlib import Path
 
 import dask
 import distributed.worker
@@ -20,6 +21,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from distributed import Nanny
 
+import imgtasks
 from imgtasks import workerstart
 from imgtasks.cluster import (
     ClusterSettings,
@@ -303,6 +305,31 @@ def _how_started() -> tuple[int, str | None, bool]:
     whose collector was off only while it imported them."""
     preloaded = "imgtasks.nodes" in sys.modules and gc.get_freeze_count() > 0
     return os.getppid(), os.environ.get("PYTHONHASHSEED"), preloaded and gc.isenabled()
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="PYTHONSAFEPATH is Python 3.11+")
+def test_workers_import_what_the_client_imports_wherever_it_was_started(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fork server is `python -c`, whose path starts with the current directory: a
+    stale `imgtasks/` there must not be what the workers run."""
+    decoy = tmp_path / "imgtasks"
+    decoy.mkdir()
+    (decoy / "__init__.py").write_text("DECOY = True\n")
+    monkeypatch.chdir(tmp_path)
+    workerstart.stop_fork_server()  # a server started elsewhere would hide the question
+    cluster = start_local_cluster(ClusterSettings(cpu_workers=1, io_threads=2))
+    try:
+        with distributed.Client(cluster, security=cluster.security) as client:
+            client.wait_for_workers(2, timeout=60)
+            where = client.run(lambda: sys.modules["imgtasks"].__file__)
+            assert set(where.values()) == {imgtasks.__file__}
+            assert set(client.run(_how_started).values()) == {
+                (next(iter(client.run(_how_started).values()))[0], "6640", True)
+            }
+    finally:
+        cluster.close()
+        workerstart.stop_fork_server()  # the next test's server starts outside tmp_path
 
 
 def test_the_command_lines_fork_server_starts_as_a_nanny_would_start_a_worker(
