@@ -91,7 +91,11 @@ def run_once(side: Side, urls: Path, work: Path, count: int) -> Run:
     env = subprocess_environment(side.checkout)  # its bytecode written on the first call
     cpu, start = children_cpu(), time.perf_counter()
     try:
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600 + count)
+        # In its own checkout: the workers' fork server of a checkout older than the fix in
+        # imgtasks/workerstart.py put the current directory first on its path.
+        done = subprocess.run(
+            cmd, cwd=side.checkout, env=env, capture_output=True, text=True, timeout=600 + count
+        )
     except subprocess.TimeoutExpired as exc:
         wall, cpu = time.perf_counter() - start, children_cpu() - cpu
         problem = failure(None, output_text(exc.stderr), f"after {exc.timeout:.0f} s")
