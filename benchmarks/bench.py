@@ -44,6 +44,7 @@ from flow_figures import (
     manifest_count,
     output_text,
     read_figures,
+    run_group,
 )
 
 from imgtasks.demo import server_process
@@ -326,7 +327,7 @@ class Finished:
 def run_command(cmd: Sequence[str], log: Path, timeout: float, env: dict | None = None) -> Finished:
     """Run to exit; everything it printed goes to ``log`` for a person to read."""
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        done = run_group(cmd, timeout, env)
     except subprocess.TimeoutExpired as exc:
         log.write_text(
             f"$ {' '.join(cmd)}\n{output_text(exc.stdout)}\n--- stderr\n{output_text(exc.stderr)}"

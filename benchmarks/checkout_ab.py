@@ -42,6 +42,7 @@ from flow_figures import (
     flow_command,
     output_text,
     read_figures,
+    run_group,
     subprocess_environment,
 )
 
@@ -93,9 +94,7 @@ def run_once(side: Side, urls: Path, work: Path, count: int) -> Run:
     try:
         # In its own checkout: the workers' fork server of a checkout older than the fix in
         # imgtasks/workerstart.py put the current directory first on its path.
-        done = subprocess.run(
-            cmd, cwd=side.checkout, env=env, capture_output=True, text=True, timeout=600 + count
-        )
+        done = run_group(cmd, 600 + count, env, cwd=side.checkout)
     except subprocess.TimeoutExpired as exc:
         wall, cpu = time.perf_counter() - start, children_cpu() - cpu
         problem = failure(None, output_text(exc.stderr), f"after {exc.timeout:.0f} s")

@@ -10,8 +10,11 @@ import functools
 import json
 import os
 import resource
+import signal
+import subprocess
 import sys
 from collections.abc import Sequence
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,6 +85,26 @@ def read_figures(path: Path) -> dict[str, Any]:
     if missing:
         raise NoFigures(f"result JSON lacks {', '.join(missing)}")
     return figures
+
+
+def run_group(
+    cmd: Sequence[str], timeout: float, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``subprocess.run(cmd, capture_output=True, text=True, timeout=...)``, the command in
+    a process group of its own. On a time-out (``TimeoutExpired``, with what it printed so
+    far) or an interrupt the whole group is killed: the flow's fork server and workers
+    too, which ``subprocess.run`` leaves running until they notice the flow is gone."""
+    pipe, group = subprocess.PIPE, {"start_new_session": True}
+    proc = subprocess.Popen(cmd, stdout=pipe, stderr=pipe, text=True, env=env, cwd=cwd, **group)
+    with proc:
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except BaseException:  # TimeoutExpired, KeyboardInterrupt
+            with suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
 def output_text(output: str | bytes | None) -> str:

@@ -38,6 +38,7 @@ from flow_figures import (
     flow_command,
     manifest_count,
     read_figures,
+    run_group,
 )
 
 from imgtasks.demo import server_process
@@ -108,7 +109,6 @@ def viewer(url: str, stop: threading.Event) -> Iterator[list[float]]:
 
 
 def one_run(urls: Path, work: Path, page: bool, args: argparse.Namespace, i: int) -> Run:
-    import subprocess
 
     tag = f"{'on' if page else 'off'}-{i}"
     out, figures_file, port = work / tag, work / f"{tag}.json", free_port()
@@ -118,12 +118,7 @@ def one_run(urls: Path, work: Path, page: bool, args: argparse.Namespace, i: int
     stop = threading.Event()
     cpu0 = children_cpu()
     with viewer(f"http://127.0.0.1:{port}/imgtasks", stop) if page else _nothing() as viewed:
-        proc = subprocess.run(
-            flow_command(urls, out, figures_file, options),
-            capture_output=True,
-            text=True,
-            timeout=RUN_TIMEOUT,
-        )
+        proc = run_group(flow_command(urls, out, figures_file, options), RUN_TIMEOUT)
         stop.set()
     cpu = children_cpu() - cpu0
     try:

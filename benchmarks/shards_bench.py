@@ -20,7 +20,6 @@ import argparse
 import json
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -33,6 +32,7 @@ from flow_figures import (
     flow_command,
     manifest_count,
     read_figures,
+    run_group,
 )
 
 from imgtasks.demo import server_process
@@ -65,9 +65,7 @@ def run_once(
     out, figures_file = work / f"{fmt}-out", work / f"{fmt}.json"
     options = ["--output-format", fmt, "--shard-size", str(args.shard_size), *args.options.split()]
     cpu0 = children_cpu()
-    proc = subprocess.run(
-        flow_command(urls, out, figures_file, options), capture_output=True, text=True, timeout=900
-    )
+    proc = run_group(flow_command(urls, out, figures_file, options), 900)
     cpu = children_cpu() - cpu0
     try:
         figures = read_figures(figures_file)

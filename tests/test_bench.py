@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -301,3 +302,26 @@ def test_checkout_ab_refuses_a_directory_that_is_no_checkout(tmp_path: Path) -> 
     proc = run_benchmark("checkout_ab.py", ["--a", str(tmp_path)], tmp_path, timeout=60)
     assert proc.returncode == 2
     assert f"not a checkout of imgtasks (no flows/run.py): {tmp_path}" in proc.stderr
+
+
+def test_a_timed_out_run_takes_its_whole_process_group_with_it(tmp_path: Path) -> None:
+    """What the flow started (its fork server, its workers) goes with it on a time-out."""
+    from flow_figures import output_text, run_group
+
+    pid_file = tmp_path / "child.pid"
+    code = (
+        "import subprocess, sys, time; "
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+        f"open({str(pid_file)!r}, 'w').write(str(child.pid)); print('started', flush=True); "
+        "time.sleep(60)"
+    )
+    with pytest.raises(subprocess.TimeoutExpired) as caught:
+        run_group([sys.executable, "-c", code], timeout=5)
+    assert "started" in output_text(caught.value.stdout)
+    child = int(pid_file.read_text())
+    deadline = time.monotonic() + 10
+    while psutil.pid_exists(child) and psutil.Process(child).status() != psutil.STATUS_ZOMBIE:
+        assert time.monotonic() < deadline, "the command's child outlived the time-out"
+        time.sleep(0.05)
+    done = run_group([sys.executable, "-c", "print('out'); import sys; sys.exit(3)"], timeout=30)
+    assert (done.returncode, done.stdout) == (3, "out\n")
