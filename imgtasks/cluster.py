@@ -560,6 +560,9 @@ class DashboardStarting(tornado.web.RequestHandler):
             "</head><body>The dashboard is starting; this page reloads itself.</body></html>"
         )
 
+    def head(self, *args: Any) -> None:  # a probe gets what GET gets, without the body
+        self.get(*args)
+
 
 def late_dashboard(scheduler: Any) -> LateDashboard | None:
     """The dashboard being attached to a scheduler of ours; None for any other."""

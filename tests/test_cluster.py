@@ -388,6 +388,9 @@ def test_the_dashboard_is_imported_when_first_asked_for(monkeypatch: pytest.Monk
         ran = threading.Event()
         late.then(ran.set)
         assert not late.started and not ran.is_set()
+        probe = requests.head(link, timeout=10)
+        assert (probe.status_code, probe.headers["Retry-After"], probe.content) == (503, "1", b"")
+        assert late.started
         starting = requests.get(link, timeout=10)
         assert starting.status_code == 503 and "starting" in starting.text
         assert 'http-equiv="refresh"' in starting.text
