@@ -269,10 +269,10 @@ def test_checkout_ab_counts_a_run_that_times_out_as_invalid(
 ) -> None:
     """A run still going at its time-out is an INVALID row saying so, not a traceback."""
 
-    def too_slow(cmd: list[str], **kwargs: Any) -> None:
-        raise subprocess.TimeoutExpired(cmd, kwargs["timeout"], stderr=b"run.py: last words\n")
+    def too_slow(cmd: list[str], timeout: float, *args: Any, **kwargs: Any) -> None:
+        raise subprocess.TimeoutExpired(cmd, timeout, stderr=b"run.py: last words\n")
 
-    monkeypatch.setattr(checkout_ab.subprocess, "run", too_slow)
+    monkeypatch.setattr(checkout_ab, "run_group", too_slow)
     side = checkout_ab.Side("A", ROOT, ())
     run = checkout_ab.run_once(side, tmp_path / "urls.txt", tmp_path, 10)
     assert run.problem == "timed out: after 610 s; run.py: last words", run
