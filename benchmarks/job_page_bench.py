@@ -109,7 +109,6 @@ def viewer(url: str, stop: threading.Event) -> Iterator[list[float]]:
 
 
 def one_run(urls: Path, work: Path, page: bool, args: argparse.Namespace, i: int) -> Run:
-
     tag = f"{'on' if page else 'off'}-{i}"
     out, figures_file, port = work / tag, work / f"{tag}.json", free_port()
     options = ["--cpu-workers", str(args.cpu_workers), "--dashboard-address", f"127.0.0.1:{port}"]
