@@ -3,6 +3,10 @@ from __future__ import annotations
 import gzip
 import itertools
 import json
+import logging
+import os
+import random
+import tempfile
 import tracemalloc
 from pathlib import Path
 
@@ -162,7 +166,7 @@ def test_seen_set_grows_slice_by_slice_and_loses_nothing(monkeypatch: pytest.Mon
 def test_seen_set_growth_never_holds_a_second_copy_of_its_tables() -> None:
     """Growing doubles one shard at a time: at no moment does the set hold much more than
     its tables (one table for all grew into a copy of it: 1.5x at each doubling)."""
-    seen = SeenSet(capacity=16)
+    seen = SeenSet(capacity=16, memory_keys=1 << 30)  # never spills: growth alone
     tracemalloc.start()
     for i in range(100_000):
         seen.add(f"http://h/{i}")
@@ -170,6 +174,87 @@ def test_seen_set_growth_never_holds_a_second_copy_of_its_tables() -> None:
     tracemalloc.stop()
     assert current >= seen.nbytes()  # numpy's buffers are traced: the check measures them
     assert peak < 1.15 * seen.nbytes(), (peak, seen.nbytes())
+
+
+def test_seen_set_spills_old_urls_to_disk_and_stays_exact() -> None:
+    """Past ``memory_keys`` the hashes move to the temporary file: a repeat is found
+    whether its first sighting is in memory or spilled, and a new URL is never taken for
+    a repeat (checked against a plain set, repeats at every distance)."""
+    rng = random.Random(7)
+    seen, reference = SeenSet(capacity=16, memory_keys=500), set()
+    for _ in range(20_000):
+        url = f"http://h/{rng.randrange(12_000)}"
+        assert seen.add(url) == (url not in reference), url
+        reference.add(url)
+    assert len(seen) == len(reference) > 5 * 500
+    assert all(u in seen for u in reference) and "http://h/-1" not in seen
+    seen.close()
+
+
+def test_seen_set_memory_stays_the_same_from_20k_to_200k_urls() -> None:
+    """What the set holds in memory stops growing once it spills (every hash stayed in
+    memory before: 16 bytes per URL)."""
+    seen = SeenSet(capacity=16, memory_keys=4096)
+    tracemalloc.start()
+    for i in range(20_000):
+        seen.add(f"http://h/{i}")
+    at_20k, held_20k = tracemalloc.get_traced_memory()[0], seen.nbytes()
+    for i in range(20_000, 200_000):
+        seen.add(f"http://h/{i}")
+    at_200k, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert len(seen) == 200_000
+    # the tables' fill varies between spills, by less than what 4096 URLs took
+    assert seen.nbytes() < held_20k + 4096 * 16, (held_20k, seen.nbytes())
+    assert at_200k < at_20k + 200_000, (at_20k, at_200k)  # 16 bytes per URL: +2.9 MB
+    assert peak < at_20k + 1_000_000, (at_20k, peak)
+    seen.close()
+
+
+def test_seen_set_file_is_in_the_temp_dir_and_removed_at_once(tmp_path: Path) -> None:
+    """The spilled hashes' file is made in the temporary directory and unlinked there at
+    once: nothing is left behind, even by a killed run."""
+    spills = tmp_path / "tmp"
+    spills.mkdir()
+    old, tempfile.tempdir = tempfile.tempdir, str(spills)
+    try:
+        seen = SeenSet(capacity=16, memory_keys=100)
+        assert all(seen.add(f"http://h/{i}") for i in range(1000))
+    finally:
+        tempfile.tempdir = old
+    fds = Path("/proc/self/fd")
+    if fds.is_dir():  # Linux: the open file is there, deleted
+        targets = [os.readlink(fd) for fd in fds.iterdir() if fd.is_symlink()]
+        assert any(t.startswith(str(spills)) and t.endswith("(deleted)") for t in targets)
+    assert list(spills.iterdir()) == []
+    assert not any(seen.add(f"http://h/{i}") for i in range(1000))
+    seen.close()
+    assert list(spills.iterdir()) == []
+
+
+def test_seen_set_keeps_urls_in_memory_when_the_temp_dir_cannot_take_them(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No usable temporary directory: one warning saying what to do, and still exact."""
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    old, tempfile.tempdir = tempfile.tempdir, str(not_a_dir)
+    try:
+        seen = SeenSet(capacity=16, memory_keys=100)
+        with caplog.at_level(logging.WARNING, logger="imgtasks.sources"):
+            assert all(seen.add(f"http://h/{i}") for i in range(1000))
+    finally:
+        tempfile.tempdir = old
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "set TMPDIR" in warnings[0], warnings
+    assert not any(seen.add(f"http://h/{i}") for i in range(1000)) and len(seen) == 1000
+
+
+def test_classify_finds_repeats_across_spills(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(SeenSet, "MEMORY_KEYS", 64)
+    urls = [f"http://127.0.0.1:9/img/{i % 700}.jpg" for i in range(2000)]
+    entries = list(classify(urls))
+    assert [e.status for e in entries] == [PENDING] * 700 + [DUPLICATE] * 1300
 
 
 def test_big_list_is_streamed_not_loaded(tmp_path: Path) -> None:
