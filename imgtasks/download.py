@@ -1115,6 +1115,10 @@ def _host_key_or_none(url: str) -> tuple[str, str, int | None] | None:
 # after a 1 s host's first request; now within its first round trip). At most 512
 # requests of one process at once: beyond, URLs wait their turn in the pool's queue.
 _POOL_THREADS = 512
+# Each thread exits after this many fetches, a fresh one taking its place (its glibc caches
+# go back with it: keyedpool.RenewedThreads). Starting and ending a thread costs ~0.17 ms
+# of CPU (measured, loaded machine): 0.3 us per fetch, against ~1-2 ms per fetch.
+_THREAD_FETCHES = 500
 _pool: tuple[int, KeyedPool] | None = None
 _pool_lock = threading.Lock()
 
@@ -1123,7 +1127,10 @@ def _download_pool() -> KeyedPool:
     global _pool
     with _pool_lock:
         if _pool is None or _pool[0] != os.getpid():  # none yet, or inherited through fork
-            _pool = (os.getpid(), KeyedPool(_POOL_THREADS, "imgtasks-dl"))
+            _pool = (
+                os.getpid(),
+                KeyedPool(_POOL_THREADS, "imgtasks-dl", retire_after=_THREAD_FETCHES),
+            )
         return _pool[1]
 
 

@@ -53,6 +53,7 @@ from imgtasks.partitions import (
 from imgtasks.runlog import BatchLog
 from imgtasks.sources import UrlBatch
 from imgtasks.status import NOT_FETCHED, Status
+from imgtasks.taskthreads import renewing
 from imgtasks.window import BatchSizing, Finished, Window
 
 log = logging.getLogger(__name__)
@@ -86,9 +87,9 @@ class Wiring:
             return self.part_graph(batch)
         batch, previous = resume_batch(batch, self.done)
         with _annotate(self.route, clusters.IO_RESOURCE):
-            downloaded = dask.delayed(packed(download_batch, batch, self.download), pure=False)(
-                dask_key_name=f"download-{self.token}-{batch.batch_id}"
-            )
+            downloaded = dask.delayed(
+                packed(renewing, download_batch, batch, self.download), pure=False
+            )(dask_key_name=f"download-{self.token}-{batch.batch_id}")
         with _annotate(self.route, clusters.CPU_RESOURCE):
             thumbnail = packed(thumbnail_batch, job=self.job, previous=previous or None)
             return dask.delayed(thumbnail, pure=False)(
@@ -98,7 +99,8 @@ class Wiring:
     def part_graph(self, batch: PartBatch) -> Delayed:
         """A batch read by the workers: its download node takes it from its partition."""
         with _annotate(self.route, clusters.IO_RESOURCE):
-            downloaded = dask.delayed(download_part_batch, pure=False)(
+            downloaded = dask.delayed(renewing, pure=False)(
+                download_part_batch,
                 batch.part,
                 batch.place,
                 self.download,
@@ -113,9 +115,9 @@ class Wiring:
         """Shard mode: a download node feeding a thumbnail node that holds its thumbnails
         for the shard writer, and the small report the client reads from it."""
         with _annotate(self.route, clusters.IO_RESOURCE):
-            downloaded = dask.delayed(packed(download_batch, batch, self.download), pure=False)(
-                dask_key_name=f"download-{self.token}-{batch.batch_id}"
-            )
+            downloaded = dask.delayed(
+                packed(renewing, download_batch, batch, self.download), pure=False
+            )(dask_key_name=f"download-{self.token}-{batch.batch_id}")
         with _annotate(self.route, clusters.CPU_RESOURCE):
             piece = dask.delayed(packed(thumbnail_piece, job=self.job), pure=False)(
                 downloaded, dask_key_name=f"thumbnail-{self.token}-{batch.batch_id}"

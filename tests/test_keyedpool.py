@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from imgtasks.keyedpool import KeyedPool
+from imgtasks.keyedpool import KeyedPool, RenewedThreads
 
 TIMEOUT = 10.0
 
@@ -17,7 +17,7 @@ TIMEOUT = 10.0
 def pool() -> Iterator[KeyedPool]:
     pool = KeyedPool(16, "test-keyed")
     yield pool
-    pool._pool.shutdown(wait=True, cancel_futures=True)
+    pool._pool.shutdown(wait=True)
 
 
 class Gate:
@@ -131,3 +131,51 @@ def test_an_exception_reaches_the_future_and_frees_the_slot(pool: KeyedPool) -> 
     with pytest.raises(RuntimeError, match="boom"):
         failed.future.result(TIMEOUT)
     assert fine.future.result(TIMEOUT) == "fine"
+
+
+def test_threads_are_renewed_after_retire_after_calls() -> None:
+    """Each thread runs at most ``retire_after`` calls, then a fresh one takes over: every
+    call still runs, in at most ``threads`` threads at once."""
+    pool = KeyedPool(4, "test-renewed", retire_after=3)
+    gate = Gate()
+    entries = [
+        pool.submit(i % 5, lambda: 2, gate.call(str(i)), expired=never_expired, timeout=TIMEOUT)
+        for i in range(30)
+    ]
+    names: list[str] = []
+
+    def named(waited: float) -> str:
+        return threading.current_thread().name
+
+    assert pool.thread_count() == 4  # all busy behind the gate, the rest queued
+    gate.open.set()
+    assert sorted(e.future.result(TIMEOUT)[0] for e in entries) == sorted(map(str, range(30)))
+    for _ in range(12):
+        names.append(
+            pool.submit(
+                "n", lambda: 1, named, expired=never_expired, timeout=TIMEOUT
+            ).future.result(TIMEOUT)
+        )
+    assert max(names.count(n) for n in names) <= 3, names
+    assert len(set(names)) >= 4, names
+    assert pool.thread_count() <= 4
+    pool._pool.shutdown(wait=True)
+    assert pool.thread_count() == 0
+
+
+def test_a_call_that_raises_is_logged_and_its_thread_goes_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    threads = RenewedThreads(1, "test-raise")
+    done = threading.Event()
+
+    def broken() -> None:
+        raise RuntimeError("a bug")
+
+    with caplog.at_level("ERROR", logger="imgtasks.keyedpool"):
+        threads.submit(broken)
+        threads.submit(done.set)
+        assert done.wait(TIMEOUT)
+    assert threads.thread_count() == 1
+    assert any("raised" in r.getMessage() and r.exc_info for r in caplog.records)
+    threads.shutdown()
