@@ -12,7 +12,7 @@ other columns through to the outputs (:class:`Carried`): a caption, columns kept
 are, and a sha256 of the expected bytes.
 
 Nothing here holds the whole list: every reader is a generator, and de-duplication keeps
-an 8-byte hash per URL, the latest 65,536 in memory and the older ones in a temporary
+an 8-byte hash per URL, the latest 32,768 in memory and the older ones in a temporary
 SQLite file (:class:`SeenSet`): its memory stays the same from 10k to billions of URLs.
 A malformed entry never raises: it becomes an ``invalid_url`` entry; a repeat of an
 earlier URL becomes a ``duplicate`` entry pointing at the same output.
@@ -410,7 +410,7 @@ class SpilledKeys:
     sorted keys costs ~2 us each.
     """
 
-    FILTER_BITS = 1 << 24  # 2 MiB: 1 in 200 new keys asks SQLite at 1M keys, 1 in 5 at 10M
+    FILTER_BITS = 1 << 24  # 2 MiB: 1 in 220 new keys asks SQLite at 1M keys, 3 in 5 at 10M
     CACHE_KIB = 1024
     INSERT_SLICE = 4096  # keys made Python ints at a time
 
