@@ -87,21 +87,19 @@ class RenewedThreads:
         )
         self._lock = threading.Lock()
         self._idle = 0  # threads waiting for a call, less calls queued (< 0: calls wait)
-        self._threads = 0
-        self._running: set[threading.Thread] = set()
+        self._running: set[threading.Thread] = set()  # started, not yet ending
         self._names = itertools.count()
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> None:
         with self._lock:
             self._calls.put((fn, args))
-            if self._idle > 0 or self._threads >= self._max:
+            if self._idle > 0 or len(self._running) >= self._max:
                 self._idle -= 1  # an idle thread takes it, or it waits for one
             else:
-                self._threads += 1
                 self._start_thread()
 
     def thread_count(self) -> int:
-        return self._threads
+        return len(self._running)
 
     def shutdown(self, wait: bool = True) -> None:
         """End every thread once the calls queued before have run."""
@@ -124,7 +122,6 @@ class RenewedThreads:
             item = self._calls.get()
             if item is None:  # shutdown
                 with self._lock:
-                    self._threads -= 1
                     self._running.discard(threading.current_thread())
                 return
             fn, args = item
@@ -142,8 +139,6 @@ class RenewedThreads:
                 if self._idle < 0:  # calls are waiting: a fresh thread takes this one's place
                     self._idle += 1
                     self._start_thread()
-                else:
-                    self._threads -= 1
                 return
 
 

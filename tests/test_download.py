@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import hashlib
-import os
 import socket
 import ssl
 import threading
@@ -31,7 +30,6 @@ from imgtasks.download import (
     host_concurrency,
     validate_url,
 )
-from imgtasks.keyedpool import KeyedPool
 
 # Fast settings: tiny backoff and Retry-After cap keep the module well under a minute.
 FAST = DownloadSettings(
@@ -637,8 +635,7 @@ def test_fetch_many_caps_each_call_at_parallel_and_reuses_its_threads(
 ) -> None:
     # a fresh pool: the process's own has run earlier tests' fetches, and a thread that
     # reaches its 500th here is renewed (keyedpool.RenewedThreads)
-    fresh = KeyedPool(download._POOL_THREADS, "imgtasks-dl", retire_after=download._THREAD_FETCHES)
-    monkeypatch.setattr(download, "_pool", (os.getpid(), fresh))
+    monkeypatch.setattr(download, "_pool", None)
     local.reset_concurrency()
     urls = [f"{local.base_url}/slow/{i}.jpg?s=0.2" for i in range(9)]
     results = fetch_many(urls, fast(parallel=3, per_host=16))
