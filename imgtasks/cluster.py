@@ -652,7 +652,10 @@ def local_cluster(settings: ClusterSettings | None = None) -> SpecCluster:
     settings = settings or ClusterSettings()
     if not settings.is_local:
         raise ValueError(f"{settings.kind!r} is not a local cluster kind: {LOCAL_KINDS}")
-    return start_local_cluster(settings)
+    # RUN_CONFIG for the scheduler's streams and the workers, which all start in here: the
+    # scheduler's stream to a worker kept its last 1000 task messages (every batch's URLs)
+    with run_config():
+        return start_local_cluster(settings)
 
 
 def connect(settings: ClusterSettings) -> tuple[Client, SpecCluster | None]:

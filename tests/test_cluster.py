@@ -19,7 +19,7 @@ from conftest import client_refused, tls_handshake_error
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from distributed import Nanny
+from distributed import Client, Nanny
 
 import imgtasks
 from imgtasks import workerstart
@@ -267,10 +267,22 @@ def _worker_name() -> str:
     return str(get_worker().name)
 
 
+def _message_log_lengths(client: Client) -> tuple[set[int], set[int]]:
+    """How many messages the workers' streams and the scheduler's streams to the workers
+    keep (Dask's debug log of recent messages; each to a worker holds its batch's URLs)."""
+    workers = client.run(lambda dask_worker: dask_worker.batched_stream.recent_message_log.maxlen)
+    scheduler = client.run_on_scheduler(
+        lambda dask_scheduler: [
+            stream.recent_message_log.maxlen for stream in dask_scheduler.stream_comms.values()
+        ]
+    )
+    assert workers and scheduler
+    return set(workers.values()), set(scheduler)
+
+
 @pytest.mark.timeout(120)
 def test_run_config_keeps_no_message_log_anywhere() -> None:
-    """Within ``run_config`` (a run on a client of ours) no connection keeps Dask's debug
-    log of recent messages: each message to a worker holds its batch's URLs."""
+    """Within ``run_config`` (a run on a client of ours) no connection keeps a log."""
     from imgtasks.cluster import run_config
 
     settings = ClusterSettings(
@@ -282,21 +294,28 @@ def test_run_config_keeps_no_message_log_anywhere() -> None:
             assert joining is not None
             joining.joined.result(timeout=60)
             client.wait_for_workers(2, timeout=60)
-            workers = client.run(
-                lambda dask_worker: dask_worker.batched_stream.recent_message_log.maxlen
-            )
-            scheduler = client.run_on_scheduler(
-                lambda dask_scheduler: [
-                    stream.recent_message_log.maxlen
-                    for stream in dask_scheduler.stream_comms.values()
-                ]
-            )
-            assert set(workers.values()) == {0} and scheduler and set(scheduler) == {0}
+            assert _message_log_lengths(client) == ({0}, {0})
             assert client.scheduler_comm.recent_message_log.maxlen == 0
         finally:
             client.close()
             if cluster is not None:
                 cluster.close()
+
+
+@pytest.mark.timeout(120)
+def test_a_cluster_for_your_own_client_keeps_no_message_log() -> None:
+    """``Client(imgtasks.local_cluster())``, outside any config block of ours: the
+    scheduler and the workers still keep none (they logged 1000 messages each before)."""
+    settings = ClusterSettings(
+        kind="hybrid", io_threads=2, cpu_workers=1, dashboard_address="127.0.0.1:0"
+    )
+    users = dask.config.get("distributed.admin.low-level-log-length")
+    assert users > 0
+    with imgtasks.local_cluster(settings) as cluster, Client(cluster) as client:
+        client.wait_for_workers(2, timeout=60)
+        assert _message_log_lengths(client) == ({0}, {0})
+        assert client.scheduler_comm.recent_message_log.maxlen == users  # the user's own
+    assert dask.config.get("distributed.admin.low-level-log-length") == users
 
 
 def _how_started() -> tuple[int, str | None, bool]:
