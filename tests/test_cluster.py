@@ -305,7 +305,7 @@ def test_run_config_keeps_no_message_log_anywhere() -> None:
 @pytest.mark.timeout(120)
 def test_a_cluster_for_your_own_client_keeps_no_message_log() -> None:
     """``Client(imgtasks.local_cluster())``, outside any config block of ours: the
-    scheduler and the workers still keep none (they logged 1000 messages each before)."""
+    scheduler and the workers still keep none (each stream kept its last 1000 before)."""
     settings = ClusterSettings(
         kind="hybrid", io_threads=2, cpu_workers=1, dashboard_address="127.0.0.1:0"
     )
