@@ -14,8 +14,6 @@ cluster layer), three processes on two cores, before the first request went out.
 
 if __name__ == "__main__":
     import gc
-    import logging
-    import os
     import sys
 
     # No garbage collection while the modules import: their objects live as long as the
@@ -36,11 +34,4 @@ if __name__ == "__main__":
     # took 0.39 s, the GIL held (the scheduler's loop waits) (benchmarks/README.md).
     gc.freeze()
     gc.enable()
-    code = entry()
-    # Everything is written, closed and flushed: leave without the interpreter's teardown,
-    # where Arrow's thread pool can abort the process ("terminate called without an active
-    # exception", exit -6; apache/arrow#34314) after every row was written.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    logging.shutdown()
-    os._exit(code)
+    entry()  # leaves the process with the run's exit code
