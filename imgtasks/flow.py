@@ -29,6 +29,7 @@ from distributed.protocol.pickle import dumps
 
 from imgtasks import cluster as clusters
 from imgtasks.download import DownloadSettings
+from imgtasks.keycache import KeyCacheClearing
 from imgtasks.manifest import Record, Rollup, compact_parts
 from imgtasks.nodes import (
     BatchReport,
@@ -311,6 +312,7 @@ def stream_batches(
     in_flight: dict[str, tuple[Future, UrlBatch, float]] = {}
     writers = _Writers(client, wiring, futures) if wiring.job.shards else None
     rollup = None if wiring.job.shards else _Compaction(client, wiring)
+    key_cache = KeyCacheClearing(client)
 
     def submit(n: int) -> None:
         taken = _take(pending, n)
@@ -352,6 +354,7 @@ def stream_batches(
                     if sizing is not None:
                         sizing.observe(seen)
                 future.release()
+                key_cache.batch_done()
                 if rollup is not None:
                     rollup.batch_done(batch.batch_id, report)
             submit(max(0, sizer.target() - len(in_flight)))

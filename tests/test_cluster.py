@@ -318,6 +318,44 @@ def test_a_cluster_for_your_own_client_keeps_no_message_log() -> None:
     assert dask.config.get("distributed.admin.low-level-log-length") == users
 
 
+def _key_cache_size() -> int:
+    from dask.utils import key_split
+
+    return key_split.cache_info().currsize
+
+
+@pytest.mark.timeout(180)
+def test_dask_keeps_only_recent_task_keys_over_a_run_of_many_batches(
+    tmp_path: Path, demo_server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Dask's ``key_split`` cache keeps every task key it is sent, up to 100,000; ours are
+    unique per batch, so it grew with the URL list in the scheduler (in the client's
+    process here) and in each worker. 400 batches make ~800 keys; cleared every 25
+    batches, each process holds only the keys since the last clear and those in flight."""
+    from imgtasks import keycache
+
+    monkeypatch.setattr(keycache, "CLEAR_EVERY", 25)
+    settings = ClusterSettings(
+        kind="hybrid", io_threads=2, cpu_workers=1, dashboard_address="127.0.0.1:0"
+    )
+    with imgtasks.local_cluster(settings) as cluster, Client(cluster) as client:
+        client.wait_for_workers(2, timeout=60)
+        result = imgtasks.thumbnails(
+            demo_server.urls(400, kind="tiny"),
+            tmp_path / "out",
+            client=client,
+            batch_size=1,
+            window=8,
+            progress=False,
+            job_page=False,
+        )
+        assert result.batches == 400 and result.counts == {"ok": 400}
+        workers = client.run(_key_cache_size)
+        scheduler = client.run_on_scheduler(_key_cache_size)
+    assert len(workers) == 2
+    assert scheduler < 200 and max(workers.values()) < 200, (scheduler, workers)
+
+
 def _how_started() -> tuple[int, str | None, bool]:
     """A worker's parent process, hash seed, and whether our stages were there at start,
     frozen out of its garbage collections by the fork server (imgtasks.forkserverpreload),
