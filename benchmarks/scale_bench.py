@@ -22,6 +22,10 @@ Reported per run:
   after the cluster was up;
 - peak RSS of the client process and of each worker: the kernel's high-water mark
   (``VmHWM``) where there is one, so a peak between two samples still counts;
+- RSS through the largest run: each process's level at every tenth of the run, and how
+  much it grew after the first fifth (warm-up), in MiB and bytes per URL. A peak is one
+  moment; a level that keeps rising is what grows with the list. ``--trace CSV`` writes
+  every process's RSS every 5 s of every run;
 - sched share: CPU seconds of the client process / its wall time. In hybrid mode the
   scheduler (SpecCluster) runs inside the client process, so this is an upper bound of the
   scheduler's share: it also holds the client's own work (reading and de-duplicating the
@@ -61,6 +65,8 @@ from imgtasks.demo import server_process
 ROOT = Path(__file__).resolve().parents[1]
 MIB = 2**20
 RSS_GOAL = 0.20
+LEVEL_EVERY = 5.0  # seconds between two RSS levels kept per process (the trace)
+WARM_UP = 0.2  # the first fifth of a run: workers and caches fill to their working size
 
 
 def free_port() -> int:
@@ -80,11 +86,17 @@ def write_url_list(base: str, count: int, kind: str, path: Path) -> None:
 
 @dataclass
 class Sample:
-    """Peaks of one process over its life."""
+    """Peaks of one process over its life, and its RSS every LEVEL_EVERY seconds."""
 
     peak_rss: int = 0
     threads: int = 0
     cpu_s: float = 0.0
+    levels: list[tuple[float, int]] = field(default_factory=list)  # (seconds in, RSS)
+
+    def level_at(self, t: float) -> int:
+        """The RSS kept last at or before ``t`` seconds into the run (0: none yet)."""
+        before = [rss for when, rss in self.levels if when <= t]
+        return before[-1] if before else 0
 
 
 @dataclass
@@ -147,7 +159,7 @@ def high_water_rss(pid: int) -> int:
     return 0
 
 
-def sample(proc: psutil.Process, into: dict[int, Sample]) -> None:
+def sample(proc: psutil.Process, into: dict[int, Sample], seconds_in: float = 0.0) -> None:
     for p in [proc, *proc.children(recursive=True)]:
         try:
             with p.oneshot():
@@ -158,6 +170,8 @@ def sample(proc: psutil.Process, into: dict[int, Sample]) -> None:
         s.peak_rss = max(s.peak_rss, rss, high_water_rss(p.pid))
         s.threads = max(s.threads, threads)
         s.cpu_s = max(s.cpu_s, cpu.user + cpu.system)
+        if not s.levels or seconds_in - s.levels[-1][0] >= LEVEL_EVERY:
+            s.levels.append((seconds_in, rss))
 
 
 def run_flow(
@@ -182,7 +196,7 @@ def run_flow(
         flow = psutil.Process(proc.pid)
         while proc.poll() is None:
             with contextlib.suppress(psutil.Error):
-                sample(flow, samples)
+                sample(flow, samples, time.perf_counter() - started)
             time.sleep(interval)
         wall = time.perf_counter() - started
         stderr = (work / "stderr.txt").read_text(encoding="utf-8", errors="replace")
@@ -305,13 +319,60 @@ def print_scale(results: Sequence[Result]) -> None:
     )
 
 
+TENTHS = [i / 10 for i in range(1, 11)]
+SETTLED = 0.9  # the growth is read up to here: the run's end adds its contact sheet
+SETTLED_RUN_S = 300  # in a shorter run the first fifth is still start-up: no growth read
+
+
+def processes(result: Result) -> list[tuple[str, Sample]]:
+    named = [("client", result.client), ("io worker", result.io_worker)]
+    return named + [(f"cpu worker {i}", w) for i, w in enumerate(result.cpu_workers)]
+
+
+def print_levels(result: Result) -> None:
+    """Each process's RSS at every tenth of the run, and how much it grew between the end
+    of warm-up and the last tenth, per URL handled meanwhile."""
+    span = SETTLED - WARM_UP
+    print(
+        f"\nRSS through the {result.count}-URL run, MiB, at each tenth of its "
+        f"{result.wall:.0f} s; growth from {WARM_UP:.0%} to {SETTLED:.0%} of the run"
+    )
+    print(f"  {'':<14}" + "".join(f"{t:>7.0%}" for t in TENTHS) + f"{'growth':>11}")
+    for name, s in processes(result):
+        levels = [s.level_at(t * result.wall) for t in TENTHS]
+        grew = s.level_at(SETTLED * result.wall) - s.level_at(WARM_UP * result.wall)
+        per_url = grew / max(span * result.count, 1)
+        growth = f"{grew / MIB:>+7.1f} MiB ({per_url:+.1f} B/URL)"
+        if result.wall < SETTLED_RUN_S:
+            growth = f"{'-':>7}"
+        print(f"  {name:<14}" + "".join(f"{v / MIB:>7.1f}" for v in levels) + growth)
+    if result.wall < SETTLED_RUN_S:
+        print(f"  (no growth read: a run under {SETTLED_RUN_S} s is still starting at 20 %)")
+
+
+def write_trace(results: Sequence[Result], path: Path) -> None:
+    """Every process's RSS every LEVEL_EVERY seconds of every valid run, as CSV."""
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("urls,process,seconds,rss_mib\n")
+        for r in (r for r in results if r.valid):
+            for name, s in processes(r):
+                for seconds, rss in s.levels:
+                    f.write(f"{r.count},{name},{seconds:.1f},{rss / MIB:.1f}\n")
+
+
 def progress_line(what: str, result: Result) -> str:
     verdict = "" if result.valid else f", INVALID: {result.problem}"
     return f"[{what}: {result.wall:.1f} s{verdict}]"
 
 
-def scale(counts: Sequence[int], batch_size: int | str, interval: float, workdir: Path) -> bool:
-    """Print the scale table; False if a run was INVALID."""
+def scale(
+    counts: Sequence[int],
+    batch_size: int | str,
+    interval: float,
+    workdir: Path,
+    trace: Path | None = None,
+) -> bool:
+    """Print the scale table and the largest run's RSS levels; False if a run was INVALID."""
     results = []
     with server_process(0.0, 0.0) as (base, pid):
         server = psutil.Process(pid)
@@ -323,7 +384,13 @@ def scale(counts: Sequence[int], batch_size: int | str, interval: float, workdir
             print(progress_line(f"{count} tiny URLs, batch {batch_size}", result), flush=True)
     print(f"\nscale: tiny images, no latency, --scheduler hybrid, --batch-size {batch_size}")
     print_scale(results)
-    return all(r.valid for r in results)
+    valid = [r for r in results if r.valid]
+    if valid:
+        print_levels(valid[-1])
+    if trace is not None:
+        write_trace(results, trace)
+        print(f"trace: {trace}")
+    return len(valid) == len(results)
 
 
 def batch_sizes(sizes: Sequence[int], interval: float, workdir: Path, tiny_count: int) -> bool:
@@ -389,6 +456,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--tiny-count", type=int, default=10_000, help="tiny URLs in --batch-sizes mode"
     )
     parser.add_argument("--interval", type=float, default=0.2, help="psutil sampling, seconds")
+    parser.add_argument(
+        "--trace",
+        type=Path,
+        metavar="CSV",
+        help=f"write every process's RSS every {LEVEL_EVERY:.0f} s of every run (--counts mode)",
+    )
     args = parser.parse_args(argv)
     print(
         f"python {sys.version.split()[0]}, {os.cpu_count()} cores, "
@@ -399,7 +472,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.batch_sizes:
             valid = batch_sizes(args.batch_sizes, args.interval, Path(tmp), args.tiny_count)
         else:
-            valid = scale(sorted(args.counts), args.batch_size, args.interval, Path(tmp))
+            valid = scale(
+                sorted(args.counts), args.batch_size, args.interval, Path(tmp), args.trace
+            )
     return 0 if valid else 1
 
 

@@ -4,6 +4,7 @@ crash), and a small real run on the demo server produces every row it asks for."
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -151,6 +152,34 @@ def test_scale_bench_marks_a_failed_run_invalid_instead_of_crashing(tmp_path: Pa
     result = scale_bench.run_flow(tmp_path / "missing.txt", 10, 16, 0.2, me)
     assert not result.valid
     assert result.problem.startswith("exit 2: no result JSON; run.py: error: --urls")
+
+
+def test_scale_bench_reads_each_process_growth_after_warm_up(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A client rising 0.01 MiB a second and a flat I/O worker, sampled every 50 s of a
+    1,000 s run of 7,000 URLs: the client grew 7 MiB from 200 s to 900 s, over 4,900 URLs.
+    In a 100 s run, no growth is read: its first fifth is still start-up."""
+    mib = scale_bench.MIB
+    ticks = range(0, 1000, 50)
+    client = scale_bench.Sample(levels=[(t, int((100 + t / 100) * mib)) for t in ticks])
+    io = scale_bench.Sample(levels=[(t, 50 * mib) for t in ticks])
+    run = scale_bench.Result(
+        count=7000, batch_size=16, wall=1000.0, flow_wall=999.0, startup=1.0, batches=438,
+        rows=7000, ok=7000, client=client, workers=[io],
+    )  # fmt: skip
+    scale_bench.print_levels(run)
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line}
+    assert lines["client"].endswith("+7.0 MiB (+1498.0 B/URL)")
+    assert lines["client"].split()[1:3] == ["101.0", "102.0"]  # at 10 % and 20 % of the run
+    assert lines["io"].endswith("+0.0 MiB (+0.0 B/URL)")
+    scale_bench.write_trace([run], tmp_path / "trace.csv")
+    rows = (tmp_path / "trace.csv").read_text().splitlines()
+    assert rows[0] == "urls,process,seconds,rss_mib" and len(rows) == 1 + 2 * len(ticks)
+    assert rows[1:3] == ["7000,client,0.0,100.0", "7000,client,50.0,100.5"]
+    scale_bench.print_levels(dataclasses.replace(run, wall=100.0))
+    short = [line for line in capsys.readouterr().out.splitlines() if line]
+    assert short[-3].split()[-1] == "-" and "no growth read" in short[-1]
 
 
 REAL_RUN_ROWS = (
