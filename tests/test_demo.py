@@ -26,6 +26,7 @@ from conftest import non_loopback_address
 from PIL import Image, ImageOps
 
 from imgtasks.demo import FAULT_NAMES, DemoServer, Faults, ServerSettings, corpus
+from imgtasks.demo import base as demo_base
 from imgtasks.demo.cli import main
 from imgtasks.demo.corpus import CorpusItem, load_corpus
 
@@ -607,6 +608,19 @@ def test_stats_and_request_counts(photos: tuple[CorpusItem, ...], http: requests
         assert stats["requests"]["/img/2.jpg"] == 3
         srv.reset_counts()
         assert srv.request_counts() == {}
+
+
+def test_request_counts_keep_the_latest_paths_only(
+    http: requests.Session, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server that served a million URLs held a count for each (140 MiB): counts are
+    kept for the latest COUNTED_PATHS distinct paths; a path asked again is the latest."""
+    monkeypatch.setattr(demo_base, "COUNTED_PATHS", 3)
+    with DemoServer(ServerSettings(latency=0.0, jitter=0.0)) as srv:
+        for path in ("/tiny/1.jpg", "/tiny/2.jpg", "/tiny/1.jpg", "/tiny/3.jpg", "/tiny/4.jpg"):
+            _get(http, f"{srv.base_url}{path}")
+        assert srv.request_counts() == {"/tiny/1.jpg": 2, "/tiny/3.jpg": 1, "/tiny/4.jpg": 1}
+        assert len(srv.request_log("/tiny/")) == 5  # the request log has its own bound
 
 
 def test_faults_on_img_urls(tiny: tuple[CorpusItem, ...], http: requests.Session) -> None:

@@ -377,7 +377,8 @@ class DemoServer:
         return f"{self.base_url}/files/{name}"
 
     def request_counts(self) -> dict[str, int]:
-        """Requests received so far, keyed by path + query string."""
+        """Requests received so far, keyed by path + query string: of the latest
+        ``base.COUNTED_PATHS`` (100,000) distinct ones, so a long run does not grow it."""
         return self._require_state().counts()
 
     def request_log(self, prefix: str = "") -> list[tuple[float, str, str]]:
