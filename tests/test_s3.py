@@ -176,3 +176,27 @@ def test_url_list_read_from_s3(s3: S3, demo_server, tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     check_s3_outputs(s3, prefix, urls)
+
+
+def test_the_run_log_goes_up_in_parts_and_appears_whole_at_the_end(s3: S3) -> None:
+    """On an object store run.log is one multipart upload: the client keeps at most a part
+    (it kept every line until the end, ~2 bytes a URL), and no reader sees a partial log."""
+    from imgtasks.nodes import BatchReport
+    from imgtasks.runlog import REMOTE_PART_BYTES, BatchLog
+    from imgtasks.sinks import OutputSettings
+
+    output = OutputSettings(f"s3://{BUCKET}/run-log", storage_options=s3.options)
+    batches = 50_000  # ~6.5 MB of lines: more than a part
+    with BatchLog(output) as log:
+        for batch_id in range(batches):
+            log.write(BatchReport(batch_id, "", {"ok": 16}, entries=16))
+        assert log.file is not None
+        assert log.file.offset > 0  # a part already went up
+        assert log.file.buffer.tell() < REMOTE_PART_BYTES  # the rest waits here
+        assert not s3.fs().exists(f"{BUCKET}/run-log/run.log")
+    lines = s3.fs().cat_file(f"{BUCKET}/run-log/run.log").decode().splitlines()
+    assert len(lines) == batches + 2
+    assert lines[0].endswith(f"run started, output s3://{BUCKET}/run-log")
+    assert lines[-1].endswith(" run ended")
+    assert [line.split()[2] for line in lines[1:-1]] == [str(b) for b in range(batches)]
+    assert lines[1].split(" ", 1)[1].startswith("batch 0 entries=16 ok=16 download_s=0.000")
