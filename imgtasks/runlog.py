@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -27,13 +28,13 @@ class BatchLog:
     def __init__(self, output: OutputSettings) -> None:
         self.output = output
         fs, root = filesystem(output)
+        self.local = is_local(fs)
         self.file: IO[Any] | None
-        if is_local(fs):
+        if self.local:
             os.makedirs(root, exist_ok=True)
             self.file = open(os.path.join(root, RUN_LOG), "a", encoding="utf-8")  # noqa: SIM115
         else:
             self.file = fs.open(f"{root}/{RUN_LOG}", "wb", block_size=REMOTE_PART_BYTES)
-        self.local = is_local(fs)
 
     def __enter__(self) -> BatchLog:
         self.line(f"run started, output {self.output.root}")
@@ -64,4 +65,7 @@ class BatchLog:
             self.file.write(text.encode())  # uploads a part once REMOTE_PART_BYTES are in
         except Exception as exc:  # the store failed mid-run: the run and its rows go on
             log.warning("%s not written: %s", RUN_LOG, exc)
+            with contextlib.suppress(Exception):  # no upload left open, billed, on S3
+                self.file.discard()  # type: ignore[attr-defined]  (fsspec's buffered file)
+                self.file.closed = True  # type: ignore[misc]  (else its __del__ commits it)
             self.file = None

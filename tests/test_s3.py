@@ -200,3 +200,31 @@ def test_the_run_log_goes_up_in_parts_and_appears_whole_at_the_end(s3: S3) -> No
     assert lines[-1].endswith(" run ended")
     assert [line.split()[2] for line in lines[1:-1]] == [str(b) for b in range(batches)]
     assert lines[1].split(" ", 1)[1].startswith("batch 0 entries=16 ok=16 download_s=0.000")
+
+
+def test_a_store_that_fails_mid_run_costs_the_run_log_only(
+    s3: S3, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The run goes on without its log, and the upload is not left open (billed) on S3."""
+    from imgtasks.nodes import BatchReport
+    from imgtasks.runlog import BatchLog
+    from imgtasks.sinks import OutputSettings
+
+    output = OutputSettings(f"s3://{BUCKET}/run-log-lost", storage_options=s3.options)
+    with BatchLog(output) as log:
+        for batch_id in range(50_000):  # a part up: the multipart upload is open
+            log.write(BatchReport(batch_id, "", {"ok": 16}, entries=16))
+        assert log.file is not None and log.file.offset > 0
+        assert s3.fs().list_multipart_uploads(BUCKET)
+
+        def store_gone(data: bytes) -> int:
+            raise OSError("connection refused")
+
+        log.file.write = store_gone  # type: ignore[method-assign]
+        log.write(BatchReport(50_000, "", {"ok": 16}, entries=16))
+        log.write(BatchReport(50_001, "", {"ok": 16}, entries=16))  # no second warning
+    assert [r.getMessage() for r in caplog.records if r.name == "imgtasks.runlog"] == [
+        "run.log not written: connection refused"
+    ]
+    assert not s3.fs().list_multipart_uploads(BUCKET)
+    assert not s3.fs().exists(f"{BUCKET}/run-log-lost/run.log")
