@@ -98,6 +98,16 @@ WORKER_CONFIG: Mapping[str, Any] = (
 # between 10k and 1M URLs (batch 1024, one I/O worker), and would hold GBs with many
 # I/O workers; with 0 it stayed at 129 MiB (benchmarks/cost_model.py --memory).
 RUN_CONFIG: Mapping[str, Any] = {"distributed.admin.low-level-log-length": 0}
+# Dask's system monitor keeps its last ``log-length`` samples (7,200: an hour at 500 ms) of
+# a dozen figures in every process. In a local scheduler's process (the client's) that is
+# ~0.5 KiB a sample: with Dask's key cache cleared, it was the largest growth there,
+# +0.53 MB (monitor and psutil values) of ~1 MB between minutes 8 and 16 of a 500k-URL
+# run (tracemalloc). It filled through the whole of a 1M-URL run (45-65 minutes), so it
+# read as a creep in every process. Ten minutes of history (the dashboard's System page)
+# are kept instead, unless the user's Dask config asks for another length.
+MONITOR_KEY = "distributed.admin.system-monitor.log-length"
+DASK_MONITOR_SAMPLES = 7200  # Dask's default (a test reads it from distributed.yaml)
+MONITOR_SAMPLES = 1200
 # Housekeeping timers of a local cluster's servers (scheduler, nannies, workers), which
 # cost CPU whether or not work runs: every server checks its event loop for blocking each
 # 20 ms ("tick"; it warns past 3 s, so 500 ms is fine enough), and every worker and nanny
@@ -193,8 +203,12 @@ class ClusterSettings:
 
 
 def run_config() -> contextlib.AbstractContextManager:
-    """Dask's config for a run on a client (and maybe a cluster) of ours: RUN_CONFIG."""
-    return dask.config.set(RUN_CONFIG)
+    """Dask's config for a run on a client (and maybe a cluster) of ours: RUN_CONFIG, and
+    MONITOR_SAMPLES where the system monitor's length is Dask's default."""
+    config = dict(RUN_CONFIG)
+    if dask.config.get(MONITOR_KEY, None) == DASK_MONITOR_SAMPLES:
+        config[MONITOR_KEY] = MONITOR_SAMPLES
+    return dask.config.set(config)
 
 
 def flag(field_name: str) -> str:

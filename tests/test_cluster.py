@@ -15,6 +15,7 @@ import distributed.worker
 import psutil
 import pytest
 import requests
+import yaml
 from conftest import client_refused, tls_handshake_error
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -24,6 +25,9 @@ from distributed import Client, Nanny
 import imgtasks
 from imgtasks import workerstart
 from imgtasks.cluster import (
+    DASK_MONITOR_SAMPLES,
+    MONITOR_KEY,
+    MONITOR_SAMPLES,
     ClusterSettings,
     LateDashboard,
     LateDashboardScheduler,
@@ -296,10 +300,31 @@ def test_run_config_keeps_no_message_log_anywhere() -> None:
             client.wait_for_workers(2, timeout=60)
             assert _message_log_lengths(client) == ({0}, {0})
             assert client.scheduler_comm.recent_message_log.maxlen == 0
+            assert _monitor_lengths(client) == {MONITOR_SAMPLES}
         finally:
             client.close()
             if cluster is not None:
                 cluster.close()
+
+
+def _monitor_lengths(client: Client) -> set[int]:
+    """How many samples the scheduler's and the workers' system monitors keep."""
+    workers = client.run(lambda dask_worker: dask_worker.monitor.maxlen)
+    scheduler = client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.monitor.maxlen)
+    return {scheduler, *workers.values()}
+
+
+def test_the_system_monitor_keeps_ten_minutes_unless_the_user_said_otherwise() -> None:
+    from imgtasks.cluster import run_config
+
+    shipped = yaml.safe_load((Path(distributed.__file__).parent / "distributed.yaml").read_text())
+    assert shipped["distributed"]["admin"]["system-monitor"]["log-length"] == 7200
+    assert DASK_MONITOR_SAMPLES == 7200
+    with run_config():
+        assert dask.config.get(MONITOR_KEY) == MONITOR_SAMPLES
+    with dask.config.set({MONITOR_KEY: 500}), run_config():
+        assert dask.config.get(MONITOR_KEY) == 500  # the user's own length
+    assert dask.config.get(MONITOR_KEY) == DASK_MONITOR_SAMPLES
 
 
 @pytest.mark.timeout(120)
@@ -315,6 +340,7 @@ def test_a_cluster_for_your_own_client_keeps_no_message_log() -> None:
         client.wait_for_workers(2, timeout=60)
         assert _message_log_lengths(client) == ({0}, {0})
         assert client.scheduler_comm.recent_message_log.maxlen == users  # the user's own
+        assert _monitor_lengths(client) == {MONITOR_SAMPLES}
     assert dask.config.get("distributed.admin.low-level-log-length") == users
 
 
