@@ -102,8 +102,8 @@ class JobFeed:
         self._elapsed = 0.0
         self._finished = False
         self._counts: Counter = Counter()
-        self._hosts: Counter = Counter()
-        self._errors: Counter = Counter()
+        self._hosts = TopCounts()
+        self._errors = TopCounts()  # network errors name their host: as many as the hosts
         self._rates: deque[Rate] = deque(maxlen=SAMPLES)
         self._host_series: dict[str, deque[HostPoint]] = {}
         self._host_peaks: dict[str, float] = {}  # the highest limit of each charted host
@@ -232,6 +232,31 @@ class JobFeed:
         while len(self._thumbs) > _CACHE:
             self._thumbs.popitem(last=False)
         return data
+
+
+class TopCounts:
+    """Counts by key, kept for the largest: past 2 x KEEP keys, all but the KEEP largest are
+    dropped. A crawl fails on new hosts in nearly every batch: a Counter of every failing
+    host grew ~100 bytes a host for the whole run (hundreds of thousands of hosts at
+    LAION's scale), and its ``most_common(TOP)``, made for each new figure, scanned them
+    all. The TOP shown are exact unless one of them was dropped early, below the KEEP-th
+    count: then only its failures since are counted."""
+
+    KEEP = 10_000
+
+    def __init__(self) -> None:
+        self._counts: Counter = Counter()
+
+    def __len__(self) -> int:
+        return len(self._counts)
+
+    def update(self, counts: Mapping[str, int]) -> None:
+        self._counts.update(counts)
+        if len(self._counts) > 2 * self.KEEP:  # amortised: once per KEEP new keys
+            self._counts = Counter(dict(self._counts.most_common(self.KEEP)))
+
+    def most_common(self, n: int) -> list[tuple[str, int]]:
+        return self._counts.most_common(n)
 
 
 def failure_kinds(report: BatchReport) -> Counter:

@@ -22,7 +22,7 @@ import imgtasks
 from imgtasks import jobserver
 from imgtasks.cluster import ClusterSettings
 from imgtasks.contact_sheet import Tile
-from imgtasks.jobfeed import HOST_SERIES, HostPoint, JobFeed, failure_kinds
+from imgtasks.jobfeed import HOST_SERIES, HostPoint, JobFeed, TopCounts, failure_kinds
 from imgtasks.jobpage import host_limit_lines, progress_text, tile_glyphs
 from imgtasks.jobserver import PATH
 from imgtasks.nodes import BatchReport
@@ -32,6 +32,30 @@ from imgtasks.nodes import BatchReport
 
 def report(batch_id: int, counts: dict[str, int], path: str = "", **fields: Any) -> BatchReport:
     return BatchReport(batch_id, path, counts, entries=sum(counts.values()), **fields)
+
+
+def test_failing_hosts_and_errors_are_kept_for_the_largest_counts_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A crawl fails on a new host in nearly every batch: the feed kept a count for each."""
+    monkeypatch.setattr(TopCounts, "KEEP", 100)
+    feed = JobFeed()
+    for i in range(5000):
+        failed = {f"h{i}.example": 1, "big.example": 2, "bigger.example": 3}
+        errors = {f"connection_error: h{i}.example refused": 1, "timeout: read": 2}
+        feed.add(report(i, {"ok": 1, "connection_error": 4, "timeout": 2}, failed_hosts=failed,
+                        network_errors=errors))  # fmt: skip
+    figures = feed.figures()
+    assert list(figures.failed_hosts.items())[:2] == [
+        ("bigger.example", 15000),
+        ("big.example", 10000),
+    ]
+    assert list(figures.errors.items())[:2] == [
+        ("connection_error", 15000),
+        ("timeout: read", 10000),
+    ]
+    assert len(figures.failed_hosts) == len(figures.errors) == 10
+    assert len(feed._hosts) <= 200 and len(feed._errors) <= 200
 
 
 def test_the_feed_adds_reports_up() -> None:
