@@ -102,8 +102,8 @@ RUN_CONFIG: Mapping[str, Any] = {"distributed.admin.low-level-log-length": 0}
 # a dozen figures in every process. In a local scheduler's process (the client's) that is
 # ~0.5 KiB a sample: with Dask's key cache cleared, it was the largest growth there,
 # +0.53 MB (monitor and psutil values) of ~1 MB between minutes 8 and 16 of a 500k-URL
-# run (tracemalloc). It filled through the whole of a 1M-URL run (45-65 minutes), so it
-# read as a creep in every process. Ten minutes of history (the dashboard's System page)
+# run (tracemalloc). An hour is longer than a 1M-URL run (45-65 minutes): it grew in
+# every process for the whole run. Ten minutes of history (the dashboard's System page)
 # are kept instead, unless the user's Dask config asks for another length.
 MONITOR_KEY = "distributed.admin.system-monitor.log-length"
 DASK_MONITOR_SAMPLES = 7200  # Dask's default (a test reads it from distributed.yaml)

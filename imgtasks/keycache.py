@@ -4,11 +4,12 @@
 key it is sent (its ``_new_task``), a worker on every task it holds (``TaskState``), and
 each keeps the key until 100,000 are cached: the key string (~70 bytes) and its cache
 entry (94 bytes). Our keys are unique per batch, so the cache grew with the URL list:
-~5 MB per million URLs in the client (a local scheduler runs in it), up to ~16 MB at
-~3.5M URLs. It was the client's linear creep in the traced 1M-URL run (12 bytes a URL;
-``tracemalloc`` named ``scheduler.py``'s ``key_split`` call; benchmarks/README, session
-17). Cleared every CLEAR_EVERY batches, a process holds only the keys since the last
-clear. Dask computes a key's prefix again on its next call: a string split, microseconds.
+~5 MB per million URLs in the client (a local scheduler runs in it) and in each worker,
+up to ~16 MB at ~3.5M URLs (``tracemalloc`` found it growing at ``scheduler.py``'s
+``key_split`` call). Cleared every CLEAR_EVERY batches, a process holds only the keys
+since the last clear. Dask computes a key's prefix again on its next call: a string
+split, microseconds. (It was taken for the client's creep in the traced 1M-URL run;
+clearing it did not change that RSS slope: benchmarks/README, session 18.)
 
 Orchestration, not a stage: it knows Dask.
 """
