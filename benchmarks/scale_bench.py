@@ -159,7 +159,7 @@ def high_water_rss(pid: int) -> int:
     return 0
 
 
-def sample(proc: psutil.Process, into: dict[int, Sample], seconds_in: float = 0.0) -> None:
+def sample(proc: psutil.Process, into: dict[int, Sample], seconds_in: float) -> None:
     for p in [proc, *proc.children(recursive=True)]:
         try:
             with p.oneshot():
@@ -338,15 +338,16 @@ def print_levels(result: Result) -> None:
         f"{result.wall:.0f} s; growth from {WARM_UP:.0%} to {SETTLED:.0%} of the run"
     )
     print(f"  {'':<14}" + "".join(f"{t:>7.0%}" for t in TENTHS) + f"{'growth':>11}")
+    settled = result.wall >= SETTLED_RUN_S
     for name, s in processes(result):
         levels = [s.level_at(t * result.wall) for t in TENTHS]
-        grew = s.level_at(SETTLED * result.wall) - s.level_at(WARM_UP * result.wall)
-        per_url = grew / max(span * result.count, 1)
-        growth = f"{grew / MIB:>+7.1f} MiB ({per_url:+.1f} B/URL)"
-        if result.wall < SETTLED_RUN_S:
-            growth = f"{'-':>7}"
+        growth = f"{'-':>7}"
+        if settled:
+            grew = s.level_at(SETTLED * result.wall) - s.level_at(WARM_UP * result.wall)
+            per_url = grew / max(span * result.count, 1)
+            growth = f"{grew / MIB:>+7.1f} MiB ({per_url:+.1f} B/URL)"
         print(f"  {name:<14}" + "".join(f"{v / MIB:>7.1f}" for v in levels) + growth)
-    if result.wall < SETTLED_RUN_S:
+    if not settled:
         print(f"  (no growth read: a run under {SETTLED_RUN_S} s is still starting at 20 %)")
 
 
