@@ -154,6 +154,20 @@ def test_scale_bench_marks_a_failed_run_invalid_instead_of_crashing(tmp_path: Pa
     assert result.problem.startswith("exit 2: no result JSON; run.py: error: --urls")
 
 
+@pytest.mark.timeout(120)
+def test_scale_bench_reads_the_peak_of_a_process_last_moment_from_its_exit() -> None:
+    """A process whose peak comes just before it exits, as the flow's does (its contact
+    sheet): reap() reads the peak from the ended process, and its exit code."""
+    code = "import sys; held = b'x' * (200 << 20); sys.exit(3)"
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    deadline = time.monotonic() + 60
+    while (peak := scale_bench.reap(proc)) is None:
+        assert time.monotonic() < deadline, "the process did not end"
+        time.sleep(0.05)
+    assert proc.returncode == 3
+    assert peak >= 200 * scale_bench.MIB
+
+
 def test_scale_bench_reads_each_process_growth_after_warm_up(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
