@@ -441,14 +441,20 @@ class QuietHangUps(WorkerPlugin):
     Ctrl-C) logs an ERROR with a traceback, "failed during get data", on the terminal of
     the run that was stopped (seen in CI: the Ctrl-C test's stderr). Dask retries the
     transfer elsewhere and the peer's loss is reported where it happens, so it is one line
-    at DEBUG here; any other failure of a transfer is still logged as Dask logs it."""
+    at DEBUG here; any other failure of a transfer is still logged as Dask logs it.
+
+    Likewise a heartbeat that a closing worker had already started: it fails on the
+    worker's own closed connection pool and logs "Failed to communicate with scheduler
+    during heartbeat" with a traceback (seen in CI: the Ctrl-C test on a loaded machine).
+    A heartbeat that fails while the worker runs still logs as Dask logs it."""
 
     name = "imgtasks-quiet-hang-ups"
 
     def setup(self, worker: Any) -> None:
         logger = logging.getLogger("distributed.worker")
-        if not any(isinstance(f, PeerHungUp) for f in logger.filters):
-            logger.addFilter(PeerHungUp())
+        for kind in (PeerHungUp, HeartbeatWhileClosing):
+            if not any(isinstance(f, kind) for f in logger.filters):
+                logger.addFilter(kind())
 
 
 class PeerHungUp(logging.Filter):
@@ -460,6 +466,25 @@ class PeerHungUp(logging.Filter):
         error = record.exc_info[1] if record.exc_info else None
         if isinstance(error, CommClosedError) and str(record.msg).startswith(self.MESSAGE):
             log.debug("a peer hung up during a transfer: %s", error)
+            return False
+        return True
+
+
+class HeartbeatWhileClosing(logging.Filter):
+    """Turns a heartbeat's failure on the worker's own closing connection pool into a
+    DEBUG line."""
+
+    MESSAGE = "Failed to communicate with scheduler during heartbeat"  # Worker.heartbeat's
+    CLOSING = "ConnectionPool closing"  # ConnectionPool.connect's, once it is closing
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if (
+            isinstance(error, CommClosedError)
+            and str(record.msg).startswith(self.MESSAGE)
+            and str(error).startswith(self.CLOSING)
+        ):
+            log.debug("a closing worker's heartbeat did not go out: %s", error)
             return False
         return True
 

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import dask
+import distributed.core
 import distributed.worker
 import psutil
 import pytest
@@ -21,6 +22,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from distributed import Client, Nanny
+from distributed.comm.core import CommClosedError
 
 import imgtasks
 from imgtasks import workerstart
@@ -29,6 +31,7 @@ from imgtasks.cluster import (
     MONITOR_KEY,
     MONITOR_SAMPLES,
     ClusterSettings,
+    HeartbeatWhileClosing,
     LateDashboard,
     LateDashboardScheduler,
     PeerHungUp,
@@ -229,10 +232,16 @@ def test_hybrid_cluster_starts_with_routing_and_routes(monkeypatch: pytest.Monke
         quick = client.run(lambda dask_worker: QuickExit.name in dask_worker.plugins)
         assert set(quick.values()) == {True}
         # a peer hanging up mid-transfer (a Ctrl-C) is not an ERROR with a traceback
+        # nor is a closing worker's last heartbeat; one that fails while it runs still is
         heard = client.run(_logged_by_worker)
-        assert [*heard.values()] == [[repr(OSError("disk full"))]] * 3
-        # the filter matches Dask's text: a Dask that rewords it must fail here
+        running = repr(CommClosedError("Stream is closed"))
+        assert [*heard.values()] == [[running, repr(OSError("disk full"))]] * 3
+        # the filters match Dask's texts: a Dask that rewords them must fail here
         assert PeerHungUp.MESSAGE in inspect.getsource(distributed.worker.Worker.get_data)
+        heartbeat = inspect.getsource(distributed.worker.Worker.heartbeat)
+        assert HeartbeatWhileClosing.MESSAGE in heartbeat
+        pool = inspect.getsource(distributed.core.ConnectionPool)
+        assert f'"{HeartbeatWhileClosing.CLOSING}.' in pool
         # forked from the fork server, which imported their stages once for all of them
         started = client.run(_how_started)
         assert {parent for parent, _, _ in started.values()} != {os.getpid()}
@@ -245,9 +254,9 @@ def test_hybrid_cluster_starts_with_routing_and_routes(monkeypatch: pytest.Monke
 
 
 def _logged_by_worker() -> list[str]:
-    """Which failures of a transfer ``distributed.worker`` passes on, logged as Dask's
-    get_data logs them: a peer that hung up, and a local error."""
-    from distributed.comm.core import CommClosedError
+    """Which failures ``distributed.worker`` passes on, logged as Dask logs them: a
+    heartbeat on a closing pool and on a closed stream (Worker.heartbeat), then a peer
+    that hung up and a local error (Worker.get_data)."""
 
     logger = logging.getLogger("distributed.worker")
     heard: list[str] = []
@@ -255,6 +264,14 @@ def _logged_by_worker() -> list[str]:
     handler.emit = lambda record: heard.append(repr(record.exc_info[1]))  # type: ignore
     logger.addHandler(handler)
     try:
+        for error in (
+            CommClosedError("ConnectionPool closing."),
+            CommClosedError("Stream is closed"),
+        ):
+            try:
+                raise error
+            except OSError:
+                logger.exception(HeartbeatWhileClosing.MESSAGE + ".")
         for error in (CommClosedError("Stream is closed"), OSError("disk full")):
             try:
                 raise error
