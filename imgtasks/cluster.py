@@ -443,16 +443,18 @@ class QuietHangUps(WorkerPlugin):
     transfer elsewhere and the peer's loss is reported where it happens, so it is one line
     at DEBUG here; any other failure of a transfer is still logged as Dask logs it.
 
-    Likewise a heartbeat that a closing worker had already started: it fails on the
-    worker's own closed connection pool and logs "Failed to communicate with scheduler
-    during heartbeat" with a traceback (seen in CI: the Ctrl-C test on a loaded machine).
-    A heartbeat that fails while the worker runs still logs as Dask logs it."""
+    Likewise a heartbeat that fails on a closed connection: Dask logs "Failed to
+    communicate with scheduler during heartbeat" with a traceback, and on a loaded machine
+    a Ctrl-C'd run's workers did (seen in CI: the Ctrl-C test), their heartbeat cut off by
+    the closing scheduler or by their own closing connection pool. The latter is one line
+    at DEBUG; the former stays a WARNING, without the traceback, since it may as well be a
+    scheduler lost mid-run (Dask reconnects or closes the worker after it either way)."""
 
     name = "imgtasks-quiet-hang-ups"
 
     def setup(self, worker: Any) -> None:
         logger = logging.getLogger("distributed.worker")
-        for kind in (PeerHungUp, HeartbeatWhileClosing):
+        for kind in (PeerHungUp, LostHeartbeat):
             if not any(isinstance(f, kind) for f in logger.filters):
                 logger.addFilter(kind())
 
@@ -470,22 +472,24 @@ class PeerHungUp(logging.Filter):
         return True
 
 
-class HeartbeatWhileClosing(logging.Filter):
-    """Turns a heartbeat's failure on the worker's own closing connection pool into a
-    DEBUG line."""
+class LostHeartbeat(logging.Filter):
+    """A heartbeat's failure on a closed connection: a DEBUG line if the worker's own
+    connection pool is closing, else a WARNING of one line (no traceback)."""
 
     MESSAGE = "Failed to communicate with scheduler during heartbeat"  # Worker.heartbeat's
     CLOSING = "ConnectionPool closing"  # ConnectionPool.connect's, once it is closing
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
-        if (
-            isinstance(error, CommClosedError)
-            and str(record.msg).startswith(self.MESSAGE)
-            and str(error).startswith(self.CLOSING)
-        ):
+        if not isinstance(error, CommClosedError) or not str(record.msg).startswith(self.MESSAGE):
+            return True
+        if str(error).startswith(self.CLOSING):
             log.debug("a closing worker's heartbeat did not go out: %s", error)
             return False
+        # the record itself, changed in place: Dask's handlers still format it
+        record.msg, record.args = f"{self.MESSAGE}: %s", (error,)
+        record.levelno, record.levelname = logging.WARNING, logging.getLevelName(logging.WARNING)
+        record.exc_info, record.exc_text = None, None
         return True
 
 
