@@ -459,14 +459,22 @@ class QuietHangUps(WorkerPlugin):
                 logger.addFilter(kind())
 
 
+def closed_comm_in(record: logging.LogRecord, message: str) -> CommClosedError | None:
+    """The closed connection a Dask record with this message logs, if that is its error."""
+    error = record.exc_info[1] if record.exc_info else None
+    if isinstance(error, CommClosedError) and str(record.msg).startswith(message):
+        return error
+    return None
+
+
 class PeerHungUp(logging.Filter):
     """Turns "failed during get data" for a closed connection into a DEBUG line."""
 
     MESSAGE = "failed during get data"  # Worker.get_data's own words (a test checks them)
 
     def filter(self, record: logging.LogRecord) -> bool:
-        error = record.exc_info[1] if record.exc_info else None
-        if isinstance(error, CommClosedError) and str(record.msg).startswith(self.MESSAGE):
+        error = closed_comm_in(record, self.MESSAGE)
+        if error is not None:
             log.debug("a peer hung up during a transfer: %s", error)
             return False
         return True
@@ -480,8 +488,8 @@ class LostHeartbeat(logging.Filter):
     CLOSING = "ConnectionPool closing"  # ConnectionPool.connect's, once it is closing
 
     def filter(self, record: logging.LogRecord) -> bool:
-        error = record.exc_info[1] if record.exc_info else None
-        if not isinstance(error, CommClosedError) or not str(record.msg).startswith(self.MESSAGE):
+        error = closed_comm_in(record, self.MESSAGE)
+        if error is None:
             return True
         if str(error).startswith(self.CLOSING):
             log.debug("a closing worker's heartbeat did not go out: %s", error)
